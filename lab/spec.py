@@ -1,0 +1,518 @@
+"""Experiment specs: YAML -> `extends` merge -> ${ENV} -> strict schema -> resolved variants.
+
+A spec describes one experiment: a base configuration plus named `variants` (each a partial
+override of the base: the rows of an ablation table) and an optional `grid` (a cartesian
+sweep over dotted paths). `expand()` turns it into fully resolved `Variant`s, each with a
+stable key and a content hash of what determines its result (data, model, train, budget).
+
+Every user mistake raises `SpecError` naming the file, the dotted field path and what is
+allowed; YAML is read with `yaml.safe_load`, so a spec can never import or execute code.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lab.errors import SpecError, close_matches
+
+# --------------------------------------------------------------------------- schema
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AugmentSpec(Strict):
+    """Training-time augmentation, all passed to timm (create_transform, Mixup)."""
+
+    auto_augment: Optional[str] = Field(None, description="timm policy string, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)")
+    re_prob: float = Field(0.0, ge=0, le=1, description="random erasing probability")
+    hflip: float = Field(0.5, ge=0, le=1)
+    scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop scale range")
+    color_jitter: Optional[float] = Field(None, ge=0)
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class DataSpec(Strict):
+    dataset: Literal["embedded", "imagefolder", "synthetic"] = "embedded"
+    root: Optional[str] = Field(None, description="ImageFolder root with train/ and val/ (imagefolder only)")
+    image_size: int = Field(32, ge=8, le=1024, description="input resolution fed to the model")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="embedded/synthetic: held-out share")
+    seed: int = 0
+    synthetic_size: int = Field(512, ge=16, description="synthetic: number of images")
+    num_classes: Optional[int] = Field(None, ge=2, description="synthetic: classes (others infer)")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("data.root is required when data.dataset is 'imagefolder'")
+        return self
+
+
+class TeacherSpec(Strict):
+    """Hard distillation (DeiT/LeViT): the teacher's argmax is a second target for the distillation head."""
+
+    variant: Optional[str] = Field(None, description="another variant of this experiment, trained first")
+    checkpoint: Optional[str] = Field(None, description="path to a Lightning/torch checkpoint")
+    model: Optional[dict[str, Any]] = Field(None, description="model section for the checkpoint (default: the variant's own zoo)")
+    alpha: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.variant is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of distill.variant or distill.checkpoint")
+        return self
+
+
+class TrainSpec(Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="share of the budget spent in linear warmup")
+    min_lr: float = Field(1e-5, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the weights (None = off)")
+    distill: Optional[TeacherSpec] = None
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto = bf16-mixed on GPU, 32-true on CPU")
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    eval_every: Optional[int] = Field(None, ge=1, description="validate every N steps (default: every epoch)")
+    log_every: int = Field(10, ge=1)
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+
+
+class BudgetSpec(Strict):
+    """Exactly one of epochs/steps/images/train_flops/seconds; shared by every variant."""
+
+    epochs: Optional[float] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, ge=1)
+    images: Optional[int] = Field(None, ge=1)
+    train_flops: Optional[float] = Field(None, gt=0, description="forward+backward FLOPs (3x forward MACs x 2)")
+    seconds: Optional[float] = Field(None, gt=0, description="matched runtime: training seconds")
+    wall_clock: bool = Field(False, description="seconds only: stop on elapsed time instead of a calibrated step count")
+    calibration_steps: int = Field(5, ge=1, description="seconds only: timed steps to measure throughput")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        kinds = [k for k in ("epochs", "steps", "images", "train_flops", "seconds") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"set exactly one of epochs, steps, images, train_flops, seconds (got {kinds or 'none'})")
+        if self.wall_clock and self.seconds is None:
+            raise ValueError("wall_clock applies only to a 'seconds' budget")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("epochs", "steps", "images", "train_flops", "seconds") if getattr(self, k) is not None)
+
+
+class BenchSpec(Strict):
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int = Field(1, ge=1, description="CPU threads (paper: 1)")
+    batch: Optional[int] = Field(None, ge=1, description="default: 16 on CPU, largest power of two on GPU")
+    max_batch: int = Field(2048, ge=1)
+    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(None, description="default: fp32 on CPU, bf16 on GPU")
+    warmup: float = Field(1.0, ge=0, description="seconds")
+    duration: float = Field(3.0, gt=0, description="seconds per repeat")
+    repeats: int = Field(3, ge=1)
+    channels_last: bool = False
+    compile: bool = False
+
+
+class MatchSpec(Strict):
+    """Size a variant to the throughput of another before training (runtime matching)."""
+
+    throughput_of: str = Field(description="variant key or zoo model name")
+    vary: str = Field(description="dotted int path, e.g. model.stages.0.depth")
+    values: list[int] = Field(min_length=1, description="candidate values to try")
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class TrackingSpec(Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)")
+    experiment: Optional[str] = Field(None, description="MLflow experiment name (default: the spec name)")
+    log_checkpoint: bool = True
+
+
+class ReferenceFigures(Strict):
+    """Published figures shown beside ours (params in millions, MACs in millions)."""
+
+    params_m: Optional[float] = None
+    macs_m: Optional[float] = None
+    conv_macs_m: Optional[float] = None
+    transformer_macs_m: Optional[float] = None
+    throughput_gpu: Optional[float] = None
+    throughput_cpu: Optional[float] = None
+    top1: Optional[float] = None
+    epochs: Optional[float] = None
+    source: Optional[str] = None
+
+
+SECTIONS = ("data", "model", "train", "budget", "bench", "tracking")
+
+
+class ExperimentSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: dict[str, Any] = Field(default_factory=dict, description="grafts model config (see README)")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    budget: BudgetSpec = Field(default_factory=lambda: BudgetSpec(steps=100))
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    match: Optional[MatchSpec] = None
+    baseline: Optional[str] = Field(None, description="variant key the tables compare against (default: first)")
+    variants: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    reference: dict[str, ReferenceFigures] = Field(default_factory=dict)
+
+
+class Variant(BaseModel):
+    """One fully resolved row of an experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+    experiment: str
+    key: str
+    hash: str
+    overrides: dict[str, Any]
+    data: DataSpec
+    model: dict[str, Any]
+    train: TrainSpec
+    budget: BudgetSpec
+    bench: BenchSpec
+    tracking: TrackingSpec
+    match: Optional[MatchSpec] = None
+    reference: Optional[ReferenceFigures] = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    source: str = ""
+
+    def resolved(self) -> dict[str, Any]:
+        """The variant as one plain dict (what is logged and hashed)."""
+        return {"experiment": self.experiment, "key": self.key, **{s: _plain(getattr(self, s)) for s in SECTIONS}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({**self.resolved(), "hash": self.hash, "overrides": self.overrides}, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _plain(v: Any) -> Any:
+    return v.model_dump(mode="json") if isinstance(v, BaseModel) else copy.deepcopy(v)
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Child wins; dicts merge recursively, everything else (lists included) is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError("file not found", file=str(path))
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"YAML syntax error: {problem}", file=str(path), path=where) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"a spec must be a YAML mapping, got {type(doc).__name__}", file=str(path))
+    return doc
+
+
+def _load_raw(path: Path, stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(p.name for p in (*stack, path))
+        raise SpecError(f"'extends' cycle: {chain}", file=str(stack[0]), path="extends")
+    doc = _read_yaml(path)
+    parents = doc.pop("extends", None)
+    if parents is None:
+        return doc
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise SpecError("must be a path or a list of paths", file=str(path), path="extends")
+    merged: dict[str, Any] = {}
+    for p in parents:
+        parent = (path.parent / p)
+        if not parent.is_file():
+            raise SpecError(f"extended file not found: {p}", file=str(path), path="extends")
+        merged = deep_merge(merged, _load_raw(parent, (*stack, path)))
+    return deep_merge(merged, doc)
+
+
+def _interpolate(node: Any, file: str, path: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, file, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, file, f"{path}.{i}") for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        def sub(m: re.Match) -> str:
+            val = os.environ.get(m.group(1))
+            if val is None:
+                if m.group(2) is not None:
+                    return m.group(2)
+                raise SpecError(f"environment variable ${{{m.group(1)}}} is not set "
+                                f"(export it, or write ${{{m.group(1)}:-default}})", file=file, path=path)
+            return val
+        return _ENV.sub(sub, node)
+    return node
+
+
+def parse_set(assignments: list[str] | None) -> dict[str, Any]:
+    """`--set a.b=value` (value parsed as YAML) -> nested override dict."""
+    out: dict[str, Any] = {}
+    for a in assignments or []:
+        if "=" not in a:
+            raise SpecError(f"--set expects dotted.path=value, got {a!r}")
+        key, raw = a.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
+    """Read, merge `extends`, apply CLI overrides, interpolate ${ENV}, validate strictly."""
+    file = str(path)
+    raw = _load_raw(Path(path))
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    raw = _interpolate(raw, file)
+    spec = _validate(ExperimentSpec, raw, file)
+    spec._source = file  # type: ignore[attr-defined]
+    return spec
+
+
+# --------------------------------------------------------------------------- validation messages
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the pydantic model found by walking `loc` from `cls`."""
+    import typing
+
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            ann = current.model_fields[part].annotation
+            for a in [ann, *typing.get_args(ann)]:
+                if isinstance(a, type) and issubclass(a, BaseModel):
+                    current = a
+                    break
+            else:
+                return None
+        else:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    t = err["type"]
+    if t == "literal_error":
+        return f"allowed: {ctx.get('expected')}"
+    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            return f"allowed: {word} {ctx[key]}"
+    return ""
+
+
+def _validate(cls: type[BaseModel], raw: dict, file: str, prefix: str = "") -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc)
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(cls, loc[:-1]) or []
+            msg = f"unknown key '{loc[-1]}'{close_matches(str(loc[-1]), fields)}; allowed: {', '.join(fields)}"
+        else:
+            got = err.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            msg = err["msg"].removeprefix("Value error, ")
+            extra = _allowed(err)
+            msg = f"{msg} (got {shown}{'; ' + extra if extra else ''})"
+        more = len(e.errors()) - 1
+        if more:
+            msg += f" [and {more} more error{'s' if more > 1 else ''}]"
+        raise SpecError(msg, file=file, path=path) from None
+
+
+def _check_model(model: dict[str, Any], file: str, prefix: str) -> dict[str, Any]:
+    """Validate and resolve the model section with grafts (zoo base + overrides)."""
+    import grafts
+
+    try:
+        return grafts.config_to_dict(grafts.config_from_dict(model))
+    except grafts.GraftConfigError as e:
+        raise SpecError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
+                        file=file, path=f"{prefix}.{e.path}" if e.path else prefix) from None
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def _dotted_set(d: dict, dotted: str, value: Any, file: str, where: str) -> None:
+    parts = dotted.split(".")
+    node: Any = d
+    for p in parts[:-1]:
+        if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+            node = node[int(p)]
+        elif isinstance(node, dict):
+            node = node.setdefault(p, {})
+        else:
+            raise SpecError(f"cannot set '{dotted}': '{p}' is not a mapping", file=file, path=where)
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise SpecError(f"cannot set '{dotted}'", file=file, path=where)
+
+
+def _check_override_keys(over: dict, file: str, where: str) -> None:
+    """A variant may only override sections that exist; the schema then checks every key below."""
+    allowed = set(SECTIONS) | {"match"}
+    for k in over:
+        if k not in allowed:
+            raise SpecError(f"unknown key '{k}'{close_matches(k, allowed)}; a variant may override: "
+                            f"{', '.join(sorted(allowed))}", file=file, path=f"{where}.{k}")
+
+
+def content_hash(resolved: dict[str, Any]) -> str:
+    """sha256 over what determines a result: data, model, train, budget (not tracking/bench)."""
+    keep = {k: resolved[k] for k in ("data", "model", "train", "budget")}
+    blob = json.dumps(keep, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _fmt_value(v: Any) -> str:
+    return str(v).replace(" ", "")
+
+
+def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
+    """Variants (ablation rows) x grid (cartesian sweep) -> fully resolved, validated variants."""
+    file = getattr(spec, "_source", spec.name)
+    base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for key, over in (spec.variants or {"base": {}}).items():
+        over = over or {}
+        if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
+            raise SpecError("variant keys may use letters, digits and _ . - only", file=file, path=f"variants.{key}")
+        _check_override_keys(over, file, f"variants.{key}")
+        rows.append((key, over))
+    if spec.grid:
+        gridded = []
+        paths = list(spec.grid)
+        for p in paths:
+            if p.split(".")[0] not in set(SECTIONS):
+                raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
+            if not spec.grid[p]:
+                raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
+        for key, over in rows:
+            for combo in itertools.product(*(spec.grid[p] for p in paths)):
+                o = copy.deepcopy(over)
+                suffix = []
+                for p, v in zip(paths, combo):
+                    _dotted_set(o, p, v, file, f"grid.{p}")
+                    suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
+                name = "-".join(suffix)
+                gridded.append((f"{key}-{name}" if spec.variants else name, o))
+        rows = gridded
+    unknown_refs = set(spec.reference) - {k for k, _ in rows}
+    if unknown_refs:
+        r = sorted(unknown_refs)[0]
+        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, _ in rows])}", file=file, path=f"reference.{r}")
+    if spec.baseline and spec.baseline not in {k for k, _ in rows}:
+        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, [k for k, _ in rows])}",
+                        file=file, path="baseline")
+
+    out: list[Variant] = []
+    for key, over in rows:
+        merged = deep_merge(base, over)
+        where = f"variants.{key}" if spec.variants else ""
+        sections = {}
+        for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
+                       ("bench", BenchSpec), ("tracking", TrackingSpec)):
+            sections[s] = _validate(cls, merged[s], file, f"{where}.{s}".lstrip("."))
+        match = _validate(MatchSpec, merged["match"], file, f"{where}.match".lstrip(".")) if merged.get("match") else None
+        model = merged["model"]
+        if not isinstance(model, dict):
+            raise SpecError("must be a mapping", file=file, path=f"{where}.model".lstrip("."))
+        if check_models:
+            model = _check_model(model, file, f"{where}.model".lstrip("."))
+        resolved = {s: _plain(v) for s, v in sections.items()} | {"model": model}
+        out.append(Variant(
+            experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
+            model=model, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
+            source=file, **sections,
+        ))
+    for v in out:
+        if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
+            raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
+                            path=f"variants.{v.key}.train.distill.variant")
+    return out
+
+
+def baseline_key(spec: ExperimentSpec, variants: list[Variant]) -> str:
+    return spec.baseline or variants[0].key
+
+
+def describe_overrides(over: dict[str, Any], prefix: str = "") -> str:
+    """'model.position=absolute, train.lr=0.001': what a variant changes, in words."""
+    parts: list[str] = []
+    for k, v in over.items():
+        p = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            parts.append(describe_overrides(v, p))
+        else:
+            parts.append(f"{p}={json.dumps(v) if not isinstance(v, str) else v}")
+    return ", ".join(parts) if parts else "(baseline)"
