@@ -1,0 +1,57 @@
+"""analysis/*.ipynb run headlessly against a synthetic store, and are committed without outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from test_report import build_store
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb"]
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    return build_store(tmp_path_factory.mktemp("nbstore"))[0]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    nb = nbformat.read(ANALYSIS / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    first = code[0].source
+    assert "LAB_EXPERIMENT" in first and "MLFLOW_TRACKING_URI" in first  # parameters come first
+
+
+def _outputs(nb) -> tuple[str, int]:
+    text, images = [], 0
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            assert o.output_type != "error", o
+            text.append(o.get("text", ""))
+            data = o.get("data", {})
+            text += [data.get("text/plain", ""), data.get("text/markdown", ""), data.get("text/html", "")]
+            images += "image/png" in data
+    return "\n".join(text), images
+
+
+@pytest.mark.parametrize("name, experiments, images", [("convergence.ipynb", "abl,fam", 3),
+                                                        ("ablation.ipynb", "abl", 1)])
+def test_notebook_executes(name, experiments, images, store_uri, monkeypatch):
+    monkeypatch.setenv("LAB_EXPERIMENT", experiments)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    nb = nbformat.read(ANALYSIS / name, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    text, n_images = _outputs(nb)
+    assert n_images == images
+    assert "graft" in text and "broken" in text
+    if name == "ablation.ipynb":
+        assert "| base * | FINISHED |" in text and "RuntimeError: NaN loss" in text
+        assert r"\begin{tabular}" in text
+    else:
+        assert "fam/big (running)" in text
