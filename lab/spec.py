@@ -448,7 +448,7 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
         if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
             raise SpecError("variant keys may use letters, digits and _ . - only", file=file, path=f"variants.{key}")
         _check_override_keys(over, file, f"variants.{key}")
-        rows.append((key, over))
+        rows.append((key, over, deep_merge(base, over)))
     if spec.grid:
         gridded = []
         paths = list(spec.grid)
@@ -457,27 +457,32 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
                 raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
             if not spec.grid[p]:
                 raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
-        for key, over in rows:
+        for key, over, merged in rows:
+            if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
+                # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
+                merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
+                                                         if spec.variants else "model"))
             for combo in itertools.product(*(spec.grid[p] for p in paths)):
                 o = copy.deepcopy(over)
+                m = copy.deepcopy(merged)
                 suffix = []
                 for p, v in zip(paths, combo):
-                    _dotted_set(o, p, v, file, f"grid.{p}")
+                    _dotted_set(m, p, v, file, f"grid.{p}")
+                    o[p] = v  # flat dotted key: describes the change, never re-applied
                     suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
                 name = "-".join(suffix)
-                gridded.append((f"{key}-{name}" if spec.variants else name, o))
+                gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
         rows = gridded
-    unknown_refs = set(spec.reference) - {k for k, _ in rows}
+    unknown_refs = set(spec.reference) - {k for k, *_ in rows}
     if unknown_refs:
         r = sorted(unknown_refs)[0]
-        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, _ in rows])}", file=file, path=f"reference.{r}")
-    if spec.baseline and spec.baseline not in {k for k, _ in rows}:
-        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, [k for k, _ in rows])}",
+        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, *_ in rows])}", file=file, path=f"reference.{r}")
+    if spec.baseline and spec.baseline not in {k for k, *_ in rows}:
+        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, [k for k, *_ in rows])}",
                         file=file, path="baseline")
 
     out: list[Variant] = []
-    for key, over in rows:
-        merged = deep_merge(base, over)
+    for key, over, merged in rows:
         where = f"variants.{key}" if spec.variants else ""
         sections = {}
         for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),

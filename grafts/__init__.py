@@ -1,0 +1,20 @@
+"""grafts: compose hybrid conv/transformer vision models (LeViT, DeiT, ResNet-50 grafts)
+from switchable parts; count params/MACs; fold BatchNorm; load timm LeViT weights.
+
+Importing registers every zoo entry in timm as ``grafts_<name>``.
+"""
+from .build import GraftModel, build
+from .config import (GraftConfigError, ModelConfig, PrefixConfig, StageConfig, config_from_dict,
+                     config_to_dict)
+from .fuse import fuse
+from .measure import count_macs, count_macs_split, count_params
+from .timm_keymap import load_timm_levit, map_timm_levit_key, map_timm_levit_state_dict
+from .zoo import register_timm, zoo_config, zoo_names
+
+register_timm()
+
+__all__ = [
+    "GraftConfigError", "GraftModel", "ModelConfig", "PrefixConfig", "StageConfig", "build",
+    "config_from_dict", "config_to_dict", "count_macs", "count_macs_split", "count_params", "fuse",
+    "load_timm_levit", "map_timm_levit_key", "map_timm_levit_state_dict", "zoo_config", "zoo_names",
+]

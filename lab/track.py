@@ -1,0 +1,320 @@
+"""MLflow tracking: where the store is, how runs are named, and how they are written.
+
+Store (first that applies):
+  1. the spec's `tracking.uri`                       (a spec that names its store wins)
+  2. $MLFLOW_TRACKING_URI                            (the environment overrides the default)
+  3. `sqlite:///<cwd>/mlruns/mlflow.db`, artifacts under `<cwd>/mlruns/artifacts`
+
+Checkpoints live next to a SQLite store: `<store dir>/checkpoints/<experiment>/<variant>-<hash>/`
+(`<cwd>/mlruns/checkpoints/...` for a remote store).
+
+Naming: one MLflow experiment per spec (`tracking.experiment`, default the spec name); one
+parent run per `lab run` invocation (tags lab.role=parent, lab.experiment) and one child run
+per variant (tags mlflow.parentRunId, lab.role=variant, lab.experiment, lab.variant, lab.hash,
+lab.git_commit, lab.device, lab.changes, lab.baseline, ref.<field>, lab.error on failure).
+Params: the flattened resolved spec (dotted keys, lists JSON). Metrics use the global optimizer
+step as their step (see `METRICS`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+# Metric names (explicit step = global optimizer step).
+TRAIN_METRICS = ("train/loss", "lr")
+EVAL_METRICS = ("val/top1", "val/top5", "val/loss", "epoch", "images_seen", "train_seconds")
+FINAL_METRICS = ("final/val_top1", "final/val_top5", "final/val_loss", "best/val_top1", "budget/steps",
+                 "budget/images_seen", "budget/train_seconds", "budget/train_flops", "budget/peak_mem_mb",
+                 "params", "macs")
+
+PARAM_MAX = 6000  # MLflow's param value limit
+DEFAULT_DIR = "mlruns"
+
+
+# --------------------------------------------------------------------------- store location
+
+
+def default_uri() -> str:
+    return f"sqlite:///{Path.cwd() / DEFAULT_DIR / 'mlflow.db'}"
+
+
+def tracking_uri(variant_or_spec: Any = None) -> str:
+    """The MLflow URI for a Variant/ExperimentSpec (or None): spec's tracking.uri > $MLFLOW_TRACKING_URI > default."""
+    tracking = getattr(variant_or_spec, "tracking", None)
+    uri = getattr(tracking, "uri", None) if tracking is not None else None
+    if uri:
+        return str(uri)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return default_uri()
+
+
+def experiment_name(variant_or_spec: Any) -> str:
+    tracking = getattr(variant_or_spec, "tracking", None)
+    name = getattr(tracking, "experiment", None) if tracking is not None else None
+    return name or getattr(variant_or_spec, "experiment", None) or variant_or_spec.name
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def store_dir(uri: str) -> Path:
+    """The folder that holds the store (SQLite file / file store), else ./mlruns."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        return db.parent
+    if uri.startswith("file:"):
+        p = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+        return p
+    if "://" not in uri and uri:  # a plain path is a file store
+        return Path(uri)
+    return Path.cwd() / DEFAULT_DIR
+
+
+def checkpoint_dir(variant: Any, uri: Optional[str] = None) -> Path:
+    uri = uri or tracking_uri(variant)
+    return store_dir(uri) / "checkpoints" / variant.experiment / f"{variant.key}-{variant.hash}"
+
+
+def client(uri: str):
+    """An MlflowClient; a SQLite store's folder (and its artifacts/ folder) is created."""
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        (db.parent / "artifacts").mkdir(exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(cl, name: str, uri: str) -> str:
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            cl.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    db = _sqlite_path(uri)
+    if db is not None:
+        location = (db.parent / "artifacts").resolve().as_uri()
+    try:
+        return cl.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Optional[str] = None,
+                      statuses: Optional[Iterable[str]] = None) -> list:
+    """Child (variant) runs of an MLflow experiment (by name), newest first; filtered by key/hash/status."""
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = ["tags.`lab.role` = 'variant'"]
+    if key is not None:
+        flt.append(f"tags.`lab.variant` = '{key}'")
+    if hash is not None:
+        flt.append(f"tags.`lab.hash` = '{hash}'")
+    runs, token = [], None
+    while True:
+        page = cl.search_runs([exp.experiment_id], filter_string=" and ".join(flt),
+                              order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    if statuses is not None:
+        st = set(statuses)
+        runs = [r for r in runs if r.info.status in st]
+    return runs
+
+
+def metric_history(cl, run_id: str, name: str) -> list[tuple[int, float]]:
+    """[(step, value)] sorted by step; a step logged twice (resume) keeps its last write."""
+    last: dict[int, tuple[int, float]] = {}
+    for m in cl.get_metric_history(run_id, name):
+        if m.step not in last or m.timestamp >= last[m.step][0]:
+            last[m.step] = (m.timestamp, m.value)
+    return [(s, last[s][1]) for s in sorted(last)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def git_commit(cwd: Optional[str] = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr': 1e-3}, 'model': {'stages': [...]}} -> {'train.lr': '0.001', 'model.stages': '[...]'}."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        p = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, p))
+        else:
+            s = v if isinstance(v, str) else json.dumps(v, default=str)
+            out[p] = s[:PARAM_MAX]
+    return out
+
+
+def log_metrics(cl, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(ms), 1000):
+        cl.log_batch(run_id, metrics=ms[i:i + 1000])
+
+
+def log_params(cl, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        cl.log_batch(run_id, params=items[i:i + 100])
+
+
+def set_tags(cl, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+    for i in range(0, len(items), 100):
+        cl.log_batch(run_id, tags=items[i:i + 100])
+
+
+def log_text(cl, run_id: str, text: str, artifact_file: str) -> None:
+    cl.log_text(run_id, text, artifact_file)
+
+
+def start_parent_run(cl, experiment_id: str, experiment: str, tags: Optional[Mapping[str, str]] = None) -> str:
+    run = cl.create_run(experiment_id, run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
+                        tags={"lab.role": "parent", "lab.experiment": experiment, "lab.git_commit": git_commit(),
+                              **dict(tags or {})})
+    return run.info.run_id
+
+
+def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, device: Optional[str] = None,
+                 commit: Optional[str] = None) -> dict[str, str]:
+    from lab.spec import describe_overrides
+
+    tags = {
+        "lab.role": "variant",
+        "lab.experiment": variant.experiment,
+        "lab.variant": variant.key,
+        "lab.hash": variant.hash,
+        "lab.git_commit": commit or git_commit(),
+        "lab.device": device or device_name(),
+        "lab.changes": describe_overrides(variant.overrides),
+        "lab.baseline": "true" if baseline else "false",
+        "lab.budget": variant.budget.kind,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    for k, v in (variant.tags or {}).items():
+        tags.setdefault(k, str(v))
+    if variant.reference is not None:
+        for k, v in variant.reference.model_dump(exclude_none=True).items():
+            tags[f"ref.{k}"] = str(v)
+    return tags
+
+
+def start_variant_run(cl, experiment_id: str, variant: Any, *, parent_run_id: Optional[str], baseline: bool,
+                      device: Optional[str] = None) -> str:
+    """A child run with the variant's tags (params are logged once the model is final: `log_variant_spec`)."""
+    tags = variant_tags(variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
+    run = cl.create_run(experiment_id, run_name=variant.key, tags=tags)
+    return run.info.run_id
+
+
+def log_variant_spec(cl, run_id: str, variant: Any) -> None:
+    """Params (flattened resolved spec) + the resolved spec as `spec.yaml`. Params are immutable: call once."""
+    log_params(cl, run_id, flatten(variant.resolved()))
+    log_text(cl, run_id, variant.to_yaml(), "spec.yaml")
+
+
+def short_error(exc: BaseException, limit: int = 500) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    s = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return s[:limit]
+
+
+def fail_run(cl, run_id: str, exc: BaseException, status: str = "FAILED") -> None:
+    """Tag lab.error (one line), attach the traceback as `error.txt`, end the run as FAILED (or KILLED)."""
+    try:
+        set_tags(cl, run_id, {"lab.error": short_error(exc)})
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log_text(cl, run_id, tb, "error.txt")
+    finally:
+        cl.set_terminated(run_id, status=status)
+
+
+def log_artifact_file(cl, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+    cl.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: Optional[str] = None,
+                    history: Optional[Mapping[str, Iterable[tuple[int, float]]]] = None,
+                    final: Optional[Mapping[str, float]] = None, status: str = "FINISHED",
+                    error: Optional[str] = None, baseline: bool = False, device: str = "cpu",
+                    extra_tags: Optional[Mapping[str, str]] = None) -> str:
+    """Write one complete variant run without training (tests, notebooks, imports of old results).
+
+    `variant`: a lab.spec.Variant. `history`: {metric: [(step, value), ...]} (e.g. val/top1,
+    images_seen, train/loss); `final`: {metric: value} logged at the last step (final/val_top1,
+    budget/*, params, macs ...). A parent run is created when none is given. Returns the run id.
+    """
+    uri = uri or tracking_uri(variant)
+    cl = client(uri)
+    name = experiment_name(variant)
+    exp_id = get_or_create_experiment(cl, name, uri)
+    if parent_run_id is None:
+        parent_run_id = start_parent_run(cl, exp_id, variant.experiment)
+        cl.set_terminated(parent_run_id, status="FINISHED")
+    run_id = start_variant_run(cl, exp_id, variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
+    log_variant_spec(cl, run_id, variant)
+    if extra_tags:
+        set_tags(cl, run_id, extra_tags)
+    last = 0
+    for metric, points in (history or {}).items():
+        for step, value in points:
+            log_metrics(cl, run_id, {metric: value}, step)
+            last = max(last, int(step))
+    if final:
+        log_metrics(cl, run_id, final, last)
+    if error:
+        set_tags(cl, run_id, {"lab.error": error})
+    cl.set_terminated(run_id, status=status)
+    return run_id
+
+
+def download_artifact(cl, run_id: str, path: str) -> Path:
+    dst = Path(tempfile.mkdtemp(prefix="lab-artifact-"))
+    return Path(cl.download_artifacts(run_id, path, str(dst)))
