@@ -42,10 +42,14 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README)")
 
 
-SMOKE = {"data": {"dataset": "embedded", "root": None, "image_size": 32, "batch_size": 32},
+# --smoke: same architectures and training recipe (augmentation, distillation, schedule shape),
+# shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers.
+SMOKE = {"data": {"dataset": "embedded", "root": None, "image_size": 32, "batch_size": 32,
+                  "eval_batch_size": 250, "num_workers": 0},
          "budget": {"epochs": None, "steps": 20, "images": None, "train_flops": None, "seconds": None,
                     "wall_clock": False},
-         "train": {"eval_every": 10, "devices": 1, "num_nodes": 1, "strategy": "auto"}}
+         "train": {"eval_every": 10, "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
+                   "precision": "auto", "compile": False}}
 
 
 def load_from_args(args: argparse.Namespace):

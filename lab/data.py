@@ -256,8 +256,12 @@ def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float]) -> Ca
     """timm's PIL auto-augment transform for `policy`, with the hparams create_transform uses."""
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
+    # magnitude_max just under timm's level scale (10): at exactly 10, 'inc1' policies ask Pillow to
+    # posterize to 0 bits, which Pillow >= 10 rejects ("bits must be between ... 1 and 8"), killing
+    # a dataloader worker mid-epoch. 9.99 keeps every other op's strength within 0.1%.
     hp: dict[str, Any] = {"translate_const": int(image_size * 0.45),
-                          "img_mean": tuple(min(255, round(255 * m)) for m in mean)}
+                          "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+                          "magnitude_max": 9.99}
     if policy.startswith("rand"):
         return rand_augment_transform(policy, hp)
     if policy.startswith("augmix"):

@@ -9,6 +9,13 @@ variant, teachers first. Per variant:
   - any exception (including a non-finite loss) marks the run FAILED with `lab.error` and the
     traceback as `error.txt`, and the next variant runs;
   - Ctrl-C saves a checkpoint, marks the run (and the parent) KILLED and exits 130.
+
+Where variants run (`--launcher`, see lab/launch.py): `local` trains them one after the other
+(in this process, or in a subprocess of its own when a variant is distributed), `ray` and
+`slurm` submit one task/job per variant. Every launcher decides skip/resume and creates the
+child run here, in the driver (`prepare_variant`), and the worker trains into that run
+(`execute_variant`); in a distributed worker only global rank 0 writes to MLflow
+(`Context.rank_zero`).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from typing import Any, Callable, Iterable, Optional
 from lab import track
 from lab.errors import LabError, close_matches
 
-LAUNCHERS = ("local",)  # extensible: e.g. "submitit", "ray"
+LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
 
 
@@ -48,6 +55,10 @@ class Context:
     callbacks: list = field(default_factory=list)
     datamodules: dict = field(default_factory=dict)
     say: Callable[[str], None] = print
+    # False in the non-zero ranks of a distributed worker: they train but never write to MLflow
+    # (no runs, params, metrics, tags, artifacts, status changes).
+    rank_zero: bool = True
+    launcher: str = "local"
 
 
 def order_variants(variants: list) -> list:
@@ -164,6 +175,34 @@ def _world_size(train, accelerator: str) -> int:
     return max(1, int(dev)) * train.num_nodes
 
 
+def _from_rank_zero(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank (when a process group is up; else `obj`): ranks that
+    time their own calibration must still agree on one step count, or DDP would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _sync_stop_callback():
+    import lightning.pytorch as pl
+
+    class SyncStop(pl.Callback):
+        """Wall-clock budgets under DDP: stop every rank once any rank's timer says stop."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = bool(trainer.strategy.reduce_boolean_decision(bool(trainer.should_stop), all=False))
+
+    return SyncStop
+
+
+def _SyncStop():  # noqa: N802 - a factory: lightning is imported lazily
+    return _sync_stop_callback()()
+
+
 def _planned_steps(cl, run_id: str) -> Optional[int]:
     hist = track.metric_history(cl, run_id, "budget/planned_steps")
     return int(hist[-1][1]) if hist else None
@@ -218,11 +257,11 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
                             steps_per_epoch=steps_per_epoch, macs_per_image=macs)
     else:
         plan = B.plan(v.budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch, macs_per_image=macs,
-                      calibrate=lambda: B.calibrate(lambda: make_module(copy.deepcopy(model)), dm, trainer_kw,
-                                                    steps=v.budget.calibration_steps))
+                      calibrate=lambda: _from_rank_zero(B.calibrate(lambda: make_module(copy.deepcopy(model)), dm,
+                                                                    trainer_kw, steps=v.budget.calibration_steps)))
         pl.seed_everything(tr.seed, workers=True, verbose=False)  # calibration consumed randomness
     record["budget"] = plan.describe()
-    if resume_ckpt is None:
+    if resume_ckpt is None and ctx.rank_zero:
         first = {"params": params, "macs": macs}
         if plan.total_steps is not None:
             first["budget/planned_steps"] = plan.total_steps
@@ -243,6 +282,8 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     metrics_cb = MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer, global_batch=global_batch,
                                train_size=train_size)
     callbacks = [timer, metrics_cb, ckpt]
+    if world > 1 and plan.max_seconds is not None:
+        callbacks.insert(1, _SyncStop())  # every rank stops at the same step
     if ctx.progress:
         callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
@@ -269,7 +310,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     final = {"final/val_top1": final_val["val/top1"], "final/val_top5": final_val["val/top5"],
              "final/val_loss": final_val["val/loss"], "best/val_top1": max(module.best_top1, final_val["val/top1"]),
              **use, "params": params, "macs": macs}
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and ctx.rank_zero:
         track.log_metrics(ctx.cl, run_id, final, steps)
         final_path = save_final(ckdir / "final.pt", module, v.model, variant=v.key, hash=v.hash, steps=steps)
         if v.tracking.log_checkpoint:
@@ -279,12 +320,21 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     return record
 
 
-def run_variant(v, ctx: Context) -> dict:
-    """Skip / resume / train one variant with its own MLflow child run; never raises except Ctrl-C."""
-    t0 = time.time()
-    rec: dict[str, Any] = {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None,
-                           "macs": None, "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None,
-                           "train_seconds": None, "wall_seconds": None, "error": None, "resumed": False}
+def new_record(v) -> dict[str, Any]:
+    return {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
+            "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None, "train_seconds": None,
+            "wall_seconds": None, "error": None, "resumed": False}
+
+
+def prepare_variant(v, ctx: Context) -> tuple[dict, Optional[str], Optional[Path]]:
+    """The driver's half of a variant: skip it, or pick the MLflow child run it trains into.
+
+    Returns (record, run_id, resume_ckpt): record["status"] == "skipped" (run_id None) when a
+    FINISHED run with the same hash exists and not `ctx.force`; else the run to train into (a
+    resumable KILLED/RUNNING/FAILED run that owns `last.ckpt`, set RUNNING again, or a new child
+    run of `ctx.parent_run_id`) and the checkpoint to resume from (None: from scratch).
+    """
+    rec = new_record(v)
     runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and not ctx.force:
@@ -294,7 +344,7 @@ def run_variant(v, ctx: Context) -> dict:
                    steps=m.get("budget/steps"), top1=m.get("final/val_top1"), best_top1=m.get("best/val_top1"),
                    train_seconds=m.get("budget/train_seconds"), wall_seconds=0.0,
                    budget=r.data.tags.get("lab.budget_plan", v.budget.kind))
-        return rec
+        return rec, None, None
 
     ckdir = track.checkpoint_dir(v, ctx.uri)
     last = ckdir / "last.ckpt"
@@ -311,7 +361,8 @@ def run_variant(v, ctx: Context) -> dict:
         run_id = resume.info.run_id
         ctx.cl.update_run(run_id, status="RUNNING")
         n = int(resume.data.tags.get("lab.resumed", "0")) + 1
-        track.set_tags(ctx.cl, run_id, {"lab.resumed": n, "lab.resumed_by": ctx.parent_run_id})
+        track.set_tags(ctx.cl, run_id, {"lab.resumed": n, "lab.resumed_by": ctx.parent_run_id,
+                                        "lab.launcher": ctx.launcher})
         if "lab.error" in resume.data.tags:
             ctx.cl.delete_tag(run_id, "lab.error")
         rec["resumed"] = True
@@ -321,34 +372,66 @@ def run_variant(v, ctx: Context) -> dict:
         ckdir.mkdir(parents=True, exist_ok=True)
         run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
                                          baseline=(v.key == ctx.baseline))
+        track.set_tags(ctx.cl, run_id, {"lab.launcher": ctx.launcher})
         (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
     rec["run_id"] = run_id
+    return rec, run_id, (last if resume is not None else None)
 
+
+def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Optional[Path],
+                    started: Optional[float] = None) -> dict:
+    """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
+
+    Never raises except Ctrl-C. With `ctx.rank_zero` False (a non-zero rank of a distributed
+    worker) it trains in lockstep with rank 0 but writes nothing to MLflow.
+    """
+    import socket
+
+    t0 = started if started is not None else time.time()
     try:
+        if ctx.rank_zero:
+            track.set_tags(ctx.cl, run_id, {"lab.worker.host": socket.gethostname(), "lab.worker.pid": os.getpid(),
+                                            "lab.worker.started": f"{t0:.3f}"})
         if v.match is not None:
             from lab.measure import resolve_match
 
             v = resolve_match(v, ctx.variants)
-            track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith("match.")})
-            track.set_tags(ctx.cl, run_id, {"lab.resolved_hash": v.hash})
-        if resume is None:
+            if ctx.rank_zero:
+                track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith("match.")})
+                track.set_tags(ctx.cl, run_id, {"lab.resolved_hash": v.hash})
+        if resume_ckpt is None and ctx.rank_zero:
             track.log_variant_spec(ctx.cl, run_id, v)
-        train_variant(v, ctx, run_id, last if resume is not None else None, rec)
-        ctx.cl.set_terminated(run_id, status="FINISHED")
+        if _data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
+            preflight([v], ctx.datamodules)
+        train_variant(v, ctx, run_id, resume_ckpt, rec)
+        if ctx.rank_zero:
+            ctx.cl.set_terminated(run_id, status="FINISHED")
         rec["status"] = "finished"
     except KeyboardInterrupt:
         rec["status"] = "killed"
-        ctx.cl.set_terminated(run_id, status="KILLED")
+        if ctx.rank_zero:
+            ctx.cl.set_terminated(run_id, status="KILLED")
         rec["wall_seconds"] = time.time() - t0
         raise
     except Exception as e:  # noqa: BLE001 - one variant's failure must not stop the others
         rec.update(status="failed", error=track.short_error(e))
-        try:
-            track.fail_run(ctx.cl, run_id, e)
-        except Exception:  # noqa: BLE001
-            pass
+        if ctx.rank_zero:
+            try:
+                track.fail_run(ctx.cl, run_id, e)
+            except Exception:  # noqa: BLE001
+                pass
     rec["wall_seconds"] = time.time() - t0
     return rec
+
+
+def run_variant(v, ctx: Context) -> dict:
+    """Skip / resume / train one variant in this process with its own MLflow child run;
+    never raises except Ctrl-C."""
+    t0 = time.time()
+    rec, run_id, resume_ckpt = prepare_variant(v, ctx)
+    if rec["status"] == "skipped":
+        return rec
+    return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -382,13 +465,17 @@ def quiet_logs() -> None:
 
 def run_experiment(spec, variants: list, *, force: bool = False, progress: bool = True,
                    callbacks: Optional[Iterable] = None, baseline: Optional[str] = None,
-                   say: Optional[Callable[[str], None]] = None) -> list[dict]:
+                   say: Optional[Callable[[str], None]] = None, launcher: str = "local",
+                   launch_options: Any = None) -> list[dict]:
     """Train `variants` (teachers first) in one parent run; one status dict per variant.
 
     Status: finished | skipped (already FINISHED with the same hash) | failed. Ctrl-C marks the
     current run and the parent KILLED and re-raises KeyboardInterrupt. `callbacks`: extra
-    Lightning callbacks added to every training (tests use them to interrupt).
+    Lightning callbacks added to every training that runs in this process (tests use them to
+    interrupt). `launcher`: local | ray | slurm (lab.launch); `launch_options`: a
+    lab.launch.LaunchOptions.
     """
+    from lab import launch
     from lab.spec import baseline_key
 
     say = say or (lambda s: print(s, flush=True))
@@ -400,31 +487,36 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         raise LabError(f"variants of one run must share a tracking store (got {sorted(uris)})")
     uri = uris.pop()
     ordered = order_variants(variants)
+    backend = launch.get_launcher(launcher, launch_options)
+    backend.check(ordered)
     datamodules: dict = {}
     preflight(ordered, datamodules)
 
     cl = track.client(uri)
     experiment = track.experiment_name(variants[0])
     exp_id = track.get_or_create_experiment(cl, experiment, uri)
-    parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-        "lab.variants": ",".join(v.key for v in ordered)[:5000], **{k: str(x) for k, x in (spec.tags or {}).items()}})
-    ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment, experiment_id=exp_id,
-                  parent_run_id=parent, baseline=baseline or baseline_key(spec, variants), force=force,
-                  progress=progress, callbacks=list(callbacks or []), datamodules=datamodules, say=say)
-    say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent})")
-    results = []
+    backend.start()
     try:
-        for v in ordered:
-            rec = run_variant(v, ctx)
-            results.append(rec)
-            say(_fmt_line(rec))
-    except KeyboardInterrupt:
-        cl.set_terminated(parent, status="KILLED")
-        say("interrupted: the current run is KILLED; run the same command again to resume it")
-        raise
-    except BaseException:
-        cl.set_terminated(parent, status="FAILED")
-        raise
+        parent = track.start_parent_run(cl, exp_id, spec.name, tags={
+            "lab.variants": ",".join(v.key for v in ordered)[:5000], "lab.launcher": launcher,
+            **{k: str(x) for k, x in (spec.tags or {}).items()}})
+        ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
+                      experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
+                      force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
+                      say=say, launcher=launcher)
+        say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
+            f"{', launcher ' + launcher if launcher != 'local' else ''})")
+        try:
+            results = backend.run(ordered, ctx)
+        except KeyboardInterrupt:
+            cl.set_terminated(parent, status="KILLED")
+            say("interrupted: the current run is KILLED; run the same command again to resume it")
+            raise
+        except BaseException:
+            cl.set_terminated(parent, status="FAILED")
+            raise
+    finally:
+        backend.close()
     ok = all(r["status"] in ("finished", "skipped") for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     return results
@@ -444,8 +536,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.strategy is not None:
         sets.append(f"train.strategy={args.strategy}")
     args.set = sets
-    if args.launcher != "local":
-        raise LabError(f"launcher '{args.launcher}' is not available (choose from {', '.join(LAUNCHERS)})")
+    options = _launch_options(args)
     spec, variants = expand_from_args(args)
     from lab.spec import baseline_key
 
@@ -459,9 +550,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                file=args.spec, path="variants")
         chosen = with_teachers([v for v in variants if v.key in args.variant], variants)
     results = run_experiment(spec, chosen, force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                             baseline=base)
+                             baseline=base, launcher=args.launcher, launch_options=options)
     bad = [r for r in results if r["status"] not in ("finished", "skipped")]
     return 1 if bad else 0
+
+
+def _launch_options(args: argparse.Namespace):
+    from lab.launch import LaunchOptions
+
+    params = {}
+    for a in args.slurm_param or []:
+        if "=" not in a:
+            raise LabError(f"--slurm-param expects KEY=VALUE, got {a!r}")
+        k, val = a.split("=", 1)
+        params[k.strip().lstrip("-").replace("-", "_")] = val
+    o = LaunchOptions(ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                      slurm_cluster=args.slurm_cluster, slurm_folder=args.slurm_folder,
+                      slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
+                      slurm_qos=args.slurm_qos, slurm_constraint=args.slurm_constraint,
+                      slurm_mem_gb=args.slurm_mem_gb, slurm_cpus_per_task=args.slurm_cpus_per_task,
+                      slurm_gpus_per_node=args.slurm_gpus_per_node, slurm_setup=list(args.slurm_setup or []),
+                      slurm_params=params)
+    if args.slurm_time is not None:
+        o.slurm_time = args.slurm_time
+    return o
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -473,9 +585,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="retrain variants that already have a FINISHED run")
     p.add_argument("--variant", action="append", default=[], metavar="KEY",
                    help="train only this variant (repeatable; teachers it needs are added)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where to run (local only for now)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: variants one after the other (default); ray: one Ray task per variant "
+                        "($RAY_ADDRESS or a local instance); slurm: one sbatch job per variant (submitit)")
     p.add_argument("--devices", help="override train.devices (int or auto)")
     p.add_argument("--num-nodes", type=int, help="override train.num_nodes")
     p.add_argument("--strategy", help="override train.strategy (e.g. ddp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("ray launcher")
+    g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    g.add_argument("--ray-num-cpus", type=float, help="CPUs per variant task (default: devices x threads on CPU)")
+    g = p.add_argument_group("slurm launcher (submitit)")
+    g.add_argument("--slurm-partition", help="sbatch --partition")
+    g.add_argument("--slurm-time", type=int, metavar="MINUTES", help="sbatch --time in minutes (default 240)")
+    g.add_argument("--slurm-account", help="sbatch --account")
+    g.add_argument("--slurm-qos", help="sbatch --qos")
+    g.add_argument("--slurm-constraint", help="sbatch --constraint")
+    g.add_argument("--slurm-mem-gb", type=float, help="memory per node in GB")
+    g.add_argument("--slurm-cpus-per-task", type=int, help="CPUs per task (default: train.threads)")
+    g.add_argument("--slurm-gpus-per-node", type=int,
+                   help="GPUs per node (default: train.devices when train.accelerator is gpu)")
+    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                   help="shell line run in the job before training (repeatable), e.g. 'module load cuda'")
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch parameter (repeatable), e.g. --slurm-param exclusive=true")
+    g.add_argument("--slurm-folder", help="submitit folder for job logs (default <store>/submitit/<experiment>/%%j)")
+    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default="slurm",
+                   help="local: run the jobs on this machine with submitit's LocalExecutor (testing)")
     p.set_defaults(func=_cmd_run)

@@ -289,7 +289,8 @@ def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: O
 
     `variant`: a lab.spec.Variant. `history`: {metric: [(step, value), ...]} (e.g. val/top1,
     images_seen, train/loss); `final`: {metric: value} logged at the last step (final/val_top1,
-    budget/*, params, macs ...). A parent run is created when none is given. Returns the run id.
+    budget/*, params, macs ...). A parent run is created when none is given. `status` RUNNING
+    leaves the run open (no end time), like a `lab run` still in progress. Returns the run id.
     """
     uri = uri or tracking_uri(variant)
     cl = client(uri)
@@ -302,16 +303,19 @@ def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: O
     log_variant_spec(cl, run_id, variant)
     if extra_tags:
         set_tags(cl, run_id, extra_tags)
-    last = 0
+    by_step: dict[int, dict[str, float]] = {}  # one write per step, as the training callbacks do
     for metric, points in (history or {}).items():
         for step, value in points:
-            log_metrics(cl, run_id, {metric: value}, step)
-            last = max(last, int(step))
+            by_step.setdefault(int(step), {})[metric] = value
+    for step in sorted(by_step):
+        log_metrics(cl, run_id, by_step[step], step)
+    last = max(by_step, default=0)
     if final:
         log_metrics(cl, run_id, final, last)
     if error:
         set_tags(cl, run_id, {"lab.error": error})
-    cl.set_terminated(run_id, status=status)
+    if status != "RUNNING":  # a run still in flight has no end time
+        cl.set_terminated(run_id, status=status)
     return run_id
 
 

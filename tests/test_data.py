@@ -242,3 +242,19 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(LabError) as e:
         D.build_datamodule(DataSpec(dataset="imagefolder", root=str(root)), num_classes_expected=1000)
     assert e.value.path == "model.num_classes" and "3 classes" in e.value.message
+
+
+def test_rand_augment_at_full_magnitude_never_kills_a_worker():
+    """timm's 'inc1' posterize at level 10 asks Pillow for 0 bits, which Pillow rejects; the lab
+    caps the level just under 10 so an ImageNet-style policy survives every draw."""
+    import random
+
+    from lab.data import tensor_transform
+    from lab.spec import AugmentSpec
+
+    random.seed(0)
+    torch.manual_seed(0)
+    t = tensor_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), AugmentSpec(auto_augment="rand-m10-n3-inc1"))
+    x = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
+    for _ in range(150):
+        assert t(x).shape == (3, 16, 16)

@@ -1,0 +1,529 @@
+"""Where the variants of a `lab run` train: `--launcher local | ray | slurm`.
+
+Roles. The *driver* is the `lab run` process: it validates the spec and the data, creates the
+ONE MLflow parent run of the invocation and, per variant, decides skip / resume / new child run
+(`runner.prepare_variant`), so the skip/resume rules and the parent are the same for every
+launcher. A *job* (`VariantJob`, picklable) carries what a worker needs: the spec, the variants,
+the tracking URI, the parent run id and the child run id to train into. `run_job(job)` is the
+per-variant function every launcher calls: in the driver (local), in a Ray task (ray) or in a
+submitit job (slurm).
+
+One process per distributed variant. Lightning's `ddp` strategy starts ranks 1..N-1 by
+re-running the current command (`sys.argv`, or `python -m <module> argv` when started with -m)
+with LOCAL_RANK/NODE_RANK/WORLD_SIZE set. Inside `lab run SPEC` that would replay the whole
+sweep in every rank (new parent and child runs, other variants trained N times). So a variant
+whose world size is > 1 runs in a fresh `python -m lab.launch worker JOB RESULT` process: the
+re-launch replays only that command, i.e. only that variant, into the run the driver prepared.
+We keep `ddp` (not `ddp_spawn`): spawn pickles the trainer into new processes and returns only
+the weights, so the module state read after `fit` (last validation, best top-1, timer) would be
+lost in the parent, and it is slower and fragile with non-picklable callbacks (MLflow client).
+Under SLURM (`srun` starts one task per device) and torchrun the processes exist already;
+Lightning detects that and does not re-launch, and the same worker command runs in each task.
+
+Rank 0 only writes. A worker's global rank comes from the environment, before any Trainer
+exists: it is rank 0 iff every rank variable that is set (RANK, LOCAL_RANK, NODE_RANK,
+SLURM_PROCID, JSM_NAMESPACE_RANK) is 0 (`is_rank_zero`). Other ranks train in lockstep but
+never touch MLflow (`Context.rank_zero = False`) and write no result file.
+
+Parent run id. Created by the driver before anything is submitted and carried in each job;
+child runs are created by the driver with tag `mlflow.parentRunId`, so whichever launcher ran
+them, `lab table` sees one sweep. A worker that dies without ending its run (killed, OOM,
+scheduler time limit) is marked FAILED by the driver when it collects the job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lab import track
+from lab.errors import LabError
+
+LAUNCHERS = ("local", "ray", "slurm")
+RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+_ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds the `lab` package
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+def is_rank_zero(env: Optional[dict] = None) -> bool:
+    """True unless a rank variable of this process says it is not global rank 0."""
+    env = os.environ if env is None else env
+    for k in RANK_VARS:
+        val = str(env.get(k, "") or "").strip()
+        if val and val != "0":
+            return False
+    return True
+
+
+def world_size(v) -> int:
+    """Processes a variant trains with (devices x nodes), resolved on this machine."""
+    from lab.module import resolve_accelerator
+    from lab.runner import _world_size
+
+    return _world_size(v.train, resolve_accelerator(v.train))
+
+
+def needs_own_process(v) -> bool:
+    return world_size(v) > 1
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class VariantJob:
+    """Everything a worker needs to train one variant into a prepared MLflow run (picklable)."""
+
+    spec: Any
+    variants: list  # every variant of the invocation (teachers, runtime matching)
+    key: str
+    uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    baseline: str
+    run_id: str
+    resume_ckpt: Optional[str]
+    record: dict
+    cwd: str = field(default_factory=os.getcwd)
+    progress: bool = False
+    launcher: str = "local"
+
+    @property
+    def variant(self):
+        return next(v for v in self.variants if v.key == self.key)
+
+
+def make_job(v, ctx, rec: dict, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
+    return VariantJob(spec=ctx.spec, variants=list(ctx.variants), key=v.key, uri=ctx.uri,
+                      experiment=ctx.experiment, experiment_id=ctx.experiment_id,
+                      parent_run_id=ctx.parent_run_id, baseline=ctx.baseline, run_id=run_id,
+                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dict(rec),
+                      progress=progress, launcher=ctx.launcher)
+
+
+def execute(job: VariantJob, started: Optional[float] = None) -> dict:
+    """Train the job's variant in THIS process (one rank of it when distributed); its record."""
+    from lab import runner
+
+    started = started if started is not None else time.time()
+    runner.quiet_logs()
+    if job.cwd and os.path.isdir(job.cwd):
+        os.chdir(job.cwd)  # relative paths (data roots, ./mlruns checkpoints) as in the driver
+    ctx = runner.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
+                         experiment=job.experiment, experiment_id=job.experiment_id,
+                         parent_run_id=job.parent_run_id, baseline=job.baseline, progress=job.progress,
+                         rank_zero=is_rank_zero(), launcher=job.launcher, say=lambda s: None)
+    rec = dict(job.record)
+    resume = Path(job.resume_ckpt) if job.resume_ckpt else None
+    return runner.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)
+
+
+def run_job(job: VariantJob) -> dict:
+    """The per-variant function of every launcher: train one variant, return its record.
+
+    A distributed variant runs in a worker subprocess (so Lightning's DDP re-launch replays only
+    that worker); a single-process one runs here.
+    """
+    started = time.time()
+    if needs_own_process(job.variant):
+        return _run_worker_process(job)
+    return execute(job, started=started)
+
+
+def _run_worker_process(job: VariantJob) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"lab-{job.key}-"))
+    jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
+    jobfile.write_bytes(pickle.dumps(job))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "lab.launch", "worker", str(jobfile), str(resfile)]
+    proc = subprocess.Popen(cmd, env=env, cwd=job.cwd if os.path.isdir(job.cwd) else None)
+    try:
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # the worker saves a checkpoint and marks its run KILLED on SIGINT
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        if resfile.is_file():
+            rec = json.loads(resfile.read_text())
+        else:
+            rec = dict(job.record, status="failed" if rc not in (130, -signal.SIGINT) else "killed",
+                       error=f"worker process exited with code {rc} without a result")
+        rec["worker_exit_code"] = rc
+        return rec
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m lab.launch worker JOB.pkl RESULT.json`: one variant, one (rank's) process."""
+    if len(argv) != 3 or argv[0] != "worker":
+        print("usage: python -m lab.launch worker JOB.pkl RESULT.json", file=sys.stderr)
+        return 2
+    job: VariantJob = pickle.loads(Path(argv[1]).read_bytes())
+    started = time.time()
+    code = 0
+    try:
+        rec = execute(job, started=started)
+    except KeyboardInterrupt:
+        rec, code = dict(job.record, status="killed"), 130
+    if is_rank_zero():
+        out = Path(argv[2])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=str))
+        os.replace(tmp, out)
+    return code
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def finish_record(ctx, rec: dict, outcome: Any) -> dict:
+    """The driver's view of a job that ended: its record, and the run ended if the worker could not."""
+    if isinstance(outcome, dict) and outcome.get("status") in ("finished", "failed", "killed"):
+        rec = {**rec, **outcome}
+    else:
+        err = outcome if isinstance(outcome, BaseException) else RuntimeError(
+            f"worker returned no result ({outcome!r})")
+        rec = {**rec, "status": "failed", "error": track.short_error(err)}
+    if rec.get("run_id") and rec["status"] != "finished":
+        try:
+            run = ctx.cl.get_run(rec["run_id"])
+            if run.info.status == "RUNNING":  # the worker died before it could end its run
+                if rec["status"] == "killed":
+                    ctx.cl.set_terminated(rec["run_id"], status="KILLED")
+                else:
+                    track.fail_run(ctx.cl, rec["run_id"], RuntimeError(rec.get("error") or "worker failed"))
+        except Exception:  # noqa: BLE001 - best effort: the store may be the reason it died
+            pass
+    return rec
+
+
+def _mark_killed(ctx, run_ids: list[str]) -> None:
+    for rid in run_ids:
+        try:
+            if ctx.cl.get_run(rid).info.status == "RUNNING":
+                ctx.cl.set_terminated(rid, status="KILLED")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def waves(ordered: list) -> list[list]:
+    """Variants grouped so that teachers (train.distill.variant) finish before their students."""
+    level: dict[str, int] = {}
+    for v in ordered:  # teachers come first in `ordered`
+        d = v.train.distill
+        t = d.variant if d is not None else None
+        level[v.key] = level[t] + 1 if t in level else 0
+    out: list[list] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for v in ordered:
+        out[level[v.key]].append(v)
+    return out
+
+
+@dataclass
+class LaunchOptions:
+    # ray
+    ray_address: Optional[str] = None  # default: $RAY_ADDRESS, else a local Ray instance
+    ray_num_cpus: Optional[float] = None  # CPUs per task (default: devices x threads on CPU, 1 with GPUs)
+    ray_init: dict = field(default_factory=dict)  # extra ray.init kwargs for a local instance
+    # slurm (submitit)
+    slurm_cluster: str = "slurm"  # "local": submitit's LocalExecutor on this machine (tests, dry runs)
+    slurm_folder: Optional[str] = None  # submitit logs/pickles; default <store>/submitit/<experiment>/%j
+    slurm_partition: Optional[str] = None
+    slurm_time: int = 240  # minutes
+    slurm_account: Optional[str] = None
+    slurm_qos: Optional[str] = None
+    slurm_constraint: Optional[str] = None
+    slurm_mem_gb: Optional[float] = None
+    slurm_cpus_per_task: Optional[int] = None
+    slurm_gpus_per_node: Optional[int] = None  # default: train.devices when the variant trains on GPU
+    slurm_setup: list = field(default_factory=list)  # shell lines run before the job (module load ...)
+    slurm_params: dict = field(default_factory=dict)  # extra #SBATCH parameters
+    poll_s: float = 5.0
+
+
+class Launcher:
+    name = "local"
+
+    def __init__(self, opts: Optional[LaunchOptions] = None):
+        self.opts = opts or LaunchOptions()
+
+    def check(self, variants: list) -> None:
+        for v in variants:
+            if v.train.num_nodes > 1:
+                raise LabError(f"variant '{v.key}' asks for train.num_nodes={v.train.num_nodes}: "
+                               f"multi-node training needs --launcher slurm", file=v.source,
+                               path=f"variants.{v.key}.train.num_nodes")
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def run(self, ordered: list, ctx) -> list[dict]:
+        """Local: one variant after the other; a distributed one in a worker process of its own."""
+        from lab import runner
+
+        results = []
+        for v in ordered:
+            if needs_own_process(v):
+                rec, run_id, resume = runner.prepare_variant(v, ctx)
+                if rec["status"] != "skipped":
+                    job = make_job(v, ctx, rec, run_id, resume, progress=ctx.progress)
+                    try:
+                        outcome = run_job(job)
+                    except KeyboardInterrupt:
+                        _mark_killed(ctx, [run_id])
+                        raise
+                    rec = finish_record(ctx, rec, outcome)
+                    if rec["status"] == "killed":
+                        results.append(rec)
+                        raise KeyboardInterrupt
+            else:
+                rec = runner.run_variant(v, ctx)
+            results.append(rec)
+            ctx.say(runner._fmt_line(rec))
+        return results
+
+
+class _Parallel(Launcher):
+    """Submit every variant of a wave at once, collect them as they finish."""
+
+    def submit(self, v, job: VariantJob) -> Any:
+        raise NotImplementedError
+
+    def completed(self, handles: list):
+        """Yield (handle, record-or-exception) as jobs end."""
+        raise NotImplementedError
+
+    def cancel(self, handles: list) -> None:
+        raise NotImplementedError
+
+    def run(self, ordered: list, ctx) -> list[dict]:
+        from lab import runner
+
+        results: dict[str, dict] = {}
+        for wave in waves(ordered):
+            pending: dict[int, tuple[Any, Any, dict]] = {}
+            try:
+                for v in wave:
+                    rec, run_id, resume = runner.prepare_variant(v, ctx)
+                    if rec["status"] == "skipped":
+                        results[v.key] = rec
+                        ctx.say(runner._fmt_line(rec))
+                        continue
+                    try:
+                        handle = self.submit(v, make_job(v, ctx, rec, run_id, resume))
+                    except Exception as e:  # noqa: BLE001 - a refused submission fails this variant only
+                        results[v.key] = finish_record(ctx, rec, e)
+                        ctx.say(runner._fmt_line(results[v.key]))
+                        continue
+                    pending[id(handle)] = (handle, v, rec)
+                for handle, outcome in self.completed([h for h, _, _ in pending.values()]):
+                    _, v, rec = pending.pop(id(handle))
+                    results[v.key] = finish_record(ctx, rec, outcome)
+                    ctx.say(runner._fmt_line(results[v.key]))
+            except KeyboardInterrupt:
+                self.cancel([h for h, _, _ in pending.values()])
+                _mark_killed(ctx, [rec["run_id"] for _, _, rec in pending.values()])
+                raise
+        return [results[v.key] for v in ordered]
+
+
+# --------------------------------------------------------------------------- ray
+
+
+class RayLauncher(_Parallel):
+    """One Ray task per variant with the variant's resources; `ray.init()` finds the cluster from
+    --ray-address / $RAY_ADDRESS (or a running local one), else starts a local instance."""
+
+    name = "ray"
+
+    def __init__(self, opts: Optional[LaunchOptions] = None):
+        super().__init__(opts)
+        self._started = False
+        self._gpu_cluster = False
+
+    def check(self, variants: list) -> None:
+        super().check(variants)
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise LabError(f"--launcher ray needs Ray: pip install -e '.[scale]' ({e})") from None
+
+    def start(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            address = self.opts.ray_address or os.environ.get("RAY_ADDRESS") or None
+            if address:
+                ray.init(address=address)
+            else:
+                kw = {"include_dashboard": False, **self.opts.ray_init}
+                ray.init(**kw)
+            self._started = True
+        self._gpu_cluster = ray.cluster_resources().get("GPU", 0) > 0
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def resources(self, v) -> dict[str, float]:
+        tr = v.train
+        gpu = tr.accelerator == "gpu" or (tr.accelerator == "auto" and self._gpu_cluster)
+        devices = tr.devices if isinstance(tr.devices, int) else 1
+        if gpu:
+            return {"num_cpus": self.opts.ray_num_cpus or 1, "num_gpus": devices}
+        return {"num_cpus": self.opts.ray_num_cpus or devices * (tr.threads or 1), "num_gpus": 0}
+
+    def submit(self, v, job: VariantJob) -> Any:
+        import ray
+
+        task = ray.remote(run_job).options(name=f"lab:{job.experiment}:{v.key}", max_retries=0,
+                                           **self.resources(v))
+        return task.remote(job)
+
+    def completed(self, handles: list):
+        import ray
+
+        left = list(handles)
+        while left:
+            ready, left = ray.wait(left, num_returns=1)
+            for ref in ready:
+                try:
+                    yield ref, ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - task crashed / worker died
+                    yield ref, e
+
+    def cancel(self, handles: list) -> None:
+        import ray
+
+        for ref in handles:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# --------------------------------------------------------------------------- slurm (submitit)
+
+
+class SlurmLauncher(_Parallel):
+    """One sbatch job per variant through submitit: nodes = train.num_nodes, tasks per node =
+    train.devices (one task per device; Lightning's SLURM environment wires DDP), GPUs per
+    node = train.devices on GPU. `slurm_cluster="local"` runs the jobs on this machine with
+    submitit's LocalExecutor (one task; Lightning starts the ranks itself)."""
+
+    name = "slurm"
+
+    def __init__(self, opts: Optional[LaunchOptions] = None):
+        super().__init__(opts)
+        self._executor = None
+
+    def check(self, variants: list) -> None:
+        try:
+            import submitit  # noqa: F401
+        except ImportError as e:
+            raise LabError(f"--launcher slurm needs submitit: pip install -e '.[scale]' ({e})") from None
+        if self.opts.slurm_cluster == "slurm":
+            if shutil.which("sbatch") is None:
+                raise LabError("--launcher slurm: sbatch is not on PATH (run on a SLURM login node, "
+                               "or use --slurm-cluster local to run the jobs on this machine)")
+        else:
+            super().check(variants)  # the local executor is one node
+
+    def _folder(self, ctx) -> str:
+        if self.opts.slurm_folder:
+            return self.opts.slurm_folder
+        return str(track.store_dir(ctx.uri).resolve() / "submitit" / ctx.experiment / "%j")
+
+    def params(self, v) -> dict[str, Any]:
+        o, tr = self.opts, v.train
+        gpu = tr.accelerator == "gpu" or (tr.accelerator == "auto" and bool(o.slurm_gpus_per_node))
+        devices = tr.devices if isinstance(tr.devices, int) else (o.slurm_gpus_per_node or 1)
+        local = o.slurm_cluster != "slurm"
+        p: dict[str, Any] = {
+            "name": f"lab-{v.experiment}-{v.key}"[:120],
+            "timeout_min": int(o.slurm_time),
+            "nodes": 1 if local else tr.num_nodes,
+            "tasks_per_node": 1 if local else devices,
+            "gpus_per_node": (o.slurm_gpus_per_node or devices) if gpu else 0,
+            "cpus_per_task": o.slurm_cpus_per_task or (tr.threads or (devices if local else None)),
+            "mem_gb": o.slurm_mem_gb,
+        }
+        if not local:
+            extra = {"slurm_partition": o.slurm_partition, "slurm_account": o.slurm_account,
+                     "slurm_qos": o.slurm_qos, "slurm_constraint": o.slurm_constraint,
+                     "slurm_setup": list(o.slurm_setup) or None,
+                     "slurm_additional_parameters": dict(o.slurm_params) or None}
+            p.update({k: val for k, val in extra.items() if val is not None})
+        return {k: val for k, val in p.items() if val is not None}
+
+    def _get_executor(self, ctx):
+        import submitit
+
+        if self._executor is None:
+            self._executor = submitit.AutoExecutor(folder=self._folder(ctx), cluster=self.opts.slurm_cluster)
+        return self._executor
+
+    def run(self, ordered: list, ctx) -> list[dict]:
+        self._ctx = ctx
+        return super().run(ordered, ctx)
+
+    def submit(self, v, job: VariantJob) -> Any:
+        ex = self._get_executor(self._ctx)
+        ex.update_parameters(**self.params(v))
+        return ex.submit(run_job, job)
+
+    def completed(self, handles: list):
+        import submitit
+
+        for job in submitit.helpers.as_completed(handles, poll_frequency=self.opts.poll_s):
+            try:
+                # multi-task jobs: one result per task, task 0 is global rank 0
+                yield job, (job.results()[0])
+            except Exception as e:  # noqa: BLE001 - failed / cancelled / timed out job
+                yield job, e
+
+    def cancel(self, handles: list) -> None:
+        for job in handles:
+            try:
+                job.cancel(check=False)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def get_launcher(name: str, opts: Optional[LaunchOptions] = None) -> Launcher:
+    classes = {"local": Launcher, "ray": RayLauncher, "slurm": SlurmLauncher}
+    if name not in classes:
+        raise LabError(f"unknown launcher '{name}' (choose from {', '.join(LAUNCHERS)})")
+    return classes[name](opts)
+
+
+if __name__ == "__main__":
+    # Re-import under the real module name so that pickled jobs and the runner share one module.
+    from lab.launch import worker_main as _main
+
+    sys.exit(_main(sys.argv[1:]))
