@@ -2,6 +2,12 @@
 
 Token tensors are (B, N, C); attention layers keep a per-head q/k/v interleaved
 layout (heads, [q | k | v]) so that timm / official LeViT weights load by renaming only.
+
+Inference fast paths (same math, chosen per call, never when autograd is recording):
+attention without a position bias runs ``F.scaled_dot_product_attention``; with the LeViT
+bias it keeps the explicit matmul (faster than SDPA with a float mask on CPU for LeViT's
+small heads, measured) and adds the cached bias in place. ``grafts.fuse`` additionally
+folds the attention scale into the query weights and makes the activations in-place.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 __all__ = ["ConvNorm", "LinearNorm", "PatchConv", "RelPosBias", "Attention",
-           "SubsampleAttention", "NormMlp", "act_layer"]
+           "SubsampleAttention", "NormMlp", "act_layer", "attend"]
 
 
 def act_layer(name: str) -> Type[nn.Module]:
@@ -86,6 +92,12 @@ class RelPosBias(nn.Module):
 
     The table has ``res_k * res_k`` entries per head (all possible |dy| * res_k + |dx|),
     the same layout as timm's ``attention_biases``. Extra (cls/dist) tokens get zero bias.
+
+    In eval mode the gathered (heads, Nq, Nk) bias is cached per device, like timm's
+    ``attention_bias_cache``. The cache is dropped by ``train()``, by ``to()``/``cuda()``/
+    ``half()`` (``_apply``) and by ``load_state_dict``, and is keyed by the table's version
+    counter too, so an in-place edit of the table (optimizer step, ``copy_``) is never served
+    stale. It is bypassed while autograd records a graph through the table.
     """
 
     def __init__(self, heads: int, res_k: int, stride: int = 1, n_extra: int = 0) -> None:
@@ -97,12 +109,66 @@ class RelPosBias(nn.Module):
         q = torch.stack(torch.meshgrid(qa, qa, indexing="ij")).flatten(1)
         rel = (q[:, :, None] - k[:, None, :]).abs()
         self.register_buffer("idx", rel[0] * res_k + rel[1], persistent=False)
+        self.cache: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
-    def forward(self) -> torch.Tensor:
+    def train(self, mode: bool = True) -> "RelPosBias":
+        self.cache = {}
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _gather(self) -> torch.Tensor:
         bias = self.table[:, self.idx]  # (heads, Nq, Nk)
         if self.n_extra:
             bias = F.pad(bias, (self.n_extra, 0, self.n_extra, 0))
         return bias
+
+    def forward(self) -> torch.Tensor:
+        t = self.table
+        if self.training or (torch.is_grad_enabled() and t.requires_grad) or t.device.type == "meta" \
+                or torch.jit.is_tracing():
+            return self._gather()
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor (model built under inference_mode) has none
+            version = -1
+        key, stamp = str(t.device), (version, t.data_ptr())
+        hit = self.cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = self.cache[key] = (stamp, self._gather())
+        return hit[1]
+
+
+def _recording(*ts: torch.Tensor) -> bool:
+    """True when autograd records these ops (then no in-place tricks)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for (B, H, N, d) views; returns (B, Nq, H * dv).
+
+    Without bias: ``F.scaled_dot_product_attention`` (fused kernels; on CPU its output is
+    already (B, N, H, d) in memory, so the final reshape is free). With the LeViT bias: the
+    explicit product (timm's op order), done in place when autograd is not recording.
+    """
+    B, _, Nq, _ = q.shape
+    if bias is None:
+        x = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif _recording(q, k, v, bias):
+        x = ((q @ k.transpose(-2, -1)) * scale + bias).softmax(dim=-1) @ v
+    else:
+        attn = q @ k.transpose(-2, -1)
+        if scale != 1.0:
+            attn.mul_(scale)
+        x = attn.add_(bias).softmax(dim=-1) @ v
+    return x.transpose(1, 2).reshape(B, Nq, -1)
 
 
 class Attention(nn.Module):
@@ -122,15 +188,17 @@ class Attention(nn.Module):
                                bn_weight_init=0.0 if zero_init else 1.0)
         self.pos_bias = RelPosBias(heads, resolution, 1, n_extra) if position_bias else None
 
+    def q_rows(self) -> torch.Tensor:
+        """Output rows of ``qkv`` that are queries (where ``fuse`` folds the scale)."""
+        per = 2 * self.key_dim + self.val_dim
+        return torch.cat([torch.arange(h * per, h * per + self.key_dim) for h in range(self.heads)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.heads, -1).split(
             [self.key_dim, self.key_dim, self.val_dim], dim=3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        if self.pos_bias is not None:
-            attn = attn + self.pos_bias()
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, -1)
+        x = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                   self.pos_bias() if self.pos_bias is not None else None, self.scale)
         return self.proj(self.act(x))
 
 
@@ -152,17 +220,18 @@ class SubsampleAttention(nn.Module):
         self.proj = LinearNorm(heads * self.val_dim, out_dim, use_bn, bias=True)
         self.pos_bias = RelPosBias(heads, resolution, 2) if position_bias else None
 
+    def q_rows(self) -> torch.Tensor:
+        """Output rows of ``q`` that are queries (all of them)."""
+        return torch.arange(self.heads * self.key_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         r = self.resolution
         k, v = self.kv(x).view(B, N, self.heads, -1).split([self.key_dim, self.val_dim], dim=3)
         xq = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, -1, C)
-        q = self.q(xq).view(B, xq.shape[1], self.heads, self.key_dim).transpose(1, 2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        if self.pos_bias is not None:
-            attn = attn + self.pos_bias()
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, xq.shape[1], -1)
+        q = self.q(xq).view(B, xq.shape[1], self.heads, self.key_dim)
+        x = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                   self.pos_bias() if self.pos_bias is not None else None, self.scale)
         return self.proj(self.act(x))
 
 

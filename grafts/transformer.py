@@ -14,7 +14,17 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .levit import Attention, LinearNorm, NormMlp, SubsampleAttention
 
-__all__ = ["Block", "Downsample", "Stage", "make_mlp"]
+__all__ = ["Block", "Downsample", "Stage", "make_mlp", "residual_add"]
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``x + branch``. With ``inplace`` (set on fused inference copies by ``grafts.fuse``) and
+    autograd not recording, ``x`` is added into the freshly computed branch output instead,
+    saving one allocation per residual; same values (float addition commutes)."""
+    if not inplace or branch.dtype != x.dtype or branch.shape != x.shape or (
+            torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad)):
+        return x + branch
+    return branch.add_(x)
 
 
 def make_mlp(dim: int, ratio: float, norm: str, act: Type[nn.Module], zero_init: bool,
@@ -40,6 +50,8 @@ def _norm(norm: str, dim: int) -> nn.Module:
 class Block(nn.Module):
     """Residual attention + residual MLP."""
 
+    inplace = False  # in-place residual adds (inference copies made by grafts.fuse)
+
     def __init__(self, dim: int, key_dim: int, heads: int, attn_ratio: float, mlp_ratio: float,
                  resolution: int, norm: str, act: Type[nn.Module],
                  attn_act: Optional[Type[nn.Module]], qkv_bias: bool, position_bias: bool,
@@ -54,8 +66,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = residual_add(x, self.drop_path1(self.attn(self.norm1(x))), self.inplace)
+        return residual_add(x, self.drop_path2(self.mlp(self.norm2(x))), self.inplace)
 
 
 class PoolProject(nn.Module):
@@ -77,6 +89,8 @@ class PoolProject(nn.Module):
 class Downsample(nn.Module):
     """Between-stage transition: shrink attention or pool+projection, then a residual MLP."""
 
+    inplace = False  # in-place residual add (inference copies made by grafts.fuse)
+
     def __init__(self, kind: str, in_dim: int, out_dim: int, key_dim: int, heads: int,
                  attn_ratio: float, mlp_ratio: float, resolution: int, norm: str,
                  act: Type[nn.Module], attn_act: Optional[Type[nn.Module]], qkv_bias: bool,
@@ -95,7 +109,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.attn(self.norm1(x))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return residual_add(x, self.drop_path(self.mlp(self.norm2(x))), self.inplace)
 
 
 class Stage(nn.Module):

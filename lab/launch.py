@@ -153,6 +153,7 @@ def _run_worker_process(job: VariantJob) -> dict:
     try:
         try:
             rc = proc.wait()
+            print("DBG waited", time.time(), file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             # the worker saves a checkpoint and marks its run KILLED on SIGINT
             proc.send_signal(signal.SIGINT)
@@ -182,6 +183,7 @@ def worker_main(argv: list[str]) -> int:
     code = 0
     try:
         rec = execute(job, started=started)
+        print("DBG executed", time.time(), os.environ.get("LOCAL_RANK"), file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         rec, code = dict(job.record, status="killed"), 130
     if is_rank_zero():
@@ -189,6 +191,8 @@ def worker_main(argv: list[str]) -> int:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=str))
         os.replace(tmp, out)
+    print("DBG written", time.time(), file=sys.stderr, flush=True)
+    import faulthandler; faulthandler.dump_traceback_later(2, exit=False)
     return code
 
 

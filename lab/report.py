@@ -533,11 +533,12 @@ def plot_pareto(data: pd.DataFrame, title: str | None = None):
 
 
 def _front_line(ax, pts: pd.DataFrame, color: str, style: str, label: str) -> None:
-    """The front as a staircase: nothing above/right of it is reachable by the other points."""
+    """The front as a staircase, the edge of what the points dominate: at throughput x it is the best
+    top-1 of the points at least that fast ("steps-pre": from each front point down, then right)."""
     f = pts[pts["on_front"]].sort_values("throughput")
     if len(f) >= 2:
         ax.plot(f["throughput"], f["top1"], linestyle=style, color=color, linewidth=1.2, alpha=0.8,
-                drawstyle="steps-post", label=label, zorder=1)
+                drawstyle="steps-pre", label=label, zorder=1)
 
 
 def _log_ticks(ax) -> None:

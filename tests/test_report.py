@@ -1,5 +1,12 @@
-"""lab.report: tables, deltas, run selection, figure data, plot files and the table/plot CLI,
-all against a small synthetic MLflow store (no training)."""
+"""lab.report: tables, deltas, run selection, figure data, plot files and the table/plot CLI.
+
+The store is written only by the lab's own code, so the names of tags, params and metrics
+cannot drift between the writer and the reader: specs are expanded by `lab.spec`, parent runs
+come from `lab.track.start_parent_run`, variant runs from `lab.track.log_variant_run`, bench
+figures from `lab.measure.log_bench`, budget usage from `lab.budget.usage`, and one tiny
+experiment (`tinyrun`, 2 variants x 12 steps, a few seconds) is really trained by
+`lab.runner.run_experiment` while the store is built once per session. The report side only reads.
+"""
 from __future__ import annotations
 
 import json
@@ -7,129 +14,210 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from conftest import tiny_spec_dict
 
+from lab import budget as B
 from lab import report as R
+from lab import spec as S
+from lab import track
 from lab.cli import main
 from lab.errors import LabError
 
-T0 = 1_700_000_000_000  # ms; explicit start times make "latest" deterministic
 EVAL_STEPS = (10, 20, 30)
-BATCH = 32
+BATCH = 32          # images per optimizer step
+TRAIN_SIZE = 320    # images per epoch: epoch = step * BATCH / TRAIN_SIZE = step / 10
+WRITTEN = set(track.TRAIN_METRICS + track.EVAL_METRICS + track.FINAL_METRICS)
 
 
-def _variant(client, exp_id: str, parent: str, experiment: str, key: str, start: int, *, status="FINISHED",
-             top1=(), final=None, best=None, params=None, macs=None, bench=None, ref=None, baseline=False,
-             changes="", device="cpu", error=None, seconds_per_step=0.5, extra_tags=None) -> str:
-    """One child run exactly as the training side logs it (see the MLflow conventions in lab.report)."""
-    from mlflow.entities import Metric, Param
+@dataclass
+class Store:
+    uri: str
+    ids: dict[str, str]       # name -> MLflow run id
+    trained: list[dict]       # run_experiment's records of the really trained experiment
+    specs: dict[str, tuple]   # experiment -> (ExperimentSpec, {key: Variant})
 
-    tags = {"mlflow.parentRunId": parent, "lab.role": "variant", "lab.experiment": experiment, "lab.variant": key,
-            "lab.hash": f"h_{key}", "lab.git_commit": "abc123", "lab.device": device, "lab.changes": changes,
-            "mlflow.runName": key}
-    if baseline:
-        tags["lab.baseline"] = "true"
-    if error:
-        tags["lab.error"] = error
-    tags.update({f"ref.{k}": str(v) for k, v in (ref or {}).items()})
-    tags.update(extra_tags or {})
-    run = client.create_run(exp_id, start_time=start, tags=tags)
-    rid = run.info.run_id
-    ms: list = []
-    for i, step in enumerate(EVAL_STEPS[:len(top1)]):
-        ts = start + step
-        ms += [Metric("val/top1", top1[i], ts, step), Metric("val/top5", min(100.0, top1[i] + 20), ts, step),
-               Metric("val/loss", 3.0 - i, ts, step), Metric("epoch", step / 10, ts, step),
-               Metric("images_seen", step * BATCH, ts, step),
-               Metric("train_seconds", step * seconds_per_step, ts, step)]
-    for step in range(1, (EVAL_STEPS[len(top1) - 1] if top1 else 0) + 1):
-        ms += [Metric("train/loss", 3.0 - step / 20, start + step, step), Metric("lr", 1e-3, start + step, step)]
-    last = EVAL_STEPS[len(top1) - 1] if top1 else 0
+
+def _spec(root: Path, uri: str, doc: dict) -> tuple:
+    doc = {**doc, "tracking": {"uri": uri, "log_checkpoint": False}}
+    path = root / f"{doc['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = S.load_spec(path)
+    return spec, {v.key: v for v in S.expand(spec)}
+
+
+def _outcome(top1=(), *, final=None, best=None, params=None, macs=None, seconds_per_step=0.5, **kw) -> dict:
+    """log_variant_run's arguments for one variant: curves at EVAL_STEPS, train/loss every 5 steps,
+    and, for a finished run, the final/budget metrics exactly as the runner assembles them."""
+    steps = EVAL_STEPS[:len(top1)]
+    last = steps[-1] if steps else 0
+    history = {
+        "val/top1": list(zip(steps, top1)),
+        "val/top5": [(s, min(100.0, a + 20)) for s, a in zip(steps, top1)],
+        "val/loss": [(s, 3.0 - i) for i, s in enumerate(steps)],
+        "epoch": [(s, s * BATCH / TRAIN_SIZE) for s in steps],
+        "images_seen": [(s, s * BATCH) for s in steps],
+        "train_seconds": [(s, s * seconds_per_step) for s in steps],
+        "train/loss": [(s, 3.0 - s / 20) for s in range(5, last + 1, 5)],
+        "lr": [(s, 1e-3) for s in range(5, last + 1, 5)],
+    }
+    fin = {} if params is None else {"params": params, "macs": macs}
     if final is not None:
-        ms += [Metric("final/val_top1", final, start + 99, last), Metric("best/val_top1", best, start + 99, last),
-               Metric("budget/steps", last, start + 99, last), Metric("budget/images_seen", last * BATCH, start + 99, last),
-               Metric("budget/train_seconds", last * seconds_per_step, start + 99, last),
-               Metric("budget/train_flops", 1e12, start + 99, last), Metric("budget/peak_mem_mb", 100, start + 99, last)]
-    if params is not None:
-        ms += [Metric("params", params, start, 0), Metric("macs", macs, start, 0)]
-    for dev, v in (bench or {}).items():
-        ms.append(Metric(f"bench/{dev}_imgs_per_s", v, start + 200, 0))
-    params_ = [Param("model.zoo", key), Param("train.lr", "0.001")]
-    for i in range(0, len(ms), 900):
-        client.log_batch(rid, metrics=ms[i:i + 900], params=params_ if i == 0 else [])
-    if not ms:
-        client.log_batch(rid, params=params_)
-    client.set_terminated(rid, status=status, end_time=start + 500) if status != "RUNNING" else None
-    return rid
+        fin.update({"final/val_top1": final, "final/val_top5": min(100.0, final + 20), "final/val_loss": 1.0,
+                    "best/val_top1": best,
+                    **B.usage(steps=last, global_batch=BATCH, train_seconds=last * seconds_per_step,
+                              macs_per_image=int(macs), peak_mem_mb=100.0)})
+    assert set(history) | set(fin) <= WRITTEN, set(history) | set(fin) - WRITTEN  # names the lab writes
+    return {"history": history, "final": fin or None, **kw}
 
 
-def build_store(root: Path) -> tuple[str, dict[str, str]]:
-    """Experiment 'abl' (two `lab run`s) and experiment 'fam'; returns (uri, {name: run_id})."""
-    from mlflow.tracking import MlflowClient
+def _lab_run(spec, variants: dict, outcomes: dict[str, dict], parent_tags: dict | None = None) -> dict[str, str]:
+    """One `lab run` invocation as the runner records it: a parent run, one child run per variant
+    (the spec's baseline flagged), the parent ended FINISHED if every variant finished, FAILED if
+    one did not, left open while one is still RUNNING (or none has started). Returns {key: child run id}."""
+    uri = track.tracking_uri(spec)
+    cl = track.client(uri)
+    exp_id = track.get_or_create_experiment(cl, track.experiment_name(spec), uri)
+    base = S.baseline_key(spec, list(variants.values()))
+    parent = track.start_parent_run(cl, exp_id, spec.name, tags={"lab.variants": ",".join(outcomes),
+                                                                  **spec.tags, **(parent_tags or {})})
+    ids = {k: track.log_variant_run(variants[k], parent_run_id=parent, baseline=(k == base), **o)
+           for k, o in outcomes.items()}
+    statuses = {o.get("status", "FINISHED") for o in outcomes.values()}
+    if outcomes and "RUNNING" not in statuses:
+        cl.set_terminated(parent, status="FINISHED" if statuses == {"FINISHED"} else "FAILED")
+    return ids
 
+
+def _bench(variant, **imgs_per_s: float) -> None:
+    """`lab bench SPEC --log`'s write, with made-up figures: {device: images/s}."""
+    from lab.measure import ThroughputResult, log_bench
+
+    for device, ips in imgs_per_s.items():
+        res = ThroughputResult(images_per_s_min=ips * 0.9, images_per_s_median=ips, images_per_s_max=ips * 1.1,
+                               samples=[ips] * 3, batch=16, dtype="fp32", device=device, device_name="test",
+                               threads=1, torch_version="x", compiled=False, channels_last=False, img_size=16,
+                               repeats=3)
+        assert log_bench(variant, res) is not None
+
+
+REF_BASE = {"params_m": 7.4, "macs_m": 305, "top1": 71.9, "throughput_gpu": 12880, "throughput_cpu": 88,
+            "epochs": 100, "source": "LeViT Table 5"}
+REF_ATTN = {"params_m": 7.4, "macs_m": 305, "top1": 70.4, "throughput_gpu": 9000, "epochs": 100,
+            "source": "LeViT Table 5"}
+GRAFT = {"model": {"prefix": {"arch": "resnet50", "stages": 1}}}
+
+
+def build_store(root: Path, train: bool = True) -> Store:
+    """Experiments in one SQLite store:
+    abl      4 variants over two `lab run`s: attn finished twice (newer wins), graft finished then
+             failed (the finished one wins), broken failed (its only run); paper figures for base/attn
+    fam      a grid (model.stages.0.depth = 1, 2) whose `lab run` is in progress: depth=2 RUNNING on cuda
+    empty    a `lab run` that has not reached its first variant
+    tinyrun  two variants really trained by `lab.runner.run_experiment` (12 steps; skipped if not `train`)
+    """
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    c = MlflowClient(uri)
     ids: dict[str, str] = {}
-    abl = c.create_experiment("abl")
-    ref_base = {"params_m": 7.4, "macs_m": 305, "top1": 71.9, "throughput_gpu": 12880, "throughput_cpu": 88,
-                "epochs": 100, "source": "LeViT Table 5"}
-    ref_attn = {"params_m": 7.4, "macs_m": 305, "top1": 70.4, "throughput_gpu": 9000, "epochs": 100,
-                "source": "LeViT Table 5"}
-    # first `lab run`
-    p1 = c.create_run(abl, start_time=T0, tags={"lab.role": "parent", "lab.experiment": "abl", "study": "ablation"})
-    p1 = p1.info.run_id
-    ids["base"] = _variant(c, abl, p1, "abl", "base", T0 + 1000, top1=(20.0, 40.0, 50.0), final=50.0, best=50.0,
-                           params=5e6, macs=300e6, bench={"cpu": 100.0, "cuda": 1000.0}, ref=ref_base,
-                           baseline=True, changes="(baseline)")
-    ids["attn_old"] = _variant(c, abl, p1, "abl", "attn", T0 + 2000, top1=(15.0, 30.0, 44.0), final=44.0, best=44.0,
-                               params=5.5e6, macs=320e6, ref=ref_attn, changes="model.position=absolute")
-    ids["graft"] = _variant(c, abl, p1, "abl", "graft", T0 + 3000, top1=(30.0, 45.0, 55.0), final=54.0, best=55.0,
-                            params=8e6, macs=600e6, bench={"cpu": 50.0, "cuda": 1500.0},
-                            changes="model.prefix.resnet50.stages=2", seconds_per_step=1.0)
-    ids["broken"] = _variant(c, abl, p1, "abl", "broken", T0 + 4000, status="FAILED", top1=(10.0, 20.0),
-                             params=4e6, macs=200e6, changes="model.norm=layernorm", error="RuntimeError: NaN loss")
-    c.set_terminated(p1, status="FAILED", end_time=T0 + 5000)
-    # second `lab run` (re-run): attn finishes again (newer wins), graft fails (older FINISHED wins)
-    p2 = c.create_run(abl, start_time=T0 + 10_000, tags={"lab.role": "parent", "lab.experiment": "abl",
-                                                         "study": "ablation"}).info.run_id
-    ids["attn"] = _variant(c, abl, p2, "abl", "attn", T0 + 11_000, top1=(18.0, 35.0, 47.0), final=47.0, best=47.5,
-                           params=5.5e6, macs=320e6, bench={"cpu": 80.0, "cuda": 1250.0}, ref=ref_attn,
-                           changes="model.position=absolute")
-    ids["graft_failed"] = _variant(c, abl, p2, "abl", "graft", T0 + 12_000, status="FAILED", top1=(5.0,),
-                                   error="OOM", changes="model.prefix.resnet50.stages=2")
-    c.set_terminated(p2, status="FINISHED", end_time=T0 + 20_000)
-    # a second experiment, one run per device
-    fam = c.create_experiment("fam")
-    p3 = c.create_run(fam, start_time=T0, tags={"lab.role": "parent", "lab.experiment": "fam"}).info.run_id
-    ids["small"] = _variant(c, fam, p3, "fam", "small", T0 + 1000, top1=(25.0, 35.0, 45.0), final=45.0, best=45.0,
-                            params=2e6, macs=100e6, bench={"cpu": 300.0}, baseline=True, device="cpu")
-    ids["big"] = _variant(c, fam, p3, "fam", "big", T0 + 2000, status="RUNNING", top1=(30.0, 52.0),
-                          params=20e6, macs=900e6, bench={"cpu": 40.0}, device="cuda")
-    c.set_terminated(p3, status="FINISHED", end_time=T0 + 5000)
-    # an experiment whose `lab run` has only just started: a parent run, no variant yet
-    c.create_run(c.create_experiment("empty"), start_time=T0, tags={"lab.role": "parent", "lab.experiment": "empty"})
-    return uri, ids
+    specs: dict[str, tuple] = {}
+
+    doc = tiny_spec_dict(name="abl", tags={"study": "ablation"}, baseline="base")
+    doc["variants"] = {"base": {}, "attn": {"model": {"position": "attention_bias"}}, "graft": GRAFT,
+                       "broken": {"train": {"lr": 10.0}}}
+    doc["reference"] = {"base": REF_BASE, "attn": REF_ATTN}
+    spec, vs = specs["abl"] = _spec(root, uri, doc)
+    first = _lab_run(spec, vs, {
+        "base": _outcome((20.0, 40.0, 50.0), final=50.0, best=50.0, params=5e6, macs=300e6),
+        "attn": _outcome((15.0, 30.0, 44.0), final=44.0, best=44.0, params=5.5e6, macs=320e6),
+        "graft": _outcome((30.0, 45.0, 55.0), final=54.0, best=55.0, params=8e6, macs=600e6, seconds_per_step=1.0),
+        "broken": _outcome((10.0, 20.0), params=4e6, macs=200e6, status="FAILED", error="RuntimeError: NaN loss"),
+    })
+    ids.update(base=first["base"], attn_old=first["attn"], graft=first["graft"], broken=first["broken"])
+    # a second `lab run` (a tag set on its parent only): attn finishes again, graft fails this time
+    second = _lab_run(spec, vs, {
+        "attn": _outcome((18.0, 35.0, 47.0), final=47.0, best=47.5, params=5.5e6, macs=320e6),
+        "graft": _outcome((5.0,), status="FAILED", error="OOM"),
+    }, parent_tags={"sweep": "rerun"})
+    ids.update(attn=second["attn"], graft_failed=second["graft"])
+    _bench(vs["base"], cpu=100.0, cuda=1000.0)
+    _bench(vs["attn"], cpu=80.0, cuda=1250.0)     # onto the newer FINISHED attn
+    _bench(vs["graft"], cpu=50.0, cuda=1500.0)    # onto the older FINISHED graft
+
+    doc = tiny_spec_dict(name="fam")
+    doc["grid"] = {"model.stages.0.depth": [1, 2]}
+    spec, vs = specs["fam"] = _spec(root, uri, doc)
+    run = _lab_run(spec, vs, {
+        "depth=1": _outcome((25.0, 35.0, 45.0), final=45.0, best=45.0, params=2e6, macs=100e6, device="cpu"),
+        "depth=2": _outcome((30.0, 52.0), params=20e6, macs=900e6, status="RUNNING", device="cuda"),
+    })
+    ids.update(d1=run["depth=1"], d2=run["depth=2"])
+    _bench(vs["depth=1"], cpu=300.0)
+    _bench(vs["depth=2"], cpu=40.0)
+
+    spec, vs = specs["empty"] = _spec(root, uri, tiny_spec_dict(name="empty"))
+    _lab_run(spec, vs, {})
+
+    trained: list[dict] = []
+    if train:
+        from lab.runner import run_experiment
+
+        doc = tiny_spec_dict(name="tinyrun")
+        doc["variants"] = {"base": {}, "bias": {"model": {"position": "attention_bias"}}}
+        doc["reference"] = {"base": {"top1": 72.2, "params_m": 5.7}}
+        spec, vs = specs["tinyrun"] = _spec(root, uri, doc)
+        trained = run_experiment(spec, list(vs.values()), progress=False, say=lambda s: None)
+        assert [r["status"] for r in trained] == ["finished", "finished"], trained
+        _bench(vs["base"], cpu=2000.0)
+        _bench(vs["bias"], cpu=1500.0)
+    return Store(uri, ids, trained, specs)
+
+
+_BUILT: dict[str, Store] = {}
+
+
+def shared_store(tmp_path_factory) -> Store:
+    """One store per test session (tests/test_notebooks.py reads the same one)."""
+    if "store" not in _BUILT:
+        _BUILT["store"] = build_store(tmp_path_factory.mktemp("mlruns"))
+    return _BUILT["store"]
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    return build_store(tmp_path_factory.mktemp("mlruns"))
+def store(tmp_path_factory) -> Store:
+    return shared_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def abl(store) -> pd.DataFrame:
-    return R.load_runs(["abl"], tracking_uri=store[0])
+    return R.load_runs(["abl"], tracking_uri=store.uri)
+
+
+# --------------------------------------------------------------------------- the store itself
+
+
+def test_store_written_like_lab_run(store):
+    """What the builder wrote is what `lab run` writes: the parent/child layout, an open RUNNING run."""
+    cl = track.client(store.uri)
+    (d2,) = track.find_variant_runs(cl, "fam", key="depth=2")
+    assert d2.info.status == "RUNNING" and not d2.info.end_time  # still in flight
+    assert cl.get_run(d2.data.tags["mlflow.parentRunId"]).info.status == "RUNNING"
+    (broken,) = track.find_variant_runs(cl, "abl", key="broken")
+    assert cl.get_run(broken.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    assert broken.data.tags["lab.error"] == "RuntimeError: NaN loss" and broken.info.end_time
+    assert len(track.find_variant_runs(cl, "abl", statuses=["FINISHED"])) == 4  # base, attn x2, graft
+    assert track.metric_history(cl, store.ids["graft"], "train_seconds") == [(10, 10.0), (20, 20.0), (30, 30.0)]
 
 
 # --------------------------------------------------------------------------- load_runs
 
 
 def test_load_runs_one_row_per_variant_latest_finished_wins(abl, store):
-    uri, ids = store
+    ids = store.ids
     assert list(abl["key"]) == ["base", "attn", "graft", "broken"]  # first-seen order
     chosen = dict(zip(abl["key"], abl["run_id"]))
     assert chosen["attn"] == ids["attn"]            # newer FINISHED beats older FINISHED
@@ -140,23 +228,31 @@ def test_load_runs_one_row_per_variant_latest_finished_wins(abl, store):
     assert row.at["broken", "status"] == "FAILED" and row.at["broken", "error"] == "RuntimeError: NaN loss"
     assert bool(row.at["base", "baseline"]) and not bool(row.at["attn", "baseline"])
     assert row.at["attn", "metrics.final/val_top1"] == 47.0
-    assert row.at["attn", "params.model.zoo"] == "attn" and row.at["attn", "tags.ref.top1"] == "70.4"
+    assert row.at["attn", "hash"] == store.specs["abl"][1]["attn"].hash
+    # params are the flattened resolved spec, tags carry the paper's figures
+    assert row.at["attn", "params.model.position"] == "attention_bias" and row.at["broken", "params.train.lr"] == "10.0"
+    assert row.at["attn", "tags.ref.top1"] == "70.4" and row.at["base", "tags.ref.source"] == "LeViT Table 5"
 
 
 def test_load_runs_tag_filter_and_multiple_experiments(store):
-    uri, ids = store
+    uri, ids = store.uri, store.ids
     both = R.load_runs(["abl", "fam"], tracking_uri=uri)
     assert list(both["experiment"]) == ["abl"] * 4 + ["fam"] * 2
+    assert list(both["key"]) == ["base", "attn", "graft", "broken", "depth=1", "depth=2"]
     cuda = R.load_runs(["fam"], tracking_uri=uri, tags={"lab.device": "cuda"})
-    assert list(cuda["key"]) == ["big"] and cuda["status"].tolist() == ["RUNNING"]
-    # a key the child lacks is looked up on its parent run (spec-level tags)
-    assert len(R.load_runs(["abl"], tracking_uri=uri, tags={"study": "ablation"})) == 4
+    assert list(cuda["key"]) == ["depth=2"] and cuda["status"].tolist() == ["RUNNING"]
+    cpu = R.load_runs(["abl", "fam"], tracking_uri=uri, tags={"lab.device": "cpu"})
+    assert list(cpu["key"]) == ["base", "attn", "graft", "broken", "depth=1"]
+    assert len(R.load_runs(["abl"], tracking_uri=uri, tags={"study": "ablation"})) == 4  # spec tags
     assert R.load_runs(["abl"], tracking_uri=uri, tags={"study": "nope"}).empty
+    # a key the child lacks is looked up on its parent run; the filter applies before choosing
+    rerun = R.load_runs(["abl"], tracking_uri=uri, tags=["sweep=rerun"]).set_index("key")
+    assert rerun["run_id"].to_dict() == {"attn": ids["attn"], "graft": ids["graft_failed"]}
 
 
 def test_unknown_experiment_names_close_matches(store):
     with pytest.raises(LabError, match=r"unknown experiment 'abll'.*did you mean 'abl'.*known experiments: abl, empty, fam"):
-        R.load_runs(["abll"], tracking_uri=store[0])
+        R.load_runs(["abll"], tracking_uri=store.uri)
 
 
 def test_missing_sqlite_store_is_an_error_not_a_new_file(tmp_path):
@@ -166,7 +262,7 @@ def test_missing_sqlite_store_is_an_error_not_a_new_file(tmp_path):
 
 
 def test_history_joins_x_on_step(store):
-    uri, ids = store
+    uri, ids = store.uri, store.ids
     for x, expect in (("images_seen", [320, 640, 960]), ("epoch", [1.0, 2.0, 3.0]),
                       ("train_seconds", [5.0, 10.0, 15.0]), ("step", [10, 20, 30])):
         h = R.history([ids["base"]], "val/top1", x=x, tracking_uri=uri)
@@ -184,33 +280,56 @@ def test_ablation_table_values_and_deltas(abl):
     assert t["baseline"].tolist() == [True, False, False, False]
     assert t.at["base", "params_m"] == pytest.approx(5.0) and t.at["graft", "macs_m"] == pytest.approx(600.0)
     assert t.at["attn", "top1"] == 47.0 and t.at["attn", "top1_best"] == 47.5
+    assert t.at["graft", "top1"] == 54.0 and t.at["graft", "top1_best"] == 55.0  # final and best differ
     assert t.at["attn", "d_top1"] == pytest.approx(-3.0) and t.at["graft", "d_top1"] == pytest.approx(4.0)
     assert t.at["base", "d_top1"] == 0
     assert t.at["graft", "d_params_m"] == pytest.approx(3.0) and t.at["graft", "d_macs_m"] == pytest.approx(300.0)
     assert t.at["graft", "cpu_speedup"] == pytest.approx(0.5) and t.at["graft", "gpu_speedup"] == pytest.approx(1.5)
-    assert t.at["attn", "gpu_imgs_s"] == 1250.0
+    assert t.at["attn", "gpu_imgs_s"] == 1250.0 and t.at["attn", "cpu_imgs_s"] == 80.0
     # partial run: last val/top1 as top-1, best from the history so far; nothing measured
     assert t.at["broken", "status"] == "FAILED" and t.at["broken", "top1"] == 20.0
     assert t.at["broken", "top1_best"] == 20.0 and math.isnan(t.at["broken", "cpu_imgs_s"])
     assert t.at["broken", "d_top1"] == pytest.approx(-30.0)
+    assert t.at["broken", "images_seen"] == 640 and math.isnan(t.at["broken", "steps"])  # as far as it got
     # budget actually used
     assert t.at["graft", "steps"] == 30 and t.at["graft", "images_seen"] == 960 and t.at["graft", "train_s"] == 30.0
+    assert t.at["base", "train_s"] == 15.0
     # the paper, side by side
     assert t.at["attn", "ref_top1"] == 70.4 and t.at["attn", "ref_d_top1"] == pytest.approx(-1.5)
     assert t.at["base", "ref_params_m"] == 7.4 and t.at["base", "ref_macs_m"] == 305
-    assert math.isnan(t.at["graft", "ref_top1"]) and t.at["attn", "changes"] == "model.position=absolute"
+    assert t.at["base", "ref_cpu_imgs_s"] == 88 and t.at["attn", "ref_gpu_imgs_s"] == 9000
+    assert t.at["base", "ref_epochs"] == 100 and t.at["attn", "ref_source"] == "LeViT Table 5"
+    assert math.isnan(t.at["graft", "ref_top1"])
+    # what each variant changes, in words (lab.spec.describe_overrides, written as lab.changes)
+    assert t["changes"].to_dict() == {"base": "(baseline)", "attn": "model.position=attention_bias",
+                                      "graft": "model.prefix.arch=resnet50, model.prefix.stages=1",
+                                      "broken": "train.lr=10.0"}
 
 
 def test_ablation_table_explicit_baseline_and_per_experiment(store, abl):
     t = R.ablation_table(abl, baseline="graft").set_index("key")
     assert bool(t.at["graft", "baseline"]) and t.at["base", "d_top1"] == pytest.approx(-4.0)
+    assert t.at["base", "d_macs_m"] == pytest.approx(-300.0) and t.at["base", "cpu_speedup"] == pytest.approx(2.0)
     with pytest.raises(LabError, match="no variant 'grft'.*did you mean 'graft'"):
         R.ablation_table(abl, baseline="grft")
-    both = R.ablation_table(R.load_runs(["abl", "fam"], tracking_uri=store[0]))
+    both = R.ablation_table(R.load_runs(["abl", "fam"], tracking_uri=store.uri))
+    assert both["baseline"].tolist() == [True, False, False, False, True, False]  # one per experiment
     fam = both[both["experiment"] == "fam"].set_index("key")
-    assert bool(fam.at["small", "baseline"]) and fam.at["big", "d_top1"] == pytest.approx(7.0)
-    assert fam.at["big", "cpu_speedup"] == pytest.approx(40 / 300)
+    assert fam.at["depth=2", "status"] == "RUNNING" and fam.at["depth=2", "top1"] == 52.0
+    assert fam.at["depth=2", "d_top1"] == pytest.approx(7.0) and fam.at["depth=2", "top1_best"] == 52.0
+    assert fam.at["depth=2", "cpu_speedup"] == pytest.approx(40 / 300)
     assert R.ablation_table(abl.iloc[0:0]).empty
+
+
+def test_grid_overrides_in_the_changes_column(store):
+    """A grid stores its values as flat dotted keys; the table names the path and the value."""
+    _, vs = store.specs["fam"]
+    assert vs["depth=2"].overrides == {"model.stages.0.depth": 2}
+    t = R.ablation_table(R.load_runs(["fam"], tracking_uri=store.uri))
+    assert t["changes"].tolist() == ["model.stages.0.depth=1", "model.stages.0.depth=2"]
+    md = R.format_table(t, "markdown")
+    assert "| depth=2 | RUNNING |" in md and md.rstrip().endswith("| model.stages.0.depth=2 |")
+    assert "| depth=1 * | FINISHED |" in md
 
 
 def test_table_formats(abl):
@@ -218,16 +337,23 @@ def test_table_formats(abl):
     md = R.format_table(t, "markdown")
     lines = md.splitlines()
     assert lines[0].startswith("| variant | status |") and "Δ top-1" in lines[0] and "paper top-1" in lines[0]
+    for col in ("params (M)", "MACs (M)", "CPU img/s", "GPU img/s", "top-1 (%)", "best top-1", "steps",
+                "images seen", "train s", "paper Δ top-1", "paper params (M)", "changes"):
+        assert f"| {col} |" in lines[0], col
     assert lines[1].startswith("|:---|:---|")
     assert "| base * | FINISHED |" in md and "| graft | FINISHED |" in md and "+4.00" in md and "-3.00" in md
+    (broken,) = [ln for ln in lines if ln.startswith("| broken | FAILED |")]
+    assert "| 20.00 |" in broken and "| 640 |" in broken  # as far as it got: top-1, images seen
     assert len(lines) == 2 + 4
     csv = pd.read_csv(pd.io.common.StringIO(R.format_table(t, "csv")))
     assert csv.columns.tolist() == R.TABLE_COLUMNS and csv.set_index("key").at["graft", "d_top1"] == pytest.approx(4.0)
+    assert csv.set_index("key").at["attn", "ref_top1"] == 70.4
     tex = R.format_table(t, "latex")
     assert tex.startswith(r"\begin{tabular}") and r"\bottomrule" in tex and r"$\Delta$ top-1" in tex
-    assert "broken" in tex and r"model.prefix.resnet50.stages=2" in tex
+    assert "broken" in tex and "model.prefix.arch=resnet50, model.prefix.stages=1" in tex
+    assert tex.count(r" \\") == 1 + 4  # header + one row per variant
     j = json.loads(R.format_table(t, "json"))
-    assert [r["key"] for r in j] == ["base", "attn", "graft", "broken"]
+    assert [r["key"] for r in j] == ["base", "attn", "graft", "broken"] and j[1]["d_top1"] == pytest.approx(-3.0)
     term = R.format_table(t, "terminal")
     assert "base *" in term and "GPU speed" in term and "1.50x" in term
     with pytest.raises(LabError):
@@ -254,11 +380,22 @@ def test_pareto_data_points_and_front(abl):
     paper = p[p["source"] == "paper"].set_index("key")
     assert sorted(paper.index) == ["attn", "base"] and paper.at["base", "throughput"] == 12880
     assert paper["on_front"].to_dict() == {"base": True, "attn": False}  # 71.9 at 12880 beats 70.4 at 9000
-    cpu = R.pareto_data(abl, device="cpu").query("source == 'measured'").set_index("key")
-    assert cpu["on_front"].to_dict() == {"base": True, "attn": False, "graft": True}
+    assert paper.at["base", "label"] == "base (paper)"
+    cpu = R.pareto_data(abl, device="cpu")
+    assert cpu.query("source == 'measured'").set_index("key")["on_front"].to_dict() == \
+        {"base": True, "attn": False, "graft": True}
+    assert cpu.query("source == 'paper'")[["key", "throughput", "top1"]].values.tolist() == [["base", 88.0, 71.9]]
     assert R.pick_device(abl) == "cuda"
     assert R.pareto_front([1, 2, 3, 3], [3, 2, 1, 1]) == [True, True, True, True]
     assert R.pareto_front([1, 2], [1, 2]) == [False, True]
+
+
+def test_pareto_partial_results(store):
+    """A RUNNING variant is placed at its latest val/top1 and labelled as such."""
+    p = R.pareto_data(R.load_runs(["abl", "fam"], tracking_uri=store.uri), device="cpu")
+    d2 = p[(p["key"] == "depth=2")].iloc[0]
+    assert d2["label"] == "fam/depth=2 (running)" and (d2["throughput"], d2["top1"]) == (40.0, 52.0)
+    assert p.query("source == 'measured'")["on_front"].tolist() == [True, False, True, True, False]
 
 
 def test_convergence_data_each_x(abl):
@@ -267,7 +404,7 @@ def test_convergence_data_each_x(abl):
                                ("train_seconds", [5, 10, 15], [10, 20, 30]),
                                ("step", [10, 20, 30], [10, 20, 30])):
         c = R.convergence_data(abl, x=x)
-        assert set(c["key"]) == {"base", "attn", "graft", "broken"}
+        assert c.attrs["x"] == x and set(c["key"]) == {"base", "attn", "graft", "broken"}
         g = {k: d.sort_values("step") for k, d in c.groupby("key")}
         assert g["base"]["x"].tolist() == base_x and g["base"]["top1"].tolist() == [20, 40, 50]
         assert g["graft"]["x"].tolist() == graft_x and g["graft"]["top1"].tolist() == [30, 45, 55]
@@ -276,7 +413,61 @@ def test_convergence_data_each_x(abl):
         assert g["broken"]["label"].iloc[0] == "broken (failed)"
 
 
-# --------------------------------------------------------------------------- plots and CLI
+# --------------------------------------------------------------------------- what the figures draw
+
+
+def _legend_outside(fig, ax) -> bool:
+    fig.canvas.draw()
+    return ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_pareto_figure_draws_the_data(abl):
+    import matplotlib.pyplot as plt
+
+    data = R.pareto_data(abl, device="cpu")
+    fig = R.plot_pareto(data)
+    ax = fig.axes[0]
+    ours, paper = data[data["source"] == "measured"], data[data["source"] == "paper"]
+    by_label = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    assert by_label.pop("on Pareto front") == ours[ours["on_front"]][["throughput", "top1"]].values.tolist()
+    assert by_label.pop("paper") == paper[["throughput", "top1"]].values.tolist()
+    (points,) = by_label.values()  # seaborn's scatter: every measured point
+    assert points == ours[["throughput", "top1"]].values.tolist()
+    (front,) = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto front"]
+    assert front.get_drawstyle() == "steps-pre"
+    assert list(zip(front.get_xdata(), front.get_ydata())) == [(50.0, 54.0), (100.0, 50.0)]
+    assert {t.get_text() for t in ax.texts} == {"base", "attn", "graft", "base (paper)"}
+    assert ax.get_xscale() == "log" and "images/s" in ax.get_xlabel() and "CPU" in ax.get_xlabel()
+    assert ax.get_ylabel() == "top-1 accuracy (%)" and ax.get_title() == "abl: accuracy vs CPU speed"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"base", "attn", "graft", "on Pareto front", "Pareto front", "paper"} <= set(legend)
+    assert _legend_outside(fig, ax)
+    plt.close(fig)
+
+
+def test_convergence_figure_one_line_per_variant(store):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    runs = R.load_runs(["abl", "fam"], tracking_uri=store.uri)
+    for x, unit in (("epoch", "epoch"), ("images_seen", "images seen"), ("train_seconds", "training time (s)")):
+        data = R.convergence_data(runs, x=x)
+        fig = R.plot_convergence(data)
+        ax = fig.axes[0]
+        drawn = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+        handles = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+        assert list(handles) == ["abl/base", "abl/attn", "abl/graft", "abl/broken (failed)", "fam/depth=1",
+                                 "fam/depth=2 (running)"]
+        assert len(drawn) == len(handles)
+        for label, h in handles.items():  # each legend entry's line carries that variant's curve
+            (ln,) = [d for d in drawn if to_hex(d.get_color()) == to_hex(h.get_color())
+                     and d.get_marker() == h.get_marker()]
+            want = data[data["label"] == label].sort_values("x")
+            assert list(ln.get_xdata()) == want["x"].tolist() and list(ln.get_ydata()) == want["top1"].tolist()
+        assert ax.get_xlabel() == unit and ax.get_ylabel() == "validation top-1 (%)"
+        assert ax.get_title().startswith("abl, fam: convergence")
+        assert _legend_outside(fig, ax)
+        plt.close(fig)
 
 
 def test_plots_write_png_and_svg(abl, tmp_path):
@@ -290,29 +481,92 @@ def test_plots_write_png_and_svg(abl, tmp_path):
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and b"<svg" in paths[1].read_bytes()[:2000]
     with pytest.raises(LabError, match="nothing to plot"):
         R.plot_pareto(R.pareto_data(abl.iloc[0:0]))
+    with pytest.raises(LabError, match="nothing to plot"):
+        R.plot_convergence(R.convergence_data(abl.iloc[0:0]))
 
 
-def test_cli_table_and_plot_in_process(store, tmp_path, capsys):
-    uri = store[0]
+# --------------------------------------------------------------------------- a really trained experiment
+
+
+def test_trained_experiment_reads_back(store):
+    """`lab run` (lab.runner) writes, `lab table` reads: every number in the row is the runner's."""
+    rec = {r["key"]: r for r in store.trained}
+    runs = R.load_runs(["tinyrun"], tracking_uri=store.uri)
+    t = R.ablation_table(runs).set_index("key")
+    assert list(t.index) == ["base", "bias"] and t["status"].tolist() == ["FINISHED", "FINISHED"]
+    assert t["baseline"].tolist() == [True, False] and t["run_id"].to_dict() == {k: r["run_id"] for k, r in rec.items()}
+    for k, r in rec.items():
+        assert t.at[k, "top1"] == pytest.approx(r["top1"]) and t.at[k, "top1_best"] == pytest.approx(r["best_top1"])
+        assert t.at[k, "steps"] == r["steps"] == 12 and t.at[k, "images_seen"] == r["images_seen"] == 12 * 16
+        assert t.at[k, "train_s"] == pytest.approx(r["train_seconds"])
+        assert t.at[k, "params_m"] == pytest.approx(r["params"] / 1e6) and t.at[k, "macs_m"] == pytest.approx(r["macs"] / 1e6)
+    assert t.at["bias", "d_top1"] == pytest.approx(rec["bias"]["top1"] - rec["base"]["top1"])
+    assert t.at["bias", "d_params_m"] == pytest.approx((rec["bias"]["params"] - rec["base"]["params"]) / 1e6)
+    assert t.at["bias", "cpu_imgs_s"] == 1500.0 and t.at["bias", "cpu_speedup"] == pytest.approx(0.75)
+    assert t["changes"].to_dict() == {"base": "(baseline)", "bias": "model.position=attention_bias"}
+    assert t.at["base", "ref_top1"] == 72.2 and t.at["base", "ref_params_m"] == 5.7
+    # the curves: evaluation every 5 steps and at the end (12), x from the runner's own metrics
+    cl = track.client(store.uri)
+    for x in ("epoch", "images_seen", "train_seconds"):
+        c = R.convergence_data(runs, x=x)
+        for k, r in rec.items():
+            g = c[c["key"] == k].sort_values("step")
+            assert g["step"].tolist() == [5, 10, 12]
+            assert list(zip(g["step"], g["x"])) == track.metric_history(cl, r["run_id"], x)
+            assert list(zip(g["step"], g["top1"])) == track.metric_history(cl, r["run_id"], "val/top1")
+            assert g["top1"].iloc[-1] == pytest.approx(r["top1"])
+    seconds = R.convergence_data(runs, x="train_seconds").query("key == 'base'")["x"]
+    assert 0 < seconds.iloc[-1] <= rec["base"]["train_seconds"] + 1e-6  # timed up to the last eval
+    assert R.convergence_data(runs, x="images_seen").query("key == 'base'")["x"].tolist() == [80, 160, 192]
+    p = R.pareto_data(runs, device="cpu").query("source == 'measured'").set_index("key")
+    assert p["throughput"].to_dict() == {"base": 2000.0, "bias": 1500.0}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_table_and_plot_in_process(store, tmp_path, capsys, monkeypatch):
+    uri = store.uri
     assert main(["table", "abl", "--tracking-uri", uri, "--format", "markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| variant |") and "| attn |" in out
     out_file = tmp_path / "t" / "abl.csv"
     assert main(["table", "abl", "fam", "--tracking-uri", uri, "--format", "csv", "--out", str(out_file)]) == 0
-    assert len(pd.read_csv(out_file)) == 6 and capsys.readouterr().out.strip() == str(out_file)
+    assert capsys.readouterr().out.strip() == str(out_file)
+    csv = pd.read_csv(out_file)
+    assert csv["key"].tolist() == ["base", "attn", "graft", "broken", "depth=1", "depth=2"]
+    assert csv["status"].tolist() == ["FINISHED"] * 3 + ["FAILED", "FINISHED", "RUNNING"]
+    for fmt, probe in (("latex", r"\begin{tabular}"), ("markdown", "| abl | graft | FINISHED |")):
+        f = tmp_path / f"abl_fam.{fmt}"
+        assert main(["table", "abl", "fam", "--tracking-uri", uri, "--format", fmt, "--out", str(f)]) == 0
+        capsys.readouterr()
+        assert probe in f.read_text() and "depth=2" in f.read_text()
     assert main(["table", "fam", "--tracking-uri", uri, "--tag", "lab.device=cuda", "--format", "json"]) == 0
-    assert [r["key"] for r in json.loads(capsys.readouterr().out)] == ["big"]
+    assert [r["key"] for r in json.loads(capsys.readouterr().out)] == ["depth=2"]
+    assert main(["table", "abl", "fam", "--tracking-uri", uri, "--tag", "lab.device=cpu", "--tag", "study=ablation",
+                 "--format", "json"]) == 0
+    assert [r["key"] for r in json.loads(capsys.readouterr().out)] == ["base", "attn", "graft", "broken"]
+    assert main(["table", "abl", "--tracking-uri", uri, "--baseline", "graft", "--format", "json"]) == 0
+    assert [r["key"] for r in json.loads(capsys.readouterr().out) if r["baseline"]] == ["graft"]
     assert main(["table", "abl", "--tracking-uri", uri]) == 0
     assert "abl: 4 variant(s) (3 finished, 1 failed); * = baseline" in capsys.readouterr().out
+    assert main(["table", "abl", "fam", "--tracking-uri", uri]) == 0
+    assert "abl, fam: 6 variant(s) (4 finished, 1 failed, 1 running)" in capsys.readouterr().out
 
     assert main(["plot", "abl", "--tracking-uri", uri, "--kind", "pareto", "--device", "cpu",
                  "--out", str(tmp_path / "figs") + "/"]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "figs" / "abl_pareto_cpu.png"), str(tmp_path / "figs" / "abl_pareto_cpu.svg")]
+    assert all(Path(p).stat().st_size > 0 for p in printed)
     assert main(["plot", "abl", "fam", "--tracking-uri", uri, "--kind", "convergence", "--x", "train_seconds",
                  "--out", str(tmp_path / "conv.png")]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "conv.png"), str(tmp_path / "conv.svg")]
-    assert all(Path(p).stat().st_size > 0 for p in printed)
+    monkeypatch.chdir(tmp_path)  # the default --out: out/EXPERIMENT_KIND
+    assert main(["plot", "abl", "--tracking-uri", uri, "--kind", "convergence", "--x", "epoch"]) == 0
+    assert capsys.readouterr().out.split() == ["out/abl_convergence_epoch.png", "out/abl_convergence_epoch.svg"]
+    assert main(["plot", "fam", "--tracking-uri", uri, "--tag", "lab.device=cpu"]) == 0
+    assert capsys.readouterr().out.split() == ["out/fam_pareto_cpu.png", "out/fam_pareto_cpu.svg"]
+    assert (tmp_path / "out" / "fam_pareto_cpu.svg").is_file()
 
     # partial results: an experiment with no variant run yet
     assert main(["table", "empty", "--tracking-uri", uri]) == 0
@@ -330,7 +584,7 @@ def test_cli_table_and_plot_in_process(store, tmp_path, capsys):
 
 
 def test_cli_subprocess_exit_codes(store, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0]}  # the env var, not the option
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}  # the env var, not the option
     ok = subprocess.run([sys.executable, "-m", "lab", "table", "abl", "--format", "markdown"],
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr

@@ -1,0 +1,43 @@
+"""Issue 8's CI check: the catalog's headline specs run end to end with `--smoke` on the embedded
+data into a temporary store, and `lab table` renders them beside the paper's reference figures."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from lab import cli
+from lab import spec as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smoke_and_table(path: Path, capsys) -> list[dict]:
+    # --smoke shrinks data/model resolution and steps; 3 steps keep the suite fast, and the
+    # teacher of the ablation spec is trained first like in a real run.
+    rc = cli.main(["run", str(path), "--smoke", "--set", "budget.steps=3", "--no-progress"])
+    assert rc == 0
+    capsys.readouterr()
+    name = S.load_spec(path).name
+    assert cli.main(["table", name, "--format", "csv"]) == 0
+    return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", ["graft_resnet2_deit6", "ablation_levit128s"])
+def test_smoke_run_then_table_with_reference(stem, store, capsys, monkeypatch):
+    path = ROOT / "experiments" / f"{stem}.yaml"
+    monkeypatch.setenv("IMAGENET_ROOT", "/nonexistent/imagenet")  # --smoke never reads it
+    rows = _smoke_and_table(path, capsys)
+    variants = S.expand(S.load_spec(path))
+    assert sorted(r["key"] for r in rows) == sorted(v.key for v in variants)
+    assert all(r["status"] == "FINISHED" for r in rows), [(r["key"], r["status"]) for r in rows]
+    assert all(float(r["steps"]) == 3 for r in rows)
+    refs = {v.key: v.reference for v in variants if v.reference and v.reference.top1}
+    assert refs
+    for r in rows:
+        if r["key"] in refs:
+            assert float(r["ref_top1"]) == pytest.approx(refs[r["key"]].top1)
+            assert float(r["ref_params_m"]) == pytest.approx(refs[r["key"]].params_m)
