@@ -110,7 +110,7 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
 
     rows = []
     for v in variants:
-        row: dict[str, Any] = {"key": v.key, "hash": v.hash, "changes": S.describe_overrides(v.overrides)}
+        row: dict[str, Any] = {"key": v.key, "hash": v.hash, "changes": v.changes}
         if with_complexity:
             cfg = grafts.config_from_dict(v.model)
             row["params"] = int(grafts.count_params(grafts.build(cfg, device="meta")))

@@ -207,6 +207,7 @@ class Variant(BaseModel):
     reference: Optional[ReferenceFigures] = None
     tags: dict[str, str] = Field(default_factory=dict)
     source: str = ""
+    changes: str = Field("", description="what this variant changes vs the experiment's baseline, in words")
 
     def resolved(self) -> dict[str, Any]:
         """The variant as one plain dict (what is logged and hashed)."""
@@ -477,8 +478,9 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
     if unknown_refs:
         r = sorted(unknown_refs)[0]
         raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, *_ in rows])}", file=file, path=f"reference.{r}")
-    if spec.baseline and spec.baseline not in {k for k, *_ in rows}:
-        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, [k for k, *_ in rows])}",
+    keys = [k for k, *_ in rows]
+    if spec.baseline and _resolve_baseline(spec.baseline, keys) is None:
+        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}",
                         file=file, path="baseline")
 
     out: list[Variant] = []
@@ -500,6 +502,10 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
             model=model, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
             source=file, **sections,
         ))
+    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else out[0].key
+    base_row = next(r for r in rows if r[0] == base_key)
+    for (key, over, merged), v in zip(rows, out):
+        v.changes = describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
     for v in out:
         if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
             raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
@@ -507,8 +513,55 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
     return out
 
 
+def _resolve_baseline(name: str, keys: list[str]) -> Optional[str]:
+    """A full variant key, or a variant row's name under a grid (its first grid point)."""
+    if name in keys:
+        return name
+    return next((k for k in keys if k.startswith(f"{name}-")), None)
+
+
 def baseline_key(spec: ExperimentSpec, variants: list[Variant]) -> str:
-    return spec.baseline or variants[0].key
+    keys = [v.key for v in variants]
+    return (_resolve_baseline(spec.baseline, keys) if spec.baseline else None) or keys[0]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        p = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, p))
+        else:
+            out[p] = v
+    return out
+
+
+def _dotted_get(d: Any, dotted: str) -> Any:
+    node = d
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return "(default)"
+    return node
+
+
+def _word(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def describe_changes(over: dict[str, Any], merged: dict[str, Any], base_over: dict[str, Any],
+                     base_merged: dict[str, Any]) -> str:
+    """What a variant changes against the baseline *variant* (not the spec's base section):
+    its overrides that differ from the baseline's, plus the baseline's own overrides that this
+    variant does not share (shown with this variant's value), e.g. 'model.zoo=resnet2_deit6'."""
+    mine, theirs = _flat(over), _flat(base_over)
+    parts = [f"{k}={_word(v)}" for k, v in mine.items() if k not in theirs or theirs[k] != v]
+    parts += [f"{k}={_word(_dotted_get(merged, k))}" for k in theirs if k not in mine
+              and _dotted_get(merged, k) != _dotted_get(base_merged, k)]
+    return ", ".join(parts) if parts else "(same as baseline)"
 
 
 def describe_overrides(over: dict[str, Any], prefix: str = "") -> str:

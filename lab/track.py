@@ -232,7 +232,7 @@ def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, 
         "lab.hash": variant.hash,
         "lab.git_commit": commit or git_commit(),
         "lab.device": device or device_name(),
-        "lab.changes": describe_overrides(variant.overrides),
+        "lab.changes": getattr(variant, "changes", "") or describe_overrides(variant.overrides),
         "lab.baseline": "true" if baseline else "false",
         "lab.budget": variant.budget.kind,
     }

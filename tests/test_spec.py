@@ -214,3 +214,21 @@ def test_python_m_lab_runs_without_traceback(tmp_path):
     assert "data.image_size" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "lab", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "validate" in r.stdout and "show" in r.stdout
+
+
+def test_changes_are_described_against_the_baseline_variant(tmp_path):
+    # the baseline itself overrides the base section: the other rows must show what differs
+    # from *it*, including the base value where the baseline's override does not apply to them
+    p = write(tmp_path, "a.yaml", spec_text("""
+        baseline: small
+        variants:
+          small: {model: {stages: [{dim: 48, depth: 2, heads: 3}]}, train: {lr: 0.01}}
+          plain: {}
+          bias: {model: {position: attention_bias, stages: [{dim: 48, depth: 2, heads: 3}]}, train: {lr: 0.01}}
+        grid: {train.weight_decay: [0.0]}
+        """))
+    vs = {v.key: v for v in S.expand(S.load_spec(p))}
+    assert vs["small-weight_decay=0.0"].changes == "(baseline)"
+    assert vs["bias-weight_decay=0.0"].changes == "model.position=attention_bias"
+    plain = vs["plain-weight_decay=0.0"].changes
+    assert "train.lr=0.001" in plain and '"depth": 1' in plain, plain
