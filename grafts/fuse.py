@@ -7,12 +7,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .heads import Head
 from .levit import Attention, ConvNorm, LinearNorm, SubsampleAttention
 from .transformer import Block, Downsample
 
-__all__ = ["fuse", "fold_bn_after", "fold_bn_before", "InplaceGELU"]
+__all__ = ["fuse", "fold_bn_after", "fold_bn_before", "InplaceGELU", "InplaceHardswish"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -59,6 +60,15 @@ class InplaceGELU(nn.GELU):
         if torch.is_grad_enabled() and x.requires_grad:
             return super().forward(x)
         return torch.ops.aten.gelu_(x, approximate=self.approximate)
+
+
+class InplaceHardswish(nn.Hardswish):
+    """Hardswish computed in place when autograd is not recording (fused copies only: every
+    Hardswish in a grafts model gets a fresh conv / linear / attention output). Not in place
+    under autograd, where its input may be saved for backward (SDPA saves its output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardswish(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _plain(mod: nn.Module) -> Optional[nn.Module]:
@@ -131,11 +141,10 @@ def fuse(model: nn.Module) -> nn.Module:
             _fold_attention_scale(mod, mod.q)
         elif isinstance(mod, (Block, Downsample)):
             mod.inplace = True
-        elif isinstance(mod, nn.Hardswish):
-            mod.inplace = True
-        elif type(mod) is nn.GELU:
+        elif type(mod) in (nn.Hardswish, nn.GELU):
             parent_name, _, attr = name.rpartition(".")
-            model.get_submodule(parent_name)._modules[attr] = InplaceGELU(approximate=mod.approximate)
+            model.get_submodule(parent_name)._modules[attr] = (
+                InplaceHardswish() if type(mod) is nn.Hardswish else InplaceGELU(approximate=mod.approximate))
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
         raise RuntimeError(f"fuse: BatchNorm left unfolded at {left[:5]}")

@@ -3,11 +3,11 @@
 Token tensors are (B, N, C); attention layers keep a per-head q/k/v interleaved
 layout (heads, [q | k | v]) so that timm / official LeViT weights load by renaming only.
 
-Inference fast paths (same math, chosen per call, never when autograd is recording):
-attention without a position bias runs ``F.scaled_dot_product_attention``; with the LeViT
-bias it keeps the explicit matmul (faster than SDPA with a float mask on CPU for LeViT's
-small heads, measured) and adds the cached bias in place. ``grafts.fuse`` additionally
-folds the attention scale into the query weights and makes the activations in-place.
+Attention without a position bias runs ``F.scaled_dot_product_attention`` (train and eval);
+with the LeViT bias it keeps the explicit matmul (faster than SDPA with a float mask on CPU
+for LeViT's small heads, measured), and in eval reuses the cached gathered bias and scales /
+adds it in place when autograd is not recording. ``grafts.fuse`` makes the inference copy:
+plain folded layers, the attention scale folded into the query weights, in-place activations.
 """
 from __future__ import annotations
 
@@ -123,6 +123,11 @@ class RelPosBias(nn.Module):
         self.cache = {}
         super()._load_from_state_dict(*args, **kwargs)
 
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the cache is derived state
+        state = self.__dict__.copy()
+        state["cache"] = {}
+        return state
+
     def _gather(self) -> torch.Tensor:
         bias = self.table[:, self.idx]  # (heads, Nq, Nk)
         if self.n_extra:
@@ -132,7 +137,7 @@ class RelPosBias(nn.Module):
     def forward(self) -> torch.Tensor:
         t = self.table
         if self.training or (torch.is_grad_enabled() and t.requires_grad) or t.device.type == "meta" \
-                or torch.jit.is_tracing():
+                or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._gather()
         try:
             version = t._version
@@ -156,18 +161,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[tor
 
     Without bias: ``F.scaled_dot_product_attention`` (fused kernels; on CPU its output is
     already (B, N, H, d) in memory, so the final reshape is free). With the LeViT bias: the
-    explicit product (timm's op order), done in place when autograd is not recording.
+    explicit product (timm's op order; faster than SDPA with a float mask on CPU for LeViT's
+    small heads, measured), scaled and biased in place when autograd is not recording.
     """
     B, _, Nq, _ = q.shape
     if bias is None:
         x = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    elif _recording(q, k, v, bias):
-        x = ((q @ k.transpose(-2, -1)) * scale + bias).softmax(dim=-1) @ v
     else:
         attn = q @ k.transpose(-2, -1)
-        if scale != 1.0:
-            attn.mul_(scale)
-        x = attn.add_(bias).softmax(dim=-1) @ v
+        if _recording(q, k, v, bias) or attn.dtype != bias.dtype:  # (autocast: keep the promotion)
+            x = (attn * scale + bias).softmax(dim=-1) @ v
+        else:
+            if scale != 1.0:
+                attn.mul_(scale)
+            x = attn.add_(bias).softmax(dim=-1) @ v
     return x.transpose(1, 2).reshape(B, Nq, -1)
 
 

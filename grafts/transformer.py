@@ -82,7 +82,9 @@ class PoolProject(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         r = self.resolution
-        x = self.pool(x.transpose(1, 2).reshape(B, C, r, r)).flatten(2).transpose(1, 2)
+        # pool the (B, r, r, C) token grid as a channels-last NCHW view: no copy in, and the
+        # channels-last result flattens back to contiguous (B, N', C) tokens for free
+        x = self.pool(x.reshape(B, r, r, C).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
         return self.proj(x)
 
 

@@ -314,3 +314,161 @@ def test_count_macs_model_and_img_size():
     # a plain (non-grafts) module runs on CPU
     lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
     assert grafts.count_macs(lin, img_size=8) == 3 * 8 * 8 * 5
+
+
+# ----------------------------------------------------------------------------- inference fast paths
+
+from grafts.levit import ConvNorm, LinearNorm, RelPosBias, attend  # noqa: E402
+from grafts.fuse import InplaceHardswish  # noqa: E402
+from grafts.heads import Head  # noqa: E402
+
+
+def _bias_modules(m: nn.Module) -> list[RelPosBias]:
+    return [x for x in m.modules() if isinstance(x, RelPosBias)]
+
+
+def test_fuse_leaves_plain_layers_and_keeps_the_original():
+    m = grafts.build({"zoo": "levit_128s", "img_size": 64})
+    randomize_bn(m)
+    f = grafts.fuse(m.eval())
+    assert not any(isinstance(x, (ConvNorm, LinearNorm, Head)) for x in f.modules())
+    assert type(f.head) is nn.Linear and type(f.head_dist) is nn.Linear
+    blk = f.stages[0].blocks[0]
+    assert type(blk.attn.qkv) is nn.Linear and type(blk.attn.proj) is nn.Linear
+    assert type(blk.mlp.fc1) is nn.Linear and type(f.embed.conv1) is nn.Conv2d
+    assert blk.attn.scale == 1.0 and blk.inplace and type(blk.mlp.act) is InplaceHardswish
+    # the source model is untouched: wrappers, BN, scale, out-of-place activations
+    b0 = m.stages[0].blocks[0]
+    assert isinstance(b0.attn.qkv, LinearNorm) and b0.attn.scale == 16 ** -0.5
+    assert not b0.inplace and type(b0.mlp.act) is nn.Hardswish and not b0.mlp.act.inplace
+    assert grafts.count_params(m) == grafts.count_params(grafts.build({"zoo": "levit_128s", "img_size": 64}))
+
+
+@pytest.mark.parametrize("over", [
+    {"zoo": "levit_128s", "img_size": 64},
+    {"zoo": "deit_tiny", "img_size": 64},                                     # SDPA path, GELU, LayerNorm
+    {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "norm": "batchnorm"},  # BN bridge + BN heads
+    {"zoo": "resnet4_deit0", "img_size": 64},                                 # pure ResNet-50
+    {"zoo": "levit_128s_a0", "downsample": "pool", "img_size": 64},           # pool+projection downsample
+    {"zoo": "levit_128s_a5", "img_size": 64},                                 # no bias: SDPA with dv != dk
+    {"zoo": "levit_128s_a5", "img_size": 64, "stages": [                      # no bias, dv == dk: flash SDPA
+        {"dim": 64, "depth": 1, "heads": 2, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0},
+        {"dim": 96, "depth": 1, "heads": 3, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
+])
+def test_fused_copy_matches_in_inference_mode_and_still_differentiates(over):
+    torch.manual_seed(0)
+    m = grafts.build(over)
+    randomize_bn(m)
+    with torch.no_grad():
+        for p in m.parameters():  # zero-init residual branches would hide bugs
+            if p.dim() == 1 and not p.abs().sum():
+                p.normal_(0, 0.02)
+    m.eval()
+    f = grafts.fuse(m)
+    x = torch.randn(2, 3, over["img_size"], over["img_size"])
+    with torch.no_grad():
+        ref = m(x)
+    with torch.inference_mode():
+        a, b = f(x), f(x)  # twice: cached biases, in-place paths
+    tol = 1e-4 * ref.abs().max().item() + 1e-6
+    assert (a - ref).abs().max().item() < tol and torch.equal(a, b)
+    # with autograd recording, the fused copy takes the out-of-place paths
+    xg = x.clone().requires_grad_()
+    out = f(xg)
+    out.sum().backward()
+    assert (out.detach() - ref).abs().max().item() < tol and xg.grad is not None
+
+
+def test_fused_levit_matches_timm():
+    torch.manual_seed(0)
+    ref = timm.create_model("levit_128s", pretrained=False).eval()
+    randomize_bn(ref)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "attention_biases" in n:
+                p.normal_()
+    ours = grafts.build({"zoo": "levit_128s"}).eval()
+    grafts.load_timm_levit(ours, ref.state_dict())
+    fused = grafts.fuse(ours)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        a, b = fused(x), ref(x)
+    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+
+
+def test_attention_bias_cache_eval_only_and_invalidated():
+    m = grafts.build({"zoo": "levit_128s", "img_size": 64}).eval()
+    pb = m.stages[0].blocks[0].attn.pos_bias
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        m(x)
+        first = pb()
+        assert pb() is first and len(pb.cache) == 1  # eval + no grad: cached per device
+        assert all(len(b.cache) == 1 for b in _bias_modules(m))
+        pb.table.add_(1.0)  # in-place edit (optimizer step, copy_): a new version, no stale bias
+        assert torch.equal(pb(), first + 1.0)
+    m.train()
+    assert all(not b.cache for b in _bias_modules(m))  # train() clears
+    with torch.no_grad():
+        assert pb() is not pb() and not pb.cache  # never cached in training
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["stages.0.blocks.0.attn.pos_bias.table"].normal_()
+    m.load_state_dict(sd)  # loading clears too, and the new table is used
+    assert not pb.cache
+    with torch.no_grad():
+        assert torch.equal(pb(), sd["stages.0.blocks.0.attn.pos_bias.table"][:, pb.idx])
+        m(x)
+    m.to(torch.float64)
+    assert all(not b.cache for b in _bias_modules(m))  # _apply (to/cuda/half) clears
+    m.float()
+    # eval with autograd recording through the table: not cached, gradients flow
+    out = m(x).sum()
+    out.backward()
+    assert pb.table.grad is not None and not pb.cache
+    # the cache is derived state: not deep-copied / pickled
+    with torch.no_grad():
+        m(x)
+    import copy
+    assert not _bias_modules(copy.deepcopy(m))[0].cache
+
+
+def test_attend_paths_agree_and_leave_inputs_alone():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8)
+    v, bias = torch.randn(2, 3, 12, 16), torch.randn(3, 10, 12)
+    bias0 = bias.clone()
+    scale = 8 ** -0.5
+    want = ((q @ k.transpose(-2, -1)) * scale + bias).softmax(-1) @ v
+    want = want.transpose(1, 2).reshape(2, 10, 48)
+    with torch.no_grad():
+        assert torch.allclose(attend(q, k, v, bias, scale), want, atol=1e-6)        # in place
+        assert torch.allclose(attend(q * scale, k, v, bias, 1.0), want, atol=1e-6)  # scale folded into q
+    assert torch.equal(bias, bias0)
+    qg = q.clone().requires_grad_()
+    got = attend(qg, k, v, bias, scale)  # recording: out of place, differentiable
+    got.sum().backward()
+    assert torch.allclose(got, want, atol=1e-6) and qg.grad is not None
+    # no bias: scaled_dot_product_attention, same math (dv != dk too)
+    nob = ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+    assert torch.allclose(attend(q, k, v, None, scale), nob.transpose(1, 2).reshape(2, 10, 48), atol=1e-6)
+
+
+def test_training_forward_unchanged_by_fast_paths():
+    """Train mode never caches, never works in place: two forwards from the same state and
+    seed give identical outputs and gradients, equal to the eval-mode math with BN in train."""
+    m = grafts.build({"zoo": "levit_128s", "img_size": 64, "drop_path": 0.0}).train()
+    x = torch.randn(4, 3, 64, 64)
+    outs, grads = [], []
+    for _ in range(2):
+        m.zero_grad()
+        out = m(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append(m.stages[0].blocks[0].attn.pos_bias.table.grad.clone())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert all(not b.cache for b in _bias_modules(m))
+    assert not any(getattr(x, "inplace", False) for x in m.modules()
+                   if isinstance(x, (nn.Hardswish, grafts.transformer.Block)))

@@ -77,6 +77,36 @@ def test_fold_grafts_resnet_graft_keeps_outputs():
     assert _assert_fold_keeps_outputs(model, 32).startswith("grafts.fuse")
 
 
+TINY_DEIT = [{"dim": 64, "depth": 2, "heads": 2, "key_dim": None, "attn_ratio": 1.0, "mlp_ratio": 2.0}]
+
+
+@pytest.mark.parametrize("cfg, size", [
+    ({"zoo": "deit_tiny", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT}, 32),  # DeiT (SDPA, GELU)
+    ({"zoo": "resnet0_deit12", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT,
+      "distillation": True}, 32),                                                       # DeiT-S graft, k = 0
+    ({"zoo": "resnet2_deit6", "img_size": 64, "grid": 4, "num_classes": 10, "norm": "batchnorm",
+      "stages": TINY_DEIT}, 64),                                                        # BN bridge + BN heads
+    ({"zoo": "resnet4_deit0", "img_size": 32, "num_classes": 10}, 32),                  # pure ResNet-50
+])
+def test_fold_grafts_deit_and_resnet_grafts_keep_outputs(cfg, size):
+    grafts = pytest.importorskip("grafts")
+    assert _assert_fold_keeps_outputs(grafts.build(cfg), size).startswith("grafts.fuse")
+
+
+def test_fold_grafts_inference_mode_matches_and_is_repeatable():
+    """The bench runs the fused copy under inference_mode (cached biases, in-place paths)."""
+    grafts = pytest.importorskip("grafts")
+    model = _randomize_bn(grafts.build({"zoo": "levit_128s", "img_size": 64, "num_classes": 10}))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    fused, ok, _ = M.prepare_for_inference(copy.deepcopy(model))
+    with torch.inference_mode():
+        a, b = fused(x), fused(x)
+    assert ok and torch.equal(a, b)
+    assert torch.allclose(a, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item() + 1e-6)
+
+
 # --------------------------------------------------------------------------- batch search
 
 
@@ -169,6 +199,16 @@ def test_unknown_dtype_and_missing_gpu_are_lab_errors():
     if not torch.cuda.is_available():
         with pytest.raises(LabError, match="no GPU"):
             M.measure_throughput(_tiny_net(), img_size=16, device="cuda", **FAST)
+
+
+def test_auto_device_without_gpu_measures_on_cpu():
+    """GPU code paths import and stay out of the way on a CPU-only machine."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: 'auto' picks it")
+    assert M.resolve_device("auto") == "cpu" and M.default_dtype("cpu") == "fp32"
+    r = M.measure_throughput(_tiny_net(), img_size=16, device="auto", **FAST)
+    assert (r.device, r.dtype, r.batch, r.threads) == ("cpu", "fp32", M.CPU_BATCH, 1)
+    assert r.device_name == M.device_name("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
