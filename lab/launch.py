@@ -50,6 +50,8 @@ from lab.errors import LabError
 
 LAUNCHERS = ("local", "ray", "slurm")
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+_SLURM_TASK_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+                    "SLURM_STEP_NUM_TASKS")
 _ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds the `lab` package
 
 
@@ -118,13 +120,18 @@ def execute(job: VariantJob, started: Optional[float] = None) -> dict:
     from lab import runner
 
     started = started if started is not None else time.time()
+    import lightning.pytorch  # noqa: F401 - before quiet_logs: importing it resets its loggers
+
     runner.quiet_logs()
     if job.cwd and os.path.isdir(job.cwd):
         os.chdir(job.cwd)  # relative paths (data roots, ./mlruns checkpoints) as in the driver
+    # a single-process variant is its own rank 0 whatever the environment says (e.g. a Ray worker
+    # on a node whose raylet was started by srun inherits SLURM_PROCID)
+    rank_zero = is_rank_zero() if needs_own_process(job.variant) else True
     ctx = runner.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
                          experiment=job.experiment, experiment_id=job.experiment_id,
                          parent_run_id=job.parent_run_id, baseline=job.baseline, progress=job.progress,
-                         rank_zero=is_rank_zero(), launcher=job.launcher, say=lambda s: None)
+                         rank_zero=rank_zero, launcher=job.launcher, say=lambda s: None)
     rec = dict(job.record)
     resume = Path(job.resume_ckpt) if job.resume_ckpt else None
     return runner.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)
@@ -147,13 +154,17 @@ def _run_worker_process(job: VariantJob) -> dict:
     jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
     jobfile.write_bytes(pickle.dumps(job))
     env = dict(os.environ)
+    if job.launcher != "slurm":
+        # We start this worker and Lightning starts its ranks: an enclosing SLURM allocation (lab run
+        # inside salloc, a Ray node started by srun) must not make it think srun made them.
+        for k in _SLURM_TASK_VARS:
+            env.pop(k, None)
     env["PYTHONPATH"] = os.pathsep.join([_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "lab.launch", "worker", str(jobfile), str(resfile)]
     proc = subprocess.Popen(cmd, env=env, cwd=job.cwd if os.path.isdir(job.cwd) else None)
     try:
         try:
             rc = proc.wait()
-            print("DBG waited", time.time(), file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             # the worker saves a checkpoint and marks its run KILLED on SIGINT
             proc.send_signal(signal.SIGINT)
@@ -183,7 +194,6 @@ def worker_main(argv: list[str]) -> int:
     code = 0
     try:
         rec = execute(job, started=started)
-        print("DBG executed", time.time(), os.environ.get("LOCAL_RANK"), file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         rec, code = dict(job.record, status="killed"), 130
     if is_rank_zero():
@@ -191,8 +201,13 @@ def worker_main(argv: list[str]) -> int:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=str))
         os.replace(tmp, out)
-    print("DBG written", time.time(), file=sys.stderr, flush=True)
-    import faulthandler; faulthandler.dump_traceback_later(2, exit=False)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
     return code
 
 
@@ -322,9 +337,15 @@ class _Parallel(Launcher):
     def cancel(self, handles: list) -> None:
         raise NotImplementedError
 
+    def spans_machines(self) -> bool:
+        return False
+
     def run(self, ordered: list, ctx) -> list[dict]:
         from lab import runner
 
+        if self.spans_machines() and (ctx.uri.startswith(("sqlite:", "file:")) or "://" not in ctx.uri):
+            ctx.say(f"note: the tracking store {ctx.uri} is a local file; every worker machine must see it at "
+                    f"that path. A tracking server is safer: export MLFLOW_TRACKING_URI=http://HOST:PORT")
         results: dict[str, dict] = {}
         for wave in waves(ordered):
             pending: dict[int, tuple[Any, Any, dict]] = {}
@@ -380,12 +401,20 @@ class RayLauncher(_Parallel):
         if not ray.is_initialized():
             address = self.opts.ray_address or os.environ.get("RAY_ADDRESS") or None
             if address:
-                ray.init(address=address)
+                try:
+                    ray.init(address=address)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise LabError(f"cannot connect to the Ray cluster at {address}: {e}") from None
             else:
                 kw = {"include_dashboard": False, **self.opts.ray_init}
                 ray.init(**kw)
             self._started = True
         self._gpu_cluster = ray.cluster_resources().get("GPU", 0) > 0
+
+    def spans_machines(self) -> bool:
+        import ray
+
+        return len([n for n in ray.nodes() if n.get("Alive")]) > 1
 
     def close(self) -> None:
         if self._started:
@@ -452,11 +481,15 @@ class SlurmLauncher(_Parallel):
         except ImportError as e:
             raise LabError(f"--launcher slurm needs submitit: pip install -e '.[scale]' ({e})") from None
         if self.opts.slurm_cluster == "slurm":
-            if shutil.which("sbatch") is None:
-                raise LabError("--launcher slurm: sbatch is not on PATH (run on a SLURM login node, "
-                               "or use --slurm-cluster local to run the jobs on this machine)")
+            missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+            if missing:
+                raise LabError(f"--launcher slurm: {' and '.join(missing)} not on PATH (run on a SLURM login node, "
+                               f"or use --slurm-cluster local to run the jobs on this machine)")
         else:
             super().check(variants)  # the local executor is one node
+
+    def spans_machines(self) -> bool:
+        return self.opts.slurm_cluster == "slurm"
 
     def _folder(self, ctx) -> str:
         if self.opts.slurm_folder:
@@ -530,4 +563,10 @@ if __name__ == "__main__":
     # Re-import under the real module name so that pickled jobs and the runner share one module.
     from lab.launch import worker_main as _main
 
-    sys.exit(_main(sys.argv[1:]))
+    _code = _main(sys.argv[1:])
+    # Everything is written (MLflow calls are synchronous, the result file is in place): skip the
+    # interpreter's teardown, whose final garbage collection of torch/mlflow/pyarrow modules takes
+    # seconds per process and rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)

@@ -203,6 +203,21 @@ def _SyncStop():  # noqa: N802 - a factory: lightning is imported lazily
     return _sync_stop_callback()()
 
 
+def _last_eval_callback():
+    import lightning.pytorch as pl
+
+    class LastEval(pl.Callback):
+        """The step of the last validation during fit, on every rank."""
+
+        step: Optional[int] = None
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.state.fn == "fit" and pl_module.last_val:
+                self.step = trainer.global_step
+
+    return LastEval()
+
+
 def _planned_steps(cl, run_id: str) -> Optional[int]:
     hist = track.metric_history(cl, run_id, "budget/planned_steps")
     return int(hist[-1][1]) if hist else None
@@ -281,7 +296,10 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, steps_per_epoch), timer=timer)
     metrics_cb = MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer, global_batch=global_batch,
                                train_size=train_size)
-    callbacks = [timer, metrics_cb, ckpt]
+    last_eval = _last_eval_callback()
+    # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
+    # the ranks of a DDP run would disagree about a collective call and hang.
+    callbacks = [timer, metrics_cb, ckpt, last_eval] if ctx.rank_zero else [timer, ckpt, last_eval]
     if world > 1 and plan.max_seconds is not None:
         callbacks.insert(1, _SyncStop())  # every rank stops at the same step
     if ctx.progress:
@@ -302,7 +320,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         raise NonFiniteLoss(f"training loss is {float(module.last_loss)} at step {trainer.global_step}")
 
     steps = trainer.global_step
-    if metrics_cb.last_eval_step != steps or not module.last_val:
+    if last_eval.step != steps or not module.last_val:
         trainer.validate(module, datamodule=dm, verbose=False)
     final_val = module.last_val
     use = B.usage(steps=steps, global_batch=global_batch, train_seconds=timer.train_seconds, macs_per_image=macs,
@@ -459,7 +477,8 @@ def quiet_logs() -> None:
                  "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for msg in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*", ".*resuming from a checkpoint that ended.*",
-                ".*is not a valid metric.*", r".*module\(s\) in eval mode.*"):
+                ".*is not a valid metric.*", r".*module\(s\) in eval mode.*",
+                ".*Using `DistributedSampler` with the dataloaders.*"):  # DDP eval pads < world_size samples
         warnings.filterwarnings("ignore", message=msg)
 
 
@@ -608,7 +627,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
                    help="shell line run in the job before training (repeatable), e.g. 'module load cuda'")
     g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch parameter (repeatable), e.g. --slurm-param exclusive=true")
+                   help="any other sbatch parameter (repeatable), e.g. --slurm-param mail_type=END")
     g.add_argument("--slurm-folder", help="submitit folder for job logs (default <store>/submitit/<experiment>/%%j)")
     g.add_argument("--slurm-cluster", choices=["slurm", "local"], default="slurm",
                    help="local: run the jobs on this machine with submitit's LocalExecutor (testing)")
