@@ -322,11 +322,12 @@ def test_ablation_table_explicit_baseline_and_per_experiment(store, abl):
 
 
 def test_grid_overrides_in_the_changes_column(store):
-    """A grid stores its values as flat dotted keys; the table names the path and the value."""
+    """A grid stores its values as flat dotted keys; the table names the path and the value that
+    differ from the baseline variant (the first grid point here)."""
     _, vs = store.specs["fam"]
     assert vs["depth=2"].overrides == {"model.stages.0.depth": 2}
     t = R.ablation_table(R.load_runs(["fam"], tracking_uri=store.uri))
-    assert t["changes"].tolist() == ["model.stages.0.depth=1", "model.stages.0.depth=2"]
+    assert t["changes"].tolist() == ["(baseline)", "model.stages.0.depth=2"]
     md = R.format_table(t, "markdown")
     assert "| depth=2 | RUNNING |" in md and md.rstrip().endswith("| model.stages.0.depth=2 |")
     assert "| depth=1 * | FINISHED |" in md
