@@ -408,7 +408,8 @@ class LabDataModule(pl.LightningDataModule):
 
         self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
         if not root.exists():
-            raise self._err(f"image folder root not found: {root}", "data.root")
+            raise self._err(f"image folder root not found: {root} (an ImageNet-style folder with train/ and "
+                            "val/; the catalog's specs read it from $IMAGENET_ROOT)", "data.root")
         if not root.is_dir():
             raise self._err(f"not a directory: {root}", "data.root")
         found: dict[str, list[str]] = {}
