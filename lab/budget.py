@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import torch
 
-CALIBRATION_WARMUP = 2
+CALIBRATION_WARMUP = 5  # untimed steps first: allocator, thread pools and caches settle
 
 
 @dataclass

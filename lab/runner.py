@@ -473,6 +473,8 @@ def quiet_logs() -> None:
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
                  "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -111,7 +111,7 @@ class BudgetSpec(Strict):
     train_flops: Optional[float] = Field(None, gt=0, description="forward+backward FLOPs (3x forward MACs x 2)")
     seconds: Optional[float] = Field(None, gt=0, description="matched runtime: training seconds")
     wall_clock: bool = Field(False, description="seconds only: stop on elapsed time instead of a calibrated step count")
-    calibration_steps: int = Field(5, ge=1, description="seconds only: timed steps to measure throughput")
+    calibration_steps: int = Field(20, ge=1, description="seconds only: timed steps to measure throughput (median)")
 
     @model_validator(mode="after")
     def _exactly_one(self):
