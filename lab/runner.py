@@ -557,8 +557,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.strategy is not None:
         sets.append(f"train.strategy={args.strategy}")
     args.set = sets
-    options = _launch_options(args)
     spec, variants = expand_from_args(args)
+    options = _launch_options(args, spec.launch)
+    launcher = args.launcher or spec.launch.launcher
     from lab.spec import baseline_key
 
     base = baseline_key(spec, variants)
@@ -571,30 +572,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                file=args.spec, path="variants")
         chosen = with_teachers([v for v in variants if v.key in args.variant], variants)
     results = run_experiment(spec, chosen, force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                             baseline=base, launcher=args.launcher, launch_options=options)
+                             baseline=base, launcher=launcher, launch_options=options)
     bad = [r for r in results if r["status"] not in ("finished", "skipped")]
     return 1 if bad else 0
 
 
-def _launch_options(args: argparse.Namespace):
+def _launch_options(args: argparse.Namespace, launch=None):
+    """The spec's `launch:` section, with every --ray-*/--slurm-* flag given on the command line on top."""
     from lab.launch import LaunchOptions
+    from lab.spec import LaunchSpec
 
-    params = {}
+    launch = launch or LaunchSpec()
+    ray, sl = launch.ray, launch.slurm
+    params = dict(sl.params)
     for a in args.slurm_param or []:
         if "=" not in a:
             raise LabError(f"--slurm-param expects KEY=VALUE, got {a!r}")
         k, val = a.split("=", 1)
         params[k.strip().lstrip("-").replace("-", "_")] = val
-    o = LaunchOptions(ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-                      slurm_cluster=args.slurm_cluster, slurm_folder=args.slurm_folder,
-                      slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
-                      slurm_qos=args.slurm_qos, slurm_constraint=args.slurm_constraint,
-                      slurm_mem_gb=args.slurm_mem_gb, slurm_cpus_per_task=args.slurm_cpus_per_task,
-                      slurm_gpus_per_node=args.slurm_gpus_per_node, slurm_setup=list(args.slurm_setup or []),
-                      slurm_params=params)
-    if args.slurm_time is not None:
-        o.slurm_time = args.slurm_time
-    return o
+
+    def pick(flag: str, spec_value):
+        given = getattr(args, flag, None)
+        return spec_value if given is None else given
+
+    return LaunchOptions(
+        ray_address=pick("ray_address", ray.address), ray_num_cpus=pick("ray_num_cpus", ray.num_cpus),
+        slurm_cluster=pick("slurm_cluster", sl.cluster), slurm_folder=pick("slurm_folder", sl.folder),
+        slurm_partition=pick("slurm_partition", sl.partition), slurm_account=pick("slurm_account", sl.account),
+        slurm_qos=pick("slurm_qos", sl.qos), slurm_constraint=pick("slurm_constraint", sl.constraint),
+        slurm_mem_gb=pick("slurm_mem_gb", sl.mem_gb), slurm_cpus_per_task=pick("slurm_cpus_per_task", sl.cpus_per_task),
+        slurm_gpus_per_node=pick("slurm_gpus_per_node", sl.gpus_per_node),
+        slurm_setup=list(sl.setup) + list(args.slurm_setup or []), slurm_params=params,
+        slurm_time=pick("slurm_time", sl.time))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -606,8 +615,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="retrain variants that already have a FINISHED run")
     p.add_argument("--variant", action="append", default=[], metavar="KEY",
                    help="train only this variant (repeatable; teachers it needs are added)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local: variants one after the other (default); ray: one Ray task per variant "
+    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="default: the spec's launch.launcher, else local. local: variants one after the other; ray: one Ray task per variant "
                         "($RAY_ADDRESS or a local instance); slurm: one sbatch job per variant (submitit)")
     p.add_argument("--devices", help="override train.devices (int or auto)")
     p.add_argument("--num-nodes", type=int, help="override train.num_nodes")
@@ -631,6 +640,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch parameter (repeatable), e.g. --slurm-param mail_type=END")
     g.add_argument("--slurm-folder", help="submitit folder for job logs (default <store>/submitit/<experiment>/%%j)")
-    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default="slurm",
+    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default=None,
                    help="local: run the jobs on this machine with submitit's LocalExecutor (testing)")
     p.set_defaults(func=_cmd_run)

@@ -172,6 +172,36 @@ class ReferenceFigures(Strict):
 SECTIONS = ("data", "model", "train", "budget", "bench", "tracking")
 
 
+class RayLaunchSpec(Strict):
+    address: Optional[str] = Field(None, description="Ray cluster (default: $RAY_ADDRESS, else a local instance)")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per variant task")
+
+
+class SlurmLaunchSpec(Strict):
+    """sbatch settings, one job per variant (submitit); CLI --slurm-* flags override them."""
+
+    partition: Optional[str] = None
+    time: int = Field(240, ge=1, description="minutes")
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    mem_gb: Optional[float] = Field(None, gt=0)
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    gpus_per_node: Optional[int] = Field(None, ge=0, description="default: train.devices on GPU")
+    setup: list[str] = Field(default_factory=list, description="shell lines before training (module load ...)")
+    params: dict[str, str] = Field(default_factory=dict, description="any other #SBATCH key: value")
+    folder: Optional[str] = Field(None, description="submitit logs (default <store>/submitit/<experiment>/%j)")
+    cluster: Literal["slurm", "local"] = Field("slurm", description="local: submitit's LocalExecutor (testing)")
+
+
+class LaunchSpec(Strict):
+    """Where `lab run` trains the variants (experiment-wide; not part of a variant's hash)."""
+
+    launcher: Literal["local", "ray", "slurm"] = "local"
+    ray: RayLaunchSpec = Field(default_factory=RayLaunchSpec)
+    slurm: SlurmLaunchSpec = Field(default_factory=SlurmLaunchSpec)
+
+
 class ExperimentSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
@@ -183,6 +213,7 @@ class ExperimentSpec(Strict):
     bench: BenchSpec = Field(default_factory=BenchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     match: Optional[MatchSpec] = None
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
     baseline: Optional[str] = Field(None, description="variant key the tables compare against (default: first)")
     variants: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)

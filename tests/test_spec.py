@@ -232,3 +232,32 @@ def test_changes_are_described_against_the_baseline_variant(tmp_path):
     assert vs["bias-weight_decay=0.0"].changes == "model.position=attention_bias"
     plain = vs["plain-weight_decay=0.0"].changes
     assert "train.lr=0.001" in plain and '"depth": 1' in plain, plain
+
+
+def test_launch_section_is_validated_and_cli_flags_win(tmp_path):
+    import argparse
+
+    from lab.runner import _launch_options
+
+    p = write(tmp_path, "a.yaml", spec_text("""
+        launch:
+          launcher: slurm
+          slurm: {partition: gpu, time: 2880, setup: ["module load cuda"], params: {mail_type: END}}
+        """))
+    spec = S.load_spec(p)
+    assert spec.launch.launcher == "slurm" and spec.launch.slurm.time == 2880
+    parser = argparse.ArgumentParser()
+    from lab.runner import register
+    register(parser.add_subparsers())
+    args = parser.parse_args(["run", str(p), "--slurm-partition", "big", "--slurm-setup", "ulimit -n 4096",
+                              "--slurm-param", "mail_user=me@x"])
+    o = _launch_options(args, spec.launch)
+    assert o.slurm_partition == "big" and o.slurm_time == 2880 and o.slurm_cluster == "slurm"
+    assert o.slurm_setup == ["module load cuda", "ulimit -n 4096"]
+    assert o.slurm_params == {"mail_type": "END", "mail_user": "me@x"}
+    assert args.launcher is None  # -> the spec's launcher
+
+    e = err(write(tmp_path, "b.yaml", spec_text("launch: {slurm: {partiton: gpu}}\n")))
+    assert e.path == "launch.slurm.partiton" and "partition" in str(e)
+    e = err(write(tmp_path, "c.yaml", spec_text("launch: {launcher: k8s}\n")))
+    assert e.path == "launch.launcher" and "slurm" in str(e)
