@@ -595,13 +595,6 @@ def describe_changes(over: dict[str, Any], merged: dict[str, Any], base_over: di
     return ", ".join(parts) if parts else "(same as baseline)"
 
 
-def describe_overrides(over: dict[str, Any], prefix: str = "") -> str:
-    """'model.position=absolute, train.lr=0.001': what a variant changes, in words."""
-    parts: list[str] = []
-    for k, v in over.items():
-        p = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v:
-            parts.append(describe_overrides(v, p))
-        else:
-            parts.append(f"{p}={json.dumps(v) if not isinstance(v, str) else v}")
-    return ", ".join(parts) if parts else "(baseline)"
+def describe_overrides(over: dict[str, Any]) -> str:
+    """'model.position=absolute, train.lr=0.001': what a variant overrides of the base, in words."""
+    return ", ".join(f"{k}={_word(v)}" for k, v in _flat(over).items()) or "(baseline)"
