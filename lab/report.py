@@ -544,11 +544,14 @@ def _front_line(ax, pts: pd.DataFrame, color: str, style: str, label: str) -> No
 def _log_ticks(ax) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_xlim()
+    lo, hi = lo / 1.25, hi * 1.6  # room for the point labels
+    # 1-2-5 ticks over decades; a narrow range (variants of similar speed) gets denser ticks
+    subs = (1.0, 2.0, 5.0) if hi / lo > 10 else (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the point labels
+    ax.set_xlim(lo, hi)
 
 
 def plot_convergence(data: pd.DataFrame, title: str | None = None):
