@@ -616,24 +616,15 @@ def resolve_match(variant, variants: Iterable = (), *, measure_fn: Optional[Meas
 # --------------------------------------------------------------------------- MLflow
 
 
-def _tracking_uri(variant) -> str:
-    """lab.track's rule (spec tracking.uri > $MLFLOW_TRACKING_URI > sqlite under ./mlruns)."""
-    try:
-        from lab.track import tracking_uri
-    except ImportError:
-        from lab.report import resolve_tracking_uri
-
-        return resolve_tracking_uri(variant.tracking.uri)
-    return tracking_uri(variant)
-
-
 def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult] = None,
               timm_name: Optional[str] = None) -> Optional[str]:
     """Write the figures onto the variant's latest FINISHED (else latest) child run; its run id or None."""
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    uri = _tracking_uri(variant)
+    from lab.track import tracking_uri
+
+    uri = tracking_uri(variant)
     client = MlflowClient(tracking_uri=uri)
     exp_name = variant.tracking.experiment or variant.experiment
     exp = client.get_experiment_by_name(exp_name)

@@ -34,28 +34,21 @@ FINISHED = "FINISHED"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the lab's embedded SQLite store under ./mlruns."""
-    if uri:
-        return uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    try:  # the training side's helper, when it exists, is the single source of truth
-        from lab.track import tracking_uri as _track_uri  # type: ignore[attr-defined]
+    """--tracking-uri, else lab.track's rule ($MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)."""
+    from lab.track import tracking_uri
 
-        return str(_track_uri(None))
-    except Exception:  # noqa: BLE001 - missing module/helper or other signature: use the convention
-        return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    return uri or tracking_uri(None)
 
 
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():  # reading must not create an empty store as a side effect
-            raise LabError(f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / "
-                           f"set MLFLOW_TRACKING_URI)")
+    from lab.track import _sqlite_path
+
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading must not create an empty store as a side effect
+        raise LabError(f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / "
+                       f"set MLFLOW_TRACKING_URI)")
     return MlflowClient(tracking_uri=uri)
 
 

@@ -556,12 +556,13 @@ def baseline_key(spec: ExperimentSpec, variants: list[Variant]) -> str:
     return (_resolve_baseline(spec.baseline, keys) if spec.baseline else None) or keys[0]
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {'a.b.c': leaf}; lists and empty mappings are leaves."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        p = f"{prefix}.{k}" if prefix else k
+        p = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, dict) and v:
-            out.update(_flat(v, p))
+            out.update(flatten_dotted(v, p))
         else:
             out[p] = v
     return out
@@ -588,7 +589,7 @@ def describe_changes(over: dict[str, Any], merged: dict[str, Any], base_over: di
     """What a variant changes against the baseline *variant* (not the spec's base section):
     its overrides that differ from the baseline's, plus the baseline's own overrides that this
     variant does not share (shown with this variant's value), e.g. 'model.zoo=resnet2_deit6'."""
-    mine, theirs = _flat(over), _flat(base_over)
+    mine, theirs = flatten_dotted(over), flatten_dotted(base_over)
     parts = [f"{k}={_word(v)}" for k, v in mine.items() if k not in theirs or theirs[k] != v]
     parts += [f"{k}={_word(_dotted_get(merged, k))}" for k in theirs if k not in mine
               and _dotted_get(merged, k) != _dotted_get(base_merged, k)]
@@ -597,4 +598,4 @@ def describe_changes(over: dict[str, Any], merged: dict[str, Any], base_over: di
 
 def describe_overrides(over: dict[str, Any]) -> str:
     """'model.position=absolute, train.lr=0.001': what a variant overrides of the base, in words."""
-    return ", ".join(f"{k}={_word(v)}" for k, v in _flat(over).items()) or "(baseline)"
+    return ", ".join(f"{k}={_word(v)}" for k, v in flatten_dotted(over).items()) or "(baseline)"

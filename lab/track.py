@@ -172,17 +172,12 @@ def device_name() -> str:
     return "cpu"
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(d: Mapping[str, Any]) -> dict[str, str]:
     """{'train': {'lr': 1e-3}, 'model': {'stages': [...]}} -> {'train.lr': '0.001', 'model.stages': '[...]'}."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        p = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, p))
-        else:
-            s = v if isinstance(v, str) else json.dumps(v, default=str)
-            out[p] = s[:PARAM_MAX]
-    return out
+    from lab.spec import flatten_dotted
+
+    return {k: (v if isinstance(v, str) else json.dumps(v, default=str))[:PARAM_MAX]
+            for k, v in flatten_dotted(d).items()}
 
 
 def log_metrics(cl, run_id: str, metrics: Mapping[str, float], step: int) -> None:
