@@ -196,11 +196,7 @@ def _sync_stop_callback():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             trainer.should_stop = bool(trainer.strategy.reduce_boolean_decision(bool(trainer.should_stop), all=False))
 
-    return SyncStop
-
-
-def _SyncStop():  # noqa: N802 - a factory: lightning is imported lazily
-    return _sync_stop_callback()()
+    return SyncStop()
 
 
 def _last_eval_callback():
@@ -301,7 +297,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     # the ranks of a DDP run would disagree about a collective call and hang.
     callbacks = [timer, metrics_cb, ckpt, last_eval] if ctx.rank_zero else [timer, ckpt, last_eval]
     if world > 1 and plan.max_seconds is not None:
-        callbacks.insert(1, _SyncStop())  # every rank stops at the same step
+        callbacks.insert(1, _sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
         callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
