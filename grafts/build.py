@@ -2,6 +2,7 @@
 -> tokens [+ cls/dist tokens] [+ absolute position] -> stages -> pool -> head(s)."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Union
 
 import torch
@@ -14,8 +15,9 @@ from .heads import make_head
 from .levit import act_layer
 from .resnet import ResNetPrefix
 from .transformer import Block, Downsample, Stage
+from .zoo import ZOO
 
-__all__ = ["GraftModel", "build"]
+__all__ = ["GraftModel", "build", "register_timm"]
 
 
 class GraftModel(nn.Module):
@@ -151,3 +153,34 @@ def build(cfg: Union[ModelConfig, dict[str, Any]], device: Union[str, torch.devi
         return GraftModel(cfg)
     with torch.device(device):
         return GraftModel(cfg)
+
+
+# --------------------------------------------------------------------------- timm registry
+
+_TIMM_IGNORED = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "checkpoint_path")
+
+
+def _make_entrypoint(name: str):
+    def fn(pretrained: bool = False, **kwargs: Any):
+        if pretrained:
+            raise ValueError(f"grafts_{name}: no pretrained weights (use load_timm_levit for LeViT)")
+        over = {k: v for k, v in kwargs.items() if k not in _TIMM_IGNORED}
+        if "drop_path_rate" in over:
+            over["drop_path"] = over.pop("drop_path_rate")
+        return build({"zoo": name, **over})
+    fn.__name__ = f"grafts_{name}"
+    fn.__qualname__ = fn.__name__
+    fn.__module__ = __name__
+    fn.__doc__ = f"grafts zoo entry {name!r} (see grafts/README.md)."
+    return fn
+
+
+def register_timm() -> None:
+    """Register every zoo entry as ``grafts_<name>`` in timm (idempotent)."""
+    from timm.models import is_model, register_model
+    mod = sys.modules[__name__]
+    for name in ZOO:
+        fn = _make_entrypoint(name)
+        setattr(mod, fn.__name__, fn)
+        if not is_model(fn.__name__):
+            register_model(fn)

@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import torch
 
+from lab import record as R
+
 CALIBRATION_WARMUP = 5  # untimed steps first: allocator, thread pools and caches settle
 
 
@@ -260,8 +262,8 @@ def usage(*, steps: int, global_batch: int, train_seconds: float, macs_per_image
           peak_mem_mb: float) -> dict[str, float]:
     """What a run used, as the budget/* metrics."""
     images = steps * global_batch
-    return {"budget/steps": steps, "budget/images_seen": images, "budget/train_seconds": train_seconds,
-            "budget/train_flops": 6.0 * macs_per_image * images, "budget/peak_mem_mb": peak_mem_mb}
+    return {R.BUDGET_STEPS: steps, R.BUDGET_IMAGES_SEEN: images, R.BUDGET_TRAIN_SECONDS: train_seconds,
+            R.BUDGET_TRAIN_FLOPS: 6.0 * macs_per_image * images, R.BUDGET_PEAK_MEM_MB: peak_mem_mb}
 
 
 __all__ = ["BudgetPlan", "TrainTimer", "calibrate", "plan", "steps_for", "trainer_limits", "usage",

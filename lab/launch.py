@@ -2,7 +2,7 @@
 
 Roles. The *driver* is the `lab run` process: it validates the spec and the data, creates the
 ONE MLflow parent run of the invocation and, per variant, decides skip / resume / new child run
-(`runner.prepare_variant`), so the skip/resume rules and the parent are the same for every
+(`lab.execute.prepare_variant`), so the skip/resume rules and the parent are the same for every
 launcher. A *job* (`VariantJob`, picklable) carries what a worker needs: the spec, the variants,
 the tracking URI, the parent run id and the child run id to train into. `run_job(job)` is the
 per-variant function every launcher calls: in the driver (local), in a Ray task (ray) or in a
@@ -32,6 +32,7 @@ scheduler time limit) is marked FAILED by the driver when it collects the job.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -45,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lab import track
+from lab import execute, track
 from lab.errors import LabError
+from lab.record import VariantResult
 
 LAUNCHERS = ("local", "ray", "slurm")
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -71,9 +73,9 @@ def is_rank_zero(env: Optional[dict] = None) -> bool:
 def world_size(v) -> int:
     """Processes a variant trains with (devices x nodes), resolved on this machine."""
     from lab.module import resolve_accelerator
-    from lab.runner import _world_size
+    from lab.train import world_size as train_world_size
 
-    return _world_size(v.train, resolve_accelerator(v.train))
+    return train_world_size(v.train, resolve_accelerator(v.train))
 
 
 def needs_own_process(v) -> bool:
@@ -97,7 +99,7 @@ class VariantJob:
     baseline: str
     run_id: str
     resume_ckpt: Optional[str]
-    record: dict
+    record: VariantResult
     cwd: str = field(default_factory=os.getcwd)
     progress: bool = False
     launcher: str = "local"
@@ -107,38 +109,36 @@ class VariantJob:
         return next(v for v in self.variants if v.key == self.key)
 
 
-def make_job(v, ctx, rec: dict, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
+def make_job(v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
     return VariantJob(spec=ctx.spec, variants=list(ctx.variants), key=v.key, uri=ctx.uri,
                       experiment=ctx.experiment, experiment_id=ctx.experiment_id,
                       parent_run_id=ctx.parent_run_id, baseline=ctx.baseline, run_id=run_id,
-                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dict(rec),
+                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec),
                       progress=progress, launcher=ctx.launcher)
 
 
-def execute(job: VariantJob, started: Optional[float] = None) -> dict:
-    """Train the job's variant in THIS process (one rank of it when distributed); its record."""
-    from lab import runner
-
+def execute_job(job: VariantJob, started: Optional[float] = None) -> VariantResult:
+    """Train the job's variant in THIS process (one rank of it when distributed); its result."""
     started = started if started is not None else time.time()
     import lightning.pytorch  # noqa: F401 - before quiet_logs: importing it resets its loggers
 
-    runner.quiet_logs()
+    execute.quiet_logs()
     if job.cwd and os.path.isdir(job.cwd):
         os.chdir(job.cwd)  # relative paths (data roots, ./mlruns checkpoints) as in the driver
     # a single-process variant is its own rank 0 whatever the environment says (e.g. a Ray worker
     # on a node whose raylet was started by srun inherits SLURM_PROCID)
     rank_zero = is_rank_zero() if needs_own_process(job.variant) else True
-    ctx = runner.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
+    ctx = execute.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
                          experiment=job.experiment, experiment_id=job.experiment_id,
                          parent_run_id=job.parent_run_id, baseline=job.baseline, progress=job.progress,
                          rank_zero=rank_zero, launcher=job.launcher, say=lambda s: None)
-    rec = dict(job.record)
+    rec = dataclasses.replace(job.record)
     resume = Path(job.resume_ckpt) if job.resume_ckpt else None
-    return runner.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)
+    return execute.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)
 
 
-def run_job(job: VariantJob) -> dict:
-    """The per-variant function of every launcher: train one variant, return its record.
+def run_job(job: VariantJob) -> VariantResult:
+    """The per-variant function of every launcher: train one variant, return its result.
 
     A distributed variant runs in a worker subprocess (so Lightning's DDP re-launch replays only
     that worker); a single-process one runs here.
@@ -146,10 +146,10 @@ def run_job(job: VariantJob) -> dict:
     started = time.time()
     if needs_own_process(job.variant):
         return _run_worker_process(job)
-    return execute(job, started=started)
+    return execute_job(job, started=started)
 
 
-def _run_worker_process(job: VariantJob) -> dict:
+def _run_worker_process(job: VariantJob) -> VariantResult:
     tmp = Path(tempfile.mkdtemp(prefix=f"lab-{job.key}-"))
     jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
     jobfile.write_bytes(pickle.dumps(job))
@@ -174,11 +174,11 @@ def _run_worker_process(job: VariantJob) -> dict:
                 proc.kill()
             raise
         if resfile.is_file():
-            rec = json.loads(resfile.read_text())
+            rec = VariantResult.from_dict(json.loads(resfile.read_text()))
         else:
-            rec = dict(job.record, status="failed" if rc not in (130, -signal.SIGINT) else "killed",
-                       error=f"worker process exited with code {rc} without a result")
-        rec["worker_exit_code"] = rc
+            rec = dataclasses.replace(job.record, status="failed" if rc not in (130, -signal.SIGINT) else "killed",
+                                      error=f"worker process exited with code {rc} without a result")
+        rec.worker_exit_code = rc
         return rec
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,13 +193,13 @@ def worker_main(argv: list[str]) -> int:
     started = time.time()
     code = 0
     try:
-        rec = execute(job, started=started)
+        rec = execute_job(job, started=started)
     except KeyboardInterrupt:
-        rec, code = dict(job.record, status="killed"), 130
+        rec, code = dataclasses.replace(job.record, status="killed"), 130
     if is_rank_zero():
         out = Path(argv[2])
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, default=str))
+        tmp.write_text(json.dumps(rec.to_dict(), default=str))
         os.replace(tmp, out)
     try:
         import torch.distributed as dist
@@ -214,22 +214,22 @@ def worker_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- driver side
 
 
-def finish_record(ctx, rec: dict, outcome: Any) -> dict:
-    """The driver's view of a job that ended: its record, and the run ended if the worker could not."""
-    if isinstance(outcome, dict) and outcome.get("status") in ("finished", "failed", "killed"):
-        rec = {**rec, **outcome}
+def finish_record(ctx, rec: VariantResult, outcome: Any) -> VariantResult:
+    """The driver's view of a job that ended: its result, and the run ended if the worker could not."""
+    if isinstance(outcome, VariantResult) and outcome.status in ("finished", "failed", "killed"):
+        rec = outcome
     else:
         err = outcome if isinstance(outcome, BaseException) else RuntimeError(
             f"worker returned no result ({outcome!r})")
-        rec = {**rec, "status": "failed", "error": track.short_error(err)}
-    if rec.get("run_id") and rec["status"] != "finished":
+        rec = dataclasses.replace(rec, status="failed", error=track.short_error(err))
+    if rec.run_id and rec.status != "finished":
         try:
-            run = ctx.cl.get_run(rec["run_id"])
+            run = ctx.cl.get_run(rec.run_id)
             if run.info.status == "RUNNING":  # the worker died before it could end its run
-                if rec["status"] == "killed":
-                    ctx.cl.set_terminated(rec["run_id"], status="KILLED")
+                if rec.status == "killed":
+                    ctx.cl.set_terminated(rec.run_id, status="KILLED")
                 else:
-                    track.fail_run(ctx.cl, rec["run_id"], RuntimeError(rec.get("error") or "worker failed"))
+                    track.fail_run(ctx.cl, rec.run_id, RuntimeError(rec.error or "worker failed"))
         except Exception:  # noqa: BLE001 - best effort: the store may be the reason it died
             pass
     return rec
@@ -298,15 +298,13 @@ class Launcher:
     def close(self) -> None:
         pass
 
-    def run(self, ordered: list, ctx) -> list[dict]:
+    def run(self, ordered: list, ctx) -> list[VariantResult]:
         """Local: one variant after the other; a distributed one in a worker process of its own."""
-        from lab import runner
-
         results = []
         for v in ordered:
             if needs_own_process(v):
-                rec, run_id, resume = runner.prepare_variant(v, ctx)
-                if rec["status"] != "skipped":
+                rec, run_id, resume = execute.prepare_variant(v, ctx)
+                if rec.status != "skipped" and run_id is not None:
                     job = make_job(v, ctx, rec, run_id, resume, progress=ctx.progress)
                     try:
                         outcome = run_job(job)
@@ -314,13 +312,13 @@ class Launcher:
                         _mark_killed(ctx, [run_id])
                         raise
                     rec = finish_record(ctx, rec, outcome)
-                    if rec["status"] == "killed":
+                    if rec.status == "killed":
                         results.append(rec)
                         raise KeyboardInterrupt
             else:
-                rec = runner.run_variant(v, ctx)
+                rec = execute.run_variant(v, ctx)
             results.append(rec)
-            ctx.say(runner._fmt_line(rec))
+            ctx.say(rec.line())
         return results
 
 
@@ -340,36 +338,34 @@ class _Parallel(Launcher):
     def spans_machines(self) -> bool:
         return False
 
-    def run(self, ordered: list, ctx) -> list[dict]:
-        from lab import runner
-
+    def run(self, ordered: list, ctx) -> list[VariantResult]:
         if self.spans_machines() and (ctx.uri.startswith(("sqlite:", "file:")) or "://" not in ctx.uri):
             ctx.say(f"note: the tracking store {ctx.uri} is a local file; every worker machine must see it at "
                     f"that path. A tracking server is safer: export MLFLOW_TRACKING_URI=http://HOST:PORT")
-        results: dict[str, dict] = {}
+        results: dict[str, VariantResult] = {}
         for wave in waves(ordered):
-            pending: dict[int, tuple[Any, Any, dict]] = {}
+            pending: dict[int, tuple[Any, Any, VariantResult]] = {}
             try:
                 for v in wave:
-                    rec, run_id, resume = runner.prepare_variant(v, ctx)
-                    if rec["status"] == "skipped":
+                    rec, run_id, resume = execute.prepare_variant(v, ctx)
+                    if rec.status == "skipped" or run_id is None:
                         results[v.key] = rec
-                        ctx.say(runner._fmt_line(rec))
+                        ctx.say(rec.line())
                         continue
                     try:
                         handle = self.submit(v, make_job(v, ctx, rec, run_id, resume))
                     except Exception as e:  # noqa: BLE001 - a refused submission fails this variant only
                         results[v.key] = finish_record(ctx, rec, e)
-                        ctx.say(runner._fmt_line(results[v.key]))
+                        ctx.say(results[v.key].line())
                         continue
                     pending[id(handle)] = (handle, v, rec)
                 for handle, outcome in self.completed([h for h, _, _ in pending.values()]):
                     _, v, rec = pending.pop(id(handle))
                     results[v.key] = finish_record(ctx, rec, outcome)
-                    ctx.say(runner._fmt_line(results[v.key]))
+                    ctx.say(results[v.key].line())
             except KeyboardInterrupt:
                 self.cancel([h for h, _, _ in pending.values()])
-                _mark_killed(ctx, [rec["run_id"] for _, _, rec in pending.values()])
+                _mark_killed(ctx, [rec.run_id for _, _, rec in pending.values() if rec.run_id])
                 raise
         return [results[v.key] for v in ordered]
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab import record as R
 from lab import track
 
 
@@ -206,7 +207,7 @@ class LabModule(pl.LightningModule):
         loss = float(self.val_loss.compute())
         for m in (self.val_top1, self.val_top5, self.val_loss):
             m.reset()
-        self.last_val = {"val/top1": top1, "val/top5": top5, "val/loss": loss}
+        self.last_val = {R.VAL_TOP1: top1, R.VAL_TOP5: top5, R.VAL_LOSS: loss}
         if not self.trainer.sanity_checking:
             self.best_top1 = max(self.best_top1, top1)
 
@@ -270,16 +271,16 @@ class MlflowMetrics(pl.Callback):
         step = trainer.global_step
         if trainer.is_global_zero and step % self.log_every == 0 and pl_module.last_loss is not None:
             with self.timer.paused():
-                track.log_metrics(self.cl, self.run_id, {"train/loss": float(pl_module.last_loss),
-                                                         "lr": pl_module.last_lr}, step)
+                track.log_metrics(self.cl, self.run_id, {R.TRAIN_LOSS: float(pl_module.last_loss),
+                                                         R.LR: pl_module.last_lr}, step)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero or not pl_module.last_val:
             return
         step = trainer.global_step
         images = step * self.global_batch
-        track.log_metrics(self.cl, self.run_id, {**pl_module.last_val, "epoch": images / self.train_size,
-                                                 "images_seen": images, "train_seconds": self.timer.train_seconds},
+        track.log_metrics(self.cl, self.run_id, {**pl_module.last_val, R.EPOCH: images / self.train_size,
+                                                 R.IMAGES_SEEN: images, R.TRAIN_SECONDS: self.timer.train_seconds},
                           step)
         self.last_eval_step = step
 

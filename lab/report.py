@@ -6,29 +6,30 @@ per variant key, the latest FINISHED child run, else the latest child run of any
 
 Data functions (`load_runs`, `history`, `ablation_table`, `pareto_data`, `convergence_data`)
 return plain DataFrames so tests and notebooks can assert on them; plotting functions only
-draw what those return; `register()` adds the `table` and `plot` subcommands.
+draw what those return. The `table` and `plot` commands are lab/cli/table.py and plot.py; the
+metric and tag names read here are lab.record's.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from lab import record as R
 from lab.errors import LabError, close_matches
 
-X_KINDS = ("images_seen", "epoch", "train_seconds", "step")
-X_LABELS = {"images_seen": "images seen", "epoch": "epoch", "train_seconds": "training time (s)",
+X_KINDS = (R.IMAGES_SEEN, R.EPOCH, R.TRAIN_SECONDS, "step")
+X_LABELS = {R.IMAGES_SEEN: "images seen", R.EPOCH: "epoch", R.TRAIN_SECONDS: "training time (s)",
             "step": "optimizer step"}
 DEVICES = ("cpu", "cuda")
 FORMATS = ("terminal", "markdown", "csv", "latex", "json")
-BENCH_METRIC = {"cpu": "bench/cpu_imgs_per_s", "cuda": "bench/cuda_imgs_per_s"}
-REF_THROUGHPUT = {"cpu": "ref.throughput_cpu", "cuda": "ref.throughput_gpu"}
+BENCH_METRIC = {d: R.bench_metric(d) for d in DEVICES}
+REF_THROUGHPUT = {"cpu": R.ref_tag("throughput_cpu"), "cuda": R.ref_tag("throughput_gpu")}
 FINISHED = "FINISHED"
+M, T = "metrics.", "tags."  # load_runs' column prefixes
 
 # --------------------------------------------------------------------------- store access
 
@@ -43,9 +44,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    from lab.track import _sqlite_path
+    from lab.track import sqlite_path
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading must not create an empty store as a side effect
         raise LabError(f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / "
                        f"set MLFLOW_TRACKING_URI)")
@@ -78,7 +79,7 @@ def _ts(ms: int | None) -> pd.Timestamp | None:
     return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
 
 
-def _parse_tag_filter(tags: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
+def parse_tag_filter(tags: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
     if not tags:
         return {}
     if isinstance(tags, dict):
@@ -109,7 +110,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
     ids = _experiment_ids(client, experiments)
-    want = _parse_tag_filter(tags)
+    want = parse_tag_filter(tags)
     runs = _search_all(client, list(dict.fromkeys(ids.values())))
     id_to_name = {v: k for k, v in ids.items()}
     by_id = {r.info.run_id: r for r in runs}
@@ -117,25 +118,25 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     rows: list[dict[str, Any]] = []
     for r in runs:
         t = r.data.tags
-        if t.get("lab.role") == "parent" or "lab.variant" not in t:
+        if t.get(R.ROLE) == R.ROLE_PARENT or R.VARIANT not in t:
             continue
         if want:
-            parent = by_id.get(t.get("mlflow.parentRunId", ""))
+            parent = by_id.get(t.get(R.PARENT_RUN_ID, ""))
             ptags = parent.data.tags if parent is not None else {}
             if any(t.get(k, ptags.get(k)) != v for k, v in want.items()):
                 continue
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
-            "parent_run_id": t.get("mlflow.parentRunId"),
-            "experiment": t.get("lab.experiment") or id_to_name.get(r.info.experiment_id, ""),
-            "key": t["lab.variant"],
+            "parent_run_id": t.get(R.PARENT_RUN_ID),
+            "experiment": t.get(R.EXPERIMENT) or id_to_name.get(r.info.experiment_id, ""),
+            "key": t[R.VARIANT],
             "status": r.info.status,
-            "baseline": str(t.get("lab.baseline", "")).lower() == "true",
-            "changes": t.get("lab.changes", ""),
-            "hash": t.get("lab.hash"),
-            "git_commit": t.get("lab.git_commit"),
-            "device": t.get("lab.device"),
-            "error": t.get("lab.error"),
+            "baseline": str(t.get(R.BASELINE, "")).lower() == "true",
+            "changes": t.get(R.CHANGES, ""),
+            "hash": t.get(R.HASH),
+            "git_commit": t.get(R.GIT_COMMIT),
+            "device": t.get(R.DEVICE),
+            "error": t.get(R.ERROR),
             "start_time": _ts(r.info.start_time),
             "end_time": _ts(r.info.end_time),
         }
@@ -169,7 +170,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     return chosen
 
 
-def history(run_ids: Sequence[str] | str, metric: str = "val/top1", x: str = "images_seen",
+def history(run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.IMAGES_SEEN,
             tracking_uri: str | None = None) -> pd.DataFrame:
     """`metric` of each run against `x`, joined on the optimizer step.
 
@@ -249,29 +250,30 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
     t["baseline"] = False
     t["status"] = df["status"]
     t["changes"] = df["changes"].fillna("") if "changes" in df.columns else ""
-    t["params_m"] = _col(df, "metrics.params") / 1e6
-    t["macs_m"] = _col(df, "metrics.macs") / 1e6
-    t["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
-    t["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
-    t["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
-    best = _col(df, "metrics.best/val_top1")
-    missing = best.isna() & _col(df, "metrics.val/top1").notna()
+    t["params_m"] = _col(df, M + R.PARAMS) / 1e6
+    t["macs_m"] = _col(df, M + R.MACS) / 1e6
+    t["cpu_imgs_s"] = _col(df, M + BENCH_METRIC["cpu"])
+    t["gpu_imgs_s"] = _col(df, M + BENCH_METRIC["cuda"])
+    t["top1"] = _col(df, M + R.FINAL_VAL_TOP1).fillna(_col(df, M + R.VAL_TOP1))
+    best = _col(df, M + R.BEST_VAL_TOP1)
+    missing = best.isna() & _col(df, M + R.VAL_TOP1).notna()
     if missing.any():  # partial runs: best so far from the history
         uri = df.attrs.get("tracking_uri")
         for i in df.index[missing]:
-            h = history([df.at[i, "run_id"]], "val/top1", x="step", tracking_uri=uri)
+            h = history([df.at[i, "run_id"]], R.VAL_TOP1, x="step", tracking_uri=uri)
             best.at[i] = h["value"].max() if not h.empty else math.nan
     t["top1_best"] = best
-    t["steps"] = _col(df, "metrics.budget/steps")
-    t["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
-    t["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
-    t["ref_top1"] = _col(df, "tags.ref.top1")
-    t["ref_params_m"] = _col(df, "tags.ref.params_m")
-    t["ref_macs_m"] = _col(df, "tags.ref.macs_m")
-    t["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
-    t["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
-    t["ref_epochs"] = _col(df, "tags.ref.epochs")
-    t["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
+    t["steps"] = _col(df, M + R.BUDGET_STEPS)
+    t["images_seen"] = _col(df, M + R.BUDGET_IMAGES_SEEN).fillna(_col(df, M + R.IMAGES_SEEN))
+    t["train_s"] = _col(df, M + R.BUDGET_TRAIN_SECONDS).fillna(_col(df, M + R.TRAIN_SECONDS))
+    t["ref_top1"] = _col(df, T + R.ref_tag("top1"))
+    t["ref_params_m"] = _col(df, T + R.ref_tag("params_m"))
+    t["ref_macs_m"] = _col(df, T + R.ref_tag("macs_m"))
+    t["ref_cpu_imgs_s"] = _col(df, T + REF_THROUGHPUT["cpu"])
+    t["ref_gpu_imgs_s"] = _col(df, T + REF_THROUGHPUT["cuda"])
+    t["ref_epochs"] = _col(df, T + R.ref_tag("epochs"))
+    ref_source = T + R.ref_tag("source")
+    t["ref_source"] = df[ref_source] if ref_source in df.columns else None
     t["run_id"] = df["run_id"]
     for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1"):
         t[c] = math.nan
@@ -416,7 +418,7 @@ def _label(df: pd.DataFrame) -> pd.Series:
 
 def pick_device(df: pd.DataFrame) -> str:
     """cuda when any run has a GPU throughput (ours or the paper's), else cpu."""
-    for c in ("metrics." + BENCH_METRIC["cuda"], "tags." + REF_THROUGHPUT["cuda"]):
+    for c in (M + BENCH_METRIC["cuda"], T + REF_THROUGHPUT["cuda"]):
         if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any():
             return "cuda"
     return "cpu"
@@ -440,13 +442,14 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     device = device or pick_device(df)
     if device not in DEVICES:
         raise LabError(f"unknown device '{device}'; choose cpu or cuda")
-    top1 = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
+    top1 = _col(df, M + R.FINAL_VAL_TOP1).fillna(_col(df, M + R.VAL_TOP1))
     ours = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": _label(df),
                          "source": "measured", "device": device,
-                         "throughput": _col(df, "metrics." + BENCH_METRIC[device]), "top1": top1})
+                         "throughput": _col(df, M + BENCH_METRIC[device]), "top1": top1})
     paper = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": df["key"] + " (paper)",
                           "source": "paper", "device": device,
-                          "throughput": _col(df, "tags." + REF_THROUGHPUT[device]), "top1": _col(df, "tags.ref.top1")})
+                          "throughput": _col(df, T + REF_THROUGHPUT[device]),
+                          "top1": _col(df, T + R.ref_tag("top1"))})
     parts = []
     for part in (ours, paper):
         part = part.dropna(subset=["throughput", "top1"]).copy()
@@ -457,7 +460,7 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     return out[cols].reset_index(drop=True)
 
 
-def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "val/top1",
+def convergence_data(df: pd.DataFrame, x: str = R.IMAGES_SEEN, metric: str = R.VAL_TOP1,
                      tracking_uri: str | None = None) -> pd.DataFrame:
     """Validation curves of the chosen runs: experiment, key, label, status, run_id, step, x, top1."""
     cols = ["experiment", "key", "label", "status", "run_id", "step", "x", "top1"]
@@ -554,12 +557,12 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None):
     plt, sns = _plt()
     from matplotlib.ticker import EngFormatter
 
-    x = data.attrs.get("x", "images_seen")
+    x = data.attrs.get("x", R.IMAGES_SEEN)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers=True, dashes=False,
                  estimator=None, sort=True, ax=ax)
     ax.set_xlabel(X_LABELS.get(x, x))
-    if x == "images_seen":
+    if x == R.IMAGES_SEEN:
         ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel("validation top-1 (%)")
     exps = ", ".join(dict.fromkeys(data["experiment"]))
@@ -580,76 +583,3 @@ def save_figure(fig, stem: str | Path) -> list[Path]:
         fig.savefig(p, dpi=150, bbox_inches="tight")
         paths.append(p)
     return paths
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_table(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
-    table = ablation_table(df, baseline=args.baseline)
-    text = format_table(table, args.format)
-    if args.format == "terminal" and not table.empty:
-        n = table["status"].value_counts()
-        summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
-        text = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline\n" + text
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(out)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def _out_stem(out: str | None, default_name: str) -> Path:
-    if not out:
-        return Path("out") / default_name
-    p = Path(out)
-    if out.endswith(("/", os.sep)) or p.is_dir():
-        return p / default_name
-    return p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
-
-
-def _cmd_plot(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
-    if df.empty:
-        raise LabError(f"no variant runs in {', '.join(args.experiment)}" + (" matching the --tag filter" if args.tag else ""))
-    name = "_".join(args.experiment)
-    if args.kind == "pareto":
-        data = pareto_data(df, device=args.device)
-        dev = data["device"].iloc[0] if not data.empty else (args.device or pick_device(df))
-        fig = plot_pareto(data)
-        stem = _out_stem(args.out, f"{name}_pareto_{dev}")
-    else:
-        data = convergence_data(df, x=args.x)
-        fig = plot_convergence(data)
-        stem = _out_stem(args.out, f"{name}_convergence_{args.x}")
-    for p in save_figure(fig, stem):
-        print(p)
-    return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", nargs="+", help="MLflow experiment name(s) (a spec's name)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep only runs with this tag (repeatable), e.g. --tag lab.device=cuda")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("table", help="ablation table of an experiment's runs (partial results welcome)")
-    _common(p)
-    p.add_argument("--format", choices=FORMATS, default="terminal")
-    p.add_argument("--out", help="write to this file instead of stdout")
-    p.add_argument("--baseline", help="variant key to compare against (default: the spec's baseline, else the first)")
-    p.set_defaults(func=_cmd_table)
-
-    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput) or convergence plot, as PNG and SVG")
-    _common(p)
-    p.add_argument("--kind", choices=["pareto", "convergence"], default="pareto")
-    p.add_argument("--x", choices=[k for k in X_KINDS], default="images_seen", help="convergence x-axis")
-    p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
-    p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")
-    p.set_defaults(func=_cmd_plot)

@@ -1,64 +1,28 @@
-"""`lab run SPEC`: train every variant under the experiment's shared budget, evaluate, record in MLflow.
+"""`lab run`'s domain API: train every variant of an experiment under its shared budget and
+record it in MLflow (the command line is lab.cli.run).
 
 Per invocation: a data pre-flight (a bad data root or a missing teacher checkpoint is a
 LabError -> exit 2 before anything trains), one MLflow parent run, then one child run per
-variant, teachers first. Per variant:
-  - a FINISHED run with the same hash is skipped (`force=True` retrains);
-  - a KILLED/RUNNING/FAILED run whose checkpoint is still there is resumed into the same
-    MLflow run from `<store>/checkpoints/<experiment>/<variant>-<hash>/last.ckpt`;
-  - any exception (including a non-finite loss) marks the run FAILED with `lab.error` and the
-    traceback as `error.txt`, and the next variant runs;
-  - Ctrl-C saves a checkpoint, marks the run (and the parent) KILLED and exits 130.
+variant, teachers first. Each variant is skipped, resumed or trained by lab.execute
+(`prepare_variant` in this driver, `execute_variant` in the worker; lab.train does the
+training); a failure in one variant never loses the others' results; Ctrl-C marks the current
+run (and the parent) KILLED and re-raises.
 
-Where variants run (`--launcher`, see lab/launch.py): `local` trains them one after the other
+Where variants run (`launcher`, see lab/launch.py): `local` trains them one after the other
 (in this process, or in a subprocess of its own when a variant is distributed), `ray` and
-`slurm` submit one task/job per variant. Every launcher decides skip/resume and creates the
-child run here, in the driver (`prepare_variant`), and the worker trains into that run
-(`execute_variant`); in a distributed worker only global rank 0 writes to MLflow
-(`Context.rank_zero`).
+`slurm` submit one task/job per variant. Each variant's outcome is a lab.record.VariantResult.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import os
-import shutil
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from lab import track
-from lab.errors import LabError, close_matches
+from lab import launch, track
+from lab import record as R
+from lab.errors import LabError
+from lab.execute import Context, preflight, quiet_logs
+from lab.record import VariantResult
 
-LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
-RESUMABLE = ("KILLED", "RUNNING", "FAILED")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Context:
-    spec: Any
-    variants: list  # every variant of the invocation (for teachers and matching)
-    uri: str
-    cl: Any
-    experiment: str
-    experiment_id: str
-    parent_run_id: str
-    baseline: str
-    force: bool = False
-    progress: bool = True
-    callbacks: list = field(default_factory=list)
-    datamodules: dict = field(default_factory=dict)
-    say: Callable[[str], None] = print
-    # False in the non-zero ranks of a distributed worker: they train but never write to MLflow
-    # (no runs, params, metrics, tags, artifacts, status changes).
-    rank_zero: bool = True
-    launcher: str = "local"
+LAUNCHERS = launch.LAUNCHERS
 
 
 def order_variants(variants: list) -> list:
@@ -98,393 +62,12 @@ def with_teachers(selected: list, variants: list) -> list:
     return [v for v in variants if v.key in want]
 
 
-def _data_key(v) -> str:
-    return json.dumps(v.data.model_dump(mode="json"), sort_keys=True)
-
-
-def preflight(variants: list, datamodules: dict) -> None:
-    """Build (and set up) each distinct dataset once; missing data or teacher files are LabErrors."""
-    from lab.data import build_datamodule
-
-    for v in variants:
-        k = _data_key(v)
-        if k not in datamodules:
-            dm = build_datamodule(v.data, num_classes_expected=v.model.get("num_classes"), spec_file=v.source or None)
-            dm.setup("fit")
-            datamodules[k] = dm
-        else:
-            dm = datamodules[k]
-            nc = v.model.get("num_classes")
-            if nc is not None and getattr(dm, "num_classes", nc) != nc:
-                raise LabError(f"the model has {nc} classes but the data has {dm.num_classes}", file=v.source,
-                               path=f"variants.{v.key}.model.num_classes")
-        d = v.train.distill
-        if d is not None and d.checkpoint and _find_file(d.checkpoint, v.source) is None:
-            raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
-                           path=f"variants.{v.key}.train.distill.checkpoint")
-
-
-def _find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
-    p = Path(os.path.expanduser(path))
-    cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(spec_file).parent / p] if spec_file else [])
-    return next((c for c in cands if c.is_file()), None)
-
-
-def load_teacher(v, ctx: Context):
-    """The frozen teacher of a distilled variant (None without distillation)."""
-    import grafts
-    from lab.module import model_state_from_file
-
-    d = v.train.distill
-    if d is None:
-        return None
-    if d.variant:
-        tv = next(x for x in ctx.variants if x.key == d.variant)
-        path = track.checkpoint_dir(tv, ctx.uri) / "final.pt"
-        if not path.is_file():
-            runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=tv.key, hash=tv.hash, statuses=["FINISHED"])
-            for r in runs:
-                try:
-                    path = track.download_artifact(ctx.cl, r.info.run_id, "checkpoint/final.pt")
-                    break
-                except Exception:  # noqa: BLE001
-                    continue
-            else:
-                raise RuntimeError(f"teacher variant '{d.variant}' has no finished run with weights "
-                                   f"(it failed, or tracking.log_checkpoint is off)")
-    else:
-        path = _find_file(d.checkpoint, v.source)
-        if path is None:
-            raise LabError(f"teacher checkpoint not found: {d.checkpoint}")
-    cfg, sd = model_state_from_file(path)
-    if d.model:
-        cfg = {"img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes"), **d.model}
-    elif cfg is None:
-        cfg = {"zoo": v.model.get("zoo"), "img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes")}
-    teacher = grafts.build(cfg)
-    teacher.load_state_dict(sd)
-    return teacher.eval()
-
-
-def _world_size(train, accelerator: str) -> int:
-    import torch
-
-    dev = train.devices
-    if dev == "auto":
-        dev = torch.cuda.device_count() if accelerator == "gpu" else 1
-    return max(1, int(dev)) * train.num_nodes
-
-
-def _from_rank_zero(obj: Any) -> Any:
-    """Rank 0's value of `obj` on every rank (when a process group is up; else `obj`): ranks that
-    time their own calibration must still agree on one step count, or DDP would hang."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _sync_stop_callback():
-    import lightning.pytorch as pl
-
-    class SyncStop(pl.Callback):
-        """Wall-clock budgets under DDP: stop every rank once any rank's timer says stop."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            trainer.should_stop = bool(trainer.strategy.reduce_boolean_decision(bool(trainer.should_stop), all=False))
-
-    return SyncStop()
-
-
-def _last_eval_callback():
-    import lightning.pytorch as pl
-
-    class LastEval(pl.Callback):
-        """The step of the last validation during fit, on every rank."""
-
-        step: Optional[int] = None
-
-        def on_validation_end(self, trainer, pl_module):
-            if not trainer.sanity_checking and trainer.state.fn == "fit" and pl_module.last_val:
-                self.step = trainer.global_step
-
-    return LastEval()
-
-
-def _planned_steps(cl, run_id: str) -> Optional[int]:
-    hist = track.metric_history(cl, run_id, "budget/planned_steps")
-    return int(hist[-1][1]) if hist else None
-
-
-# --------------------------------------------------------------------------- one variant
-
-
-def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], record: dict) -> dict:
-    """Train, evaluate and log one variant into `run_id`; fills and returns `record`."""
-    import grafts
-    import lightning.pytorch as pl
-    import torch
-
-    from lab import budget as B
-    from lab.module import (LabModule, LastCheckpoint, MlflowMetrics, StepProgress, resolve_accelerator,
-                            resolve_precision, save_final)
-
-    tr = v.train
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    pl.seed_everything(tr.seed, workers=True, verbose=False)
-    accelerator = resolve_accelerator(tr)
-    precision = resolve_precision(tr, accelerator)
-    dm = ctx.datamodules[_data_key(v)]
-    model = grafts.build(v.model)
-    params = grafts.count_params(model)
-    macs = int(grafts.count_macs(v.model))
-    record.update(params=params, macs=macs)
-    world = _world_size(tr, accelerator)
-    global_batch = v.data.batch_size * world
-    train_size = int(dm.train_size)
-    n_batches = len(dm.train_dataloader())
-    steps_per_epoch = max(1, n_batches // world if world > 1 else n_batches)
-    teacher = load_teacher(v, ctx)
-    device = torch.device("cuda") if accelerator == "gpu" else torch.device("cpu")
-    B.reset_peak_memory(device)
-
-    def make_module(m, total_steps=None):
-        return LabModule(m, tr, num_classes=int(v.model["num_classes"]), total_steps=total_steps,
-                         global_batch=global_batch, mixup_fn=getattr(dm, "mixup_fn", None),
-                         label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0), teacher=teacher)
-
-    trainer_kw: dict[str, Any] = dict(
-        accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
-        precision=precision, gradient_clip_val=tr.grad_clip, logger=False, enable_model_summary=False,
-        num_sanity_val_steps=0, enable_progress_bar=False, enable_checkpointing=False)
-
-    planned = _planned_steps(ctx.cl, run_id) if resume_ckpt is not None else None
-    if v.budget.kind == "seconds" and not v.budget.wall_clock and planned is not None:
-        plan = B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=global_batch,
-                            steps_per_epoch=steps_per_epoch, macs_per_image=macs)
-    else:
-        plan = B.plan(v.budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch, macs_per_image=macs,
-                      calibrate=lambda: _from_rank_zero(B.calibrate(lambda: make_module(copy.deepcopy(model)), dm,
-                                                                    trainer_kw, steps=v.budget.calibration_steps)))
-        pl.seed_everything(tr.seed, workers=True, verbose=False)  # calibration consumed randomness
-    record["budget"] = plan.describe()
-    if resume_ckpt is None and ctx.rank_zero:
-        first = {"params": params, "macs": macs}
-        if plan.total_steps is not None:
-            first["budget/planned_steps"] = plan.total_steps
-        for k, val in plan.calibration.items():
-            first[f"budget/calibration_{k}"] = val
-        track.log_metrics(ctx.cl, run_id, first, 0)
-        track.set_tags(ctx.cl, run_id, {"lab.precision": precision, "lab.world_size": world,
-                                        "lab.budget_plan": plan.describe(), "lab.train_size": train_size,
-                                        "lab.val_size": getattr(dm, "val_size", None),
-                                        "lab.steps_per_epoch": steps_per_epoch})
-
-    module = make_module(model, plan.total_steps)
-    timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
-    if plan.max_seconds is not None:
-        module.progress_fn = lambda: timer.progress
-    ckdir = track.checkpoint_dir(v, ctx.uri)
-    ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, steps_per_epoch), timer=timer)
-    metrics_cb = MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer, global_batch=global_batch,
-                               train_size=train_size)
-    last_eval = _last_eval_callback()
-    # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
-    # the ranks of a DDP run would disagree about a collective call and hang.
-    callbacks = [timer, metrics_cb, ckpt, last_eval] if ctx.rank_zero else [timer, ckpt, last_eval]
-    if world > 1 and plan.max_seconds is not None:
-        callbacks.insert(1, _sync_stop_callback())  # every rank stops at the same step
-    if ctx.progress:
-        callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
-    callbacks.extend(ctx.callbacks)
-    if tr.eval_every:
-        val_kw = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
-    else:
-        val_kw = dict(val_check_interval=1.0, check_val_every_n_epoch=1)
-    trainer = pl.Trainer(**trainer_kw, **B.trainer_limits(plan), callbacks=callbacks, **val_kw)
-
-    B.fit(trainer, module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    if ckpt.exception is not None:
-        raise ckpt.exception
-    if module.last_loss is not None and not torch.isfinite(module.last_loss).all():
-        from lab.module import NonFiniteLoss
-
-        raise NonFiniteLoss(f"training loss is {float(module.last_loss)} at step {trainer.global_step}")
-
-    steps = trainer.global_step
-    if last_eval.step != steps or not module.last_val:
-        trainer.validate(module, datamodule=dm, verbose=False)
-    final_val = module.last_val
-    use = B.usage(steps=steps, global_batch=global_batch, train_seconds=timer.train_seconds, macs_per_image=macs,
-                  peak_mem_mb=B.peak_memory_mb(device))
-    final = {"final/val_top1": final_val["val/top1"], "final/val_top5": final_val["val/top5"],
-             "final/val_loss": final_val["val/loss"], "best/val_top1": max(module.best_top1, final_val["val/top1"]),
-             **use, "params": params, "macs": macs}
-    if trainer.is_global_zero and ctx.rank_zero:
-        track.log_metrics(ctx.cl, run_id, final, steps)
-        final_path = save_final(ckdir / "final.pt", module, v.model, variant=v.key, hash=v.hash, steps=steps)
-        if v.tracking.log_checkpoint:
-            track.log_artifact_file(ctx.cl, run_id, final_path, "checkpoint")
-    record.update(steps=steps, top1=final["final/val_top1"], best_top1=final["best/val_top1"],
-                  train_seconds=timer.train_seconds, images_seen=use["budget/images_seen"])
-    return record
-
-
-def new_record(v) -> dict[str, Any]:
-    return {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
-            "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None, "train_seconds": None,
-            "wall_seconds": None, "error": None, "resumed": False}
-
-
-def prepare_variant(v, ctx: Context) -> tuple[dict, Optional[str], Optional[Path]]:
-    """The driver's half of a variant: skip it, or pick the MLflow child run it trains into.
-
-    Returns (record, run_id, resume_ckpt): record["status"] == "skipped" (run_id None) when a
-    FINISHED run with the same hash exists and not `ctx.force`; else the run to train into (a
-    resumable KILLED/RUNNING/FAILED run that owns `last.ckpt`, set RUNNING again, or a new child
-    run of `ctx.parent_run_id`) and the checkpoint to resume from (None: from scratch).
-    """
-    rec = new_record(v)
-    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished and not ctx.force:
-        r = finished[0]
-        m = r.data.metrics
-        rec.update(run_id=r.info.run_id, status="skipped", params=m.get("params"), macs=m.get("macs"),
-                   steps=m.get("budget/steps"), top1=m.get("final/val_top1"), best_top1=m.get("best/val_top1"),
-                   train_seconds=m.get("budget/train_seconds"), wall_seconds=0.0,
-                   budget=r.data.tags.get("lab.budget_plan", v.budget.kind))
-        return rec, None, None
-
-    ckdir = track.checkpoint_dir(v, ctx.uri)
-    last = ckdir / "last.ckpt"
-    owner = None
-    if (ckdir / "run.json").is_file():
-        try:
-            owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
-        except Exception:  # noqa: BLE001
-            owner = None
-    resume = None
-    if not ctx.force and last.is_file():
-        resume = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
-    if resume is not None:
-        run_id = resume.info.run_id
-        ctx.cl.update_run(run_id, status="RUNNING")
-        n = int(resume.data.tags.get("lab.resumed", "0")) + 1
-        track.set_tags(ctx.cl, run_id, {"lab.resumed": n, "lab.resumed_by": ctx.parent_run_id,
-                                        "lab.launcher": ctx.launcher})
-        if "lab.error" in resume.data.tags:
-            ctx.cl.delete_tag(run_id, "lab.error")
-        rec["resumed"] = True
-    else:
-        if ckdir.exists():
-            shutil.rmtree(ckdir)
-        ckdir.mkdir(parents=True, exist_ok=True)
-        run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
-                                         baseline=(v.key == ctx.baseline))
-        track.set_tags(ctx.cl, run_id, {"lab.launcher": ctx.launcher})
-        (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
-    rec["run_id"] = run_id
-    return rec, run_id, (last if resume is not None else None)
-
-
-def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Optional[Path],
-                    started: Optional[float] = None) -> dict:
-    """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
-
-    Never raises except Ctrl-C. With `ctx.rank_zero` False (a non-zero rank of a distributed
-    worker) it trains in lockstep with rank 0 but writes nothing to MLflow.
-    """
-    import socket
-
-    t0 = started if started is not None else time.time()
-    try:
-        if ctx.rank_zero:
-            track.set_tags(ctx.cl, run_id, {"lab.worker.host": socket.gethostname(), "lab.worker.pid": os.getpid(),
-                                            "lab.worker.started": f"{t0:.3f}"})
-        if v.match is not None:
-            from lab.measure import resolve_match
-
-            v = resolve_match(v, ctx.variants)
-            if ctx.rank_zero:
-                track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith("match.")})
-                track.set_tags(ctx.cl, run_id, {"lab.resolved_hash": v.hash})
-        if resume_ckpt is None and ctx.rank_zero:
-            track.log_variant_spec(ctx.cl, run_id, v)
-        if _data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
-            preflight([v], ctx.datamodules)
-        train_variant(v, ctx, run_id, resume_ckpt, rec)
-        if ctx.rank_zero:
-            ctx.cl.set_terminated(run_id, status="FINISHED")
-        rec["status"] = "finished"
-    except KeyboardInterrupt:
-        rec["status"] = "killed"
-        if ctx.rank_zero:
-            ctx.cl.set_terminated(run_id, status="KILLED")
-        rec["wall_seconds"] = time.time() - t0
-        raise
-    except Exception as e:  # noqa: BLE001 - one variant's failure must not stop the others
-        rec.update(status="failed", error=track.short_error(e))
-        if ctx.rank_zero:
-            try:
-                track.fail_run(ctx.cl, run_id, e)
-            except Exception:  # noqa: BLE001
-                pass
-    rec["wall_seconds"] = time.time() - t0
-    return rec
-
-
-def run_variant(v, ctx: Context) -> dict:
-    """Skip / resume / train one variant in this process with its own MLflow child run;
-    never raises except Ctrl-C."""
-    t0 = time.time()
-    rec, run_id, resume_ckpt = prepare_variant(v, ctx)
-    if rec["status"] == "skipped":
-        return rec
-    return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
-
-
-# --------------------------------------------------------------------------- the experiment
-
-
-def _fmt_line(r: dict) -> str:
-    def num(x, scale, fmt):
-        return format(x / scale, fmt) if isinstance(x, (int, float)) and x is not None else "-"
-
-    top1 = f"{r['top1']:.2f}%" if isinstance(r.get("top1"), (int, float)) else "-"
-    secs = f"{r['train_seconds']:.1f}s" if isinstance(r.get("train_seconds"), (int, float)) else "-"
-    line = (f"{r['key']:<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
-            f"{r['budget']:<24} {r['status']:<8} top-1 {top1:>7}  train {secs:>7}")
-    if r.get("error"):
-        line += f"  error: {r['error']}"
-    return line
-
-
-def quiet_logs() -> None:
-    """Lightning's banners and tips, MLflow's DB migration notes and known-harmless warnings off."""
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
-                 "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for msg in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*", ".*resuming from a checkpoint that ended.*",
-                ".*is not a valid metric.*", r".*module\(s\) in eval mode.*",
-                ".*Using `DistributedSampler` with the dataloaders.*"):  # DDP eval pads < world_size samples
-        warnings.filterwarnings("ignore", message=msg)
-
 
 def run_experiment(spec, variants: list, *, force: bool = False, progress: bool = True,
                    callbacks: Optional[Iterable] = None, baseline: Optional[str] = None,
                    say: Optional[Callable[[str], None]] = None, launcher: str = "local",
-                   launch_options: Any = None) -> list[dict]:
-    """Train `variants` (teachers first) in one parent run; one status dict per variant.
+                   launch_options: Any = None) -> list[VariantResult]:
+    """Train `variants` (teachers first) in one parent run; one VariantResult per variant.
 
     Status: finished | skipped (already FINISHED with the same hash) | failed. Ctrl-C marks the
     current run and the parent KILLED and re-raises KeyboardInterrupt. `callbacks`: extra
@@ -492,7 +75,6 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     interrupt). `launcher`: local | ray | slurm (lab.launch); `launch_options`: a
     lab.launch.LaunchOptions.
     """
-    from lab import launch
     from lab.spec import baseline_key
 
     say = say or (lambda s: print(s, flush=True))
@@ -515,7 +97,7 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     backend.start()
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-            "lab.variants": ",".join(v.key for v in ordered)[:5000], "lab.launcher": launcher,
+            R.VARIANTS: ",".join(v.key for v in ordered)[:5000], R.LAUNCHER: launcher,
             **{k: str(x) for k, x in (spec.tags or {}).items()}})
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
@@ -534,108 +116,7 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
             raise
     finally:
         backend.close()
-    ok = all(r["status"] in ("finished", "skipped") for r in results)
+    ok = all(r.ok for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     return results
 
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from lab.cli import expand_from_args
-
-    sets = list(args.set or [])
-    if args.devices is not None:
-        sets.append(f"train.devices={args.devices}")
-    if args.num_nodes is not None:
-        sets.append(f"train.num_nodes={args.num_nodes}")
-    if args.strategy is not None:
-        sets.append(f"train.strategy={args.strategy}")
-    args.set = sets
-    spec, variants = expand_from_args(args)
-    options = _launch_options(args, spec.launch)
-    launcher = args.launcher or spec.launch.launcher
-    from lab.spec import baseline_key
-
-    base = baseline_key(spec, variants)
-    chosen = variants
-    if args.variant:
-        keys = [v.key for v in variants]
-        for k in args.variant:
-            if k not in keys:
-                raise LabError(f"no variant '{k}'{close_matches(k, keys)}; variants: {', '.join(keys)}",
-                               file=args.spec, path="variants")
-        chosen = with_teachers([v for v in variants if v.key in args.variant], variants)
-    results = run_experiment(spec, chosen, force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                             baseline=base, launcher=launcher, launch_options=options)
-    bad = [r for r in results if r["status"] not in ("finished", "skipped")]
-    return 1 if bad else 0
-
-
-def _launch_options(args: argparse.Namespace, launch=None):
-    """The spec's `launch:` section, with every --ray-*/--slurm-* flag given on the command line on top."""
-    from lab.launch import LaunchOptions
-    from lab.spec import LaunchSpec
-
-    launch = launch or LaunchSpec()
-    ray, sl = launch.ray, launch.slurm
-    params = dict(sl.params)
-    for a in args.slurm_param or []:
-        if "=" not in a:
-            raise LabError(f"--slurm-param expects KEY=VALUE, got {a!r}")
-        k, val = a.split("=", 1)
-        params[k.strip().lstrip("-").replace("-", "_")] = val
-
-    def pick(flag: str, spec_value):
-        given = getattr(args, flag, None)
-        return spec_value if given is None else given
-
-    return LaunchOptions(
-        ray_address=pick("ray_address", ray.address), ray_num_cpus=pick("ray_num_cpus", ray.num_cpus),
-        slurm_cluster=pick("slurm_cluster", sl.cluster), slurm_folder=pick("slurm_folder", sl.folder),
-        slurm_partition=pick("slurm_partition", sl.partition), slurm_account=pick("slurm_account", sl.account),
-        slurm_qos=pick("slurm_qos", sl.qos), slurm_constraint=pick("slurm_constraint", sl.constraint),
-        slurm_mem_gb=pick("slurm_mem_gb", sl.mem_gb), slurm_cpus_per_task=pick("slurm_cpus_per_task", sl.cpus_per_task),
-        slurm_gpus_per_node=pick("slurm_gpus_per_node", sl.gpus_per_node),
-        slurm_setup=list(sl.setup) + list(args.slurm_setup or []), slurm_params=params,
-        slurm_time=pick("slurm_time", sl.time))
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from lab.cli import add_spec_args
-
-    p = sub.add_parser("run", help="train every variant of a spec under its budget and record it in MLflow")
-    p.add_argument("spec")
-    add_spec_args(p)
-    p.add_argument("--force", action="store_true", help="retrain variants that already have a FINISHED run")
-    p.add_argument("--variant", action="append", default=[], metavar="KEY",
-                   help="train only this variant (repeatable; teachers it needs are added)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
-                   help="default: the spec's launch.launcher, else local. local: variants one after the other; ray: one Ray task per variant "
-                        "($RAY_ADDRESS or a local instance); slurm: one sbatch job per variant (submitit)")
-    p.add_argument("--devices", help="override train.devices (int or auto)")
-    p.add_argument("--num-nodes", type=int, help="override train.num_nodes")
-    p.add_argument("--strategy", help="override train.strategy (e.g. ddp)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("ray launcher")
-    g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
-    g.add_argument("--ray-num-cpus", type=float, help="CPUs per variant task (default: devices x threads on CPU)")
-    g = p.add_argument_group("slurm launcher (submitit)")
-    g.add_argument("--slurm-partition", help="sbatch --partition")
-    g.add_argument("--slurm-time", type=int, metavar="MINUTES", help="sbatch --time in minutes (default 240)")
-    g.add_argument("--slurm-account", help="sbatch --account")
-    g.add_argument("--slurm-qos", help="sbatch --qos")
-    g.add_argument("--slurm-constraint", help="sbatch --constraint")
-    g.add_argument("--slurm-mem-gb", type=float, help="memory per node in GB")
-    g.add_argument("--slurm-cpus-per-task", type=int, help="CPUs per task (default: train.threads)")
-    g.add_argument("--slurm-gpus-per-node", type=int,
-                   help="GPUs per node (default: train.devices when train.accelerator is gpu)")
-    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
-                   help="shell line run in the job before training (repeatable), e.g. 'module load cuda'")
-    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch parameter (repeatable), e.g. --slurm-param mail_type=END")
-    g.add_argument("--slurm-folder", help="submitit folder for job logs (default <store>/submitit/<experiment>/%%j)")
-    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default=None,
-                   help="local: run the jobs on this machine with submitit's LocalExecutor (testing)")
-    p.set_defaults(func=_cmd_run)

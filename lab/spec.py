@@ -242,7 +242,7 @@ class Variant(BaseModel):
 
     def resolved(self) -> dict[str, Any]:
         """The variant as one plain dict (what is logged and hashed)."""
-        return {"experiment": self.experiment, "key": self.key, **{s: _plain(getattr(self, s)) for s in SECTIONS}}
+        return {"experiment": self.experiment, "key": self.key, **{s: plain(getattr(self, s)) for s in SECTIONS}}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({**self.resolved(), "hash": self.hash, "overrides": self.overrides}, sort_keys=False)
@@ -254,8 +254,19 @@ class Variant(BaseModel):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
+    """A spec section as plain JSON-able data (a copy)."""
     return v.model_dump(mode="json") if isinstance(v, BaseModel) else copy.deepcopy(v)
+
+
+def with_model(variant: Variant, model: dict[str, Any], **update: Any) -> Variant:
+    """`variant` with another resolved model (runtime matching, --smoke) and the hash of the new content.
+
+    This hash covers data, train, budget and the model (not bench/tracking as `expand`'s does), as it
+    always has for resized variants: changing it would retrain their finished runs.
+    """
+    resolved = {s: plain(getattr(variant, s)) for s in ("data", "train", "budget")} | {"model": model}
+    return variant.model_copy(update={"model": model, "hash": content_hash(resolved), **update})
 
 
 def deep_merge(base: Any, over: Any) -> Any:
@@ -527,7 +538,7 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
             raise SpecError("must be a mapping", file=file, path=f"{where}.model".lstrip("."))
         if check_models:
             model = _check_model(model, file, f"{where}.model".lstrip("."))
-        resolved = {s: _plain(v) for s, v in sections.items()} | {"model": model}
+        resolved = {s: plain(v) for s, v in sections.items()} | {"model": model}
         out.append(Variant(
             experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
             model=model, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),

@@ -13,7 +13,7 @@ parent run per `lab run` invocation (tags lab.role=parent, lab.experiment) and o
 per variant (tags mlflow.parentRunId, lab.role=variant, lab.experiment, lab.variant, lab.hash,
 lab.git_commit, lab.device, lab.changes, lab.baseline, ref.<field>, lab.error on failure).
 Params: the flattened resolved spec (dotted keys, lists JSON). Metrics use the global optimizer
-step as their step (see `METRICS`).
+step as their step. Every name is defined in lab.record (the run record).
 """
 from __future__ import annotations
 
@@ -26,12 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-# Metric names (explicit step = global optimizer step).
-TRAIN_METRICS = ("train/loss", "lr")
-EVAL_METRICS = ("val/top1", "val/top5", "val/loss", "epoch", "images_seen", "train_seconds")
-FINAL_METRICS = ("final/val_top1", "final/val_top5", "final/val_loss", "best/val_top1", "budget/steps",
-                 "budget/images_seen", "budget/train_seconds", "budget/train_flops", "budget/peak_mem_mb",
-                 "params", "macs")
+from lab import record as R
 
 PARAM_MAX = 6000  # MLflow's param value limit
 DEFAULT_DIR = "mlruns"
@@ -62,7 +57,8 @@ def experiment_name(variant_or_spec: Any) -> str:
     return name or getattr(variant_or_spec, "experiment", None) or variant_or_spec.name
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a `sqlite:///` URI, else None."""
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):])
     return None
@@ -70,7 +66,7 @@ def _sqlite_path(uri: str) -> Optional[Path]:
 
 def store_dir(uri: str) -> Path:
     """The folder that holds the store (SQLite file / file store), else ./mlruns."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         return db.parent
     if uri.startswith("file:"):
@@ -90,7 +86,7 @@ def client(uri: str):
     """An MlflowClient; a SQLite store's folder (and its artifacts/ folder) is created."""
     from mlflow.tracking import MlflowClient
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         (db.parent / "artifacts").mkdir(exist_ok=True)
@@ -104,7 +100,7 @@ def get_or_create_experiment(cl, name: str, uri: str) -> str:
             cl.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     location = None
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         location = (db.parent / "artifacts").resolve().as_uri()
     try:
@@ -125,11 +121,11 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    flt = ["tags.`lab.role` = 'variant'"]
+    flt = [f"tags.`{R.ROLE}` = '{R.ROLE_VARIANT}'"]
     if key is not None:
-        flt.append(f"tags.`lab.variant` = '{key}'")
+        flt.append(f"tags.`{R.VARIANT}` = '{key}'")
     if hash is not None:
-        flt.append(f"tags.`lab.hash` = '{hash}'")
+        flt.append(f"tags.`{R.HASH}` = '{hash}'")
     runs, token = [], None
     while True:
         page = cl.search_runs([exp.experiment_id], filter_string=" and ".join(flt),
@@ -211,7 +207,7 @@ def log_text(cl, run_id: str, text: str, artifact_file: str) -> None:
 
 def start_parent_run(cl, experiment_id: str, experiment: str, tags: Optional[Mapping[str, str]] = None) -> str:
     run = cl.create_run(experiment_id, run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
-                        tags={"lab.role": "parent", "lab.experiment": experiment, "lab.git_commit": git_commit(),
+                        tags={R.ROLE: R.ROLE_PARENT, R.EXPERIMENT: experiment, R.GIT_COMMIT: git_commit(),
                               **dict(tags or {})})
     return run.info.run_id
 
@@ -221,23 +217,23 @@ def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, 
     from lab.spec import describe_overrides
 
     tags = {
-        "lab.role": "variant",
-        "lab.experiment": variant.experiment,
-        "lab.variant": variant.key,
-        "lab.hash": variant.hash,
-        "lab.git_commit": commit or git_commit(),
-        "lab.device": device or device_name(),
-        "lab.changes": getattr(variant, "changes", "") or describe_overrides(variant.overrides),
-        "lab.baseline": "true" if baseline else "false",
-        "lab.budget": variant.budget.kind,
+        R.ROLE: R.ROLE_VARIANT,
+        R.EXPERIMENT: variant.experiment,
+        R.VARIANT: variant.key,
+        R.HASH: variant.hash,
+        R.GIT_COMMIT: commit or git_commit(),
+        R.DEVICE: device or device_name(),
+        R.CHANGES: getattr(variant, "changes", "") or describe_overrides(variant.overrides),
+        R.BASELINE: "true" if baseline else "false",
+        R.BUDGET: variant.budget.kind,
     }
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[R.PARENT_RUN_ID] = parent_run_id
     for k, v in (variant.tags or {}).items():
         tags.setdefault(k, str(v))
     if variant.reference is not None:
         for k, v in variant.reference.model_dump(exclude_none=True).items():
-            tags[f"ref.{k}"] = str(v)
+            tags[R.ref_tag(k)] = str(v)
     return tags
 
 
@@ -252,7 +248,7 @@ def start_variant_run(cl, experiment_id: str, variant: Any, *, parent_run_id: Op
 def log_variant_spec(cl, run_id: str, variant: Any) -> None:
     """Params (flattened resolved spec) + the resolved spec as `spec.yaml`. Params are immutable: call once."""
     log_params(cl, run_id, flatten(variant.resolved()))
-    log_text(cl, run_id, variant.to_yaml(), "spec.yaml")
+    log_text(cl, run_id, variant.to_yaml(), R.SPEC_YAML)
 
 
 def short_error(exc: BaseException, limit: int = 500) -> str:
@@ -264,9 +260,9 @@ def short_error(exc: BaseException, limit: int = 500) -> str:
 def fail_run(cl, run_id: str, exc: BaseException, status: str = "FAILED") -> None:
     """Tag lab.error (one line), attach the traceback as `error.txt`, end the run as FAILED (or KILLED)."""
     try:
-        set_tags(cl, run_id, {"lab.error": short_error(exc)})
+        set_tags(cl, run_id, {R.ERROR: short_error(exc)})
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        log_text(cl, run_id, tb, "error.txt")
+        log_text(cl, run_id, tb, R.ERROR_TXT)
     finally:
         cl.set_terminated(run_id, status=status)
 
@@ -308,7 +304,7 @@ def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: O
     if final:
         log_metrics(cl, run_id, final, last)
     if error:
-        set_tags(cl, run_id, {"lab.error": error})
+        set_tags(cl, run_id, {R.ERROR: error})
     if status != "RUNNING":  # a run still in flight has no end time
         cl.set_terminated(run_id, status=status)
     return run_id

@@ -62,7 +62,7 @@ def test_every_kind_stops_where_it_should(store, write_spec):
     }
     spec = S.load_spec(write_spec(doc))
     res = run_experiment(spec, S.expand(spec), progress=False)
-    assert all(r["status"] == "finished" for r in res)
+    assert all(r.status == "finished" for r in res)
     for key, steps in (("steps", 5), ("epochs", 4), ("images", 7), ("flops", 3)):
         m = _metrics(store, key)
         assert m["budget/steps"] == steps, key
@@ -77,7 +77,7 @@ def test_matched_seconds_budget_gives_every_variant_the_same_time(store, write_s
     doc["variants"] = {"small": {}, "wide": {"model": {"stages": [{"dim": 96, "depth": 2, "heads": 4}]}}}
     spec = S.load_spec(write_spec(doc))
     res = run_experiment(spec, S.expand(spec), progress=False)
-    assert all(r["status"] == "finished" for r in res)
+    assert all(r.status == "finished" for r in res)
     planned = {}
     for key in ("small", "wide"):
         m = _metrics(store, key)
@@ -98,7 +98,7 @@ def test_wall_clock_budget_stops_on_training_time(store, write_spec):
     doc["variants"] = {"small": {}, "wide": {"model": {"stages": [{"dim": 96, "depth": 2, "heads": 4}]}}}
     spec = S.load_spec(write_spec(doc))
     res = run_experiment(spec, S.expand(spec), progress=False)
-    assert all(r["status"] == "finished" for r in res)
+    assert all(r.status == "finished" for r in res)
     secs = {}
     for key in ("small", "wide"):
         m = _metrics(store, key)

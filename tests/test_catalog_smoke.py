@@ -10,6 +10,7 @@ import pytest
 
 from lab import cli
 from lab import spec as S
+from lab.smoke import SMOKE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def _smoke_and_table(path: Path, capsys) -> list[dict]:
     rc = cli.main(["run", str(path), "--smoke", "--set", "budget.steps=3", "--no-progress"])
     assert rc == 0
     capsys.readouterr()
-    name = S.load_spec(path, cli.SMOKE).name
+    name = S.load_spec(path, SMOKE).name
     assert cli.main(["table", name, "--format", "csv"]) == 0
     return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
 
@@ -31,7 +32,7 @@ def test_smoke_run_then_table_with_reference(stem, store, capsys, monkeypatch):
     path = ROOT / "experiments" / f"{stem}.yaml"
     monkeypatch.delenv("IMAGENET_ROOT", raising=False)  # --smoke replaces data.root: no ImageNet needed
     rows = _smoke_and_table(path, capsys)
-    variants = S.expand(S.load_spec(path, cli.SMOKE))
+    variants = S.expand(S.load_spec(path, SMOKE))
     assert sorted(r["key"] for r in rows) == sorted(v.key for v in variants)
     assert all(r["status"] == "FINISHED" for r in rows), [(r["key"], r["status"]) for r in rows]
     assert all(float(r["steps"]) == 3 for r in rows)

@@ -1,5 +1,5 @@
-"""lab.measure: BatchNorm folding, the batch search, throughput figures and their metadata,
-runtime matching (synthetic cost model and real tiny models), the `bench` subcommand."""
+"""lab.fold (BatchNorm folding), lab.bench (the batch search, throughput figures and their metadata),
+lab.match (runtime matching: synthetic cost model and real tiny models), the `bench` subcommand."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lab import measure as M
+from lab import bench as B
+from lab import device as D
+from lab import fold as F
+from lab import match as MT
 from lab.errors import LabError
 
 FAST = dict(warmup=0.0, duration=0.05, repeats=2)
@@ -31,12 +34,12 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _assert_fold_keeps_outputs(model: nn.Module, img_size: int) -> M.ThroughputResult | None:
+def _assert_fold_keeps_outputs(model: nn.Module, img_size: int) -> B.ThroughputResult | None:
     model = _randomize_bn(model)
     x = torch.randn(2, 3, img_size, img_size)
     with torch.no_grad():
         ref = model(x)
-    fused, ok, how = M.prepare_for_inference(copy.deepcopy(model))
+    fused, ok, how = F.prepare_for_inference(copy.deepcopy(model))
     assert ok, how
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     with torch.no_grad():
@@ -100,7 +103,7 @@ def test_fold_grafts_inference_mode_matches_and_is_repeatable():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
-    fused, ok, _ = M.prepare_for_inference(copy.deepcopy(model))
+    fused, ok, _ = F.prepare_for_inference(copy.deepcopy(model))
     with torch.inference_mode():
         a, b = fused(x), fused(x)
     assert ok and torch.equal(a, b)
@@ -118,35 +121,33 @@ def test_batch_search_largest_power_of_two_under_memory_cap():
         tried.append(b)
         return 10 * mib + 3 * mib * b
 
-    assert M.find_max_batch(try_fn, 2048, mem_cap_bytes=100 * mib) == 16  # 58 MiB fits, 106 does not
+    assert B.find_max_batch(try_fn, 2048, mem_cap_bytes=100 * mib) == 16  # 58 MiB fits, 106 does not
     assert tried == [1, 2, 4, 8, 16, 32]
-    assert M.find_max_batch(try_fn, 48, mem_cap_bytes=10 ** 12) == 32  # capped by max_batch, power of two
-    assert M.find_max_batch(lambda b: None, 8) == 8  # unknown peak: only OOM limits
+    assert B.find_max_batch(try_fn, 48, mem_cap_bytes=10 ** 12) == 32  # capped by max_batch, power of two
+    assert B.find_max_batch(lambda b: None, 8) == 8  # unknown peak: only OOM limits
 
 
 def test_batch_search_treats_oom_as_not_fitting():
     def try_fn(b):
         if b >= 64:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if b == 32:
-            pass
         return 0
 
-    assert M.find_max_batch(try_fn, 2048) == 32
+    assert B.find_max_batch(try_fn, 2048) == 32
 
     def runtime_oom(b):
         if b > 4:
             raise RuntimeError("CUDA error: out of memory")
         return 0
 
-    assert M.find_max_batch(runtime_oom, 2048) == 4
+    assert B.find_max_batch(runtime_oom, 2048) == 4
 
 
 def test_batch_search_nothing_fits_is_a_clear_error():
-    with pytest.raises(M.BatchSearchError, match="not even 1.*cap"):
-        M.find_max_batch(lambda b: 2 ** 30 * b, 2048, mem_cap_bytes=2 ** 20)
+    with pytest.raises(B.BatchSearchError, match="not even 1.*cap"):
+        B.find_max_batch(lambda b: 2 ** 30 * b, 2048, mem_cap_bytes=2 ** 20)
     with pytest.raises(LabError, match="not even 1.*out of memory"):
-        M.find_max_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("out of memory")), 16)
+        B.find_max_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("out of memory")), 16)
 
 
 def test_batch_search_propagates_real_errors():
@@ -154,7 +155,7 @@ def test_batch_search_propagates_real_errors():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        M.find_max_batch(broken, 16)
+        B.find_max_batch(broken, 16)
 
 
 # --------------------------------------------------------------------------- figures
@@ -167,9 +168,9 @@ def _tiny_net() -> nn.Module:
 
 def test_figures_carry_their_metadata_and_threads_are_restored():
     before = torch.get_num_threads()
-    r = M.measure_throughput(_tiny_net(), img_size=16, **FAST)
+    r = B.measure_throughput(_tiny_net(), img_size=16, **FAST)
     assert torch.get_num_threads() == before
-    assert r.device == "cpu" and r.device_name and r.device_name == M.device_name("cpu")
+    assert r.device == "cpu" and r.device_name and r.device_name == D.device_name("cpu")
     assert (r.dtype, r.batch, r.threads, r.torch_version) == ("fp32", 16, 1, torch.__version__)
     assert r.fused and "folded" in r.fusion and not r.compiled and not r.channels_last
     assert len(r.samples) == 2 and r.images_per_s_min <= r.images_per_s_median <= r.images_per_s_max
@@ -181,13 +182,13 @@ def test_figures_carry_their_metadata_and_threads_are_restored():
 
 
 def test_measure_options_batch_threads_channels_last_bf16():
-    r = M.measure_throughput(_tiny_net(), img_size=16, batch=4, threads=2, channels_last=True, dtype="bf16", **FAST)
+    r = B.measure_throughput(_tiny_net(), img_size=16, batch=4, threads=2, channels_last=True, dtype="bf16", **FAST)
     assert (r.batch, r.threads, r.channels_last, r.dtype) == (4, 2, True, "bf16")
 
 
 def test_measure_many_interleaves_and_reports_each():
     lines = []
-    res = M.measure_many({"a": _tiny_net(), "b": _tiny_net()}, img_size=16, progress=lines.append, **FAST)
+    res = B.measure_many({"a": _tiny_net(), "b": _tiny_net()}, img_size=16, progress=lines.append, **FAST)
     assert set(res) == {"a", "b"}
     order = [ln.split(":")[0].strip() for ln in lines if "repeat" in ln]
     assert order == ["a", "b", "b", "a"]  # ABBA
@@ -195,33 +196,33 @@ def test_measure_many_interleaves_and_reports_each():
 
 def test_unknown_dtype_and_missing_gpu_are_lab_errors():
     with pytest.raises(LabError, match="dtype"):
-        M.measure_throughput(_tiny_net(), img_size=16, dtype="int8", **FAST)
+        B.measure_throughput(_tiny_net(), img_size=16, dtype="int8", **FAST)
     if not torch.cuda.is_available():
         with pytest.raises(LabError, match="no GPU"):
-            M.measure_throughput(_tiny_net(), img_size=16, device="cuda", **FAST)
+            B.measure_throughput(_tiny_net(), img_size=16, device="cuda", **FAST)
 
 
 def test_auto_device_without_gpu_measures_on_cpu():
     """GPU code paths import and stay out of the way on a CPU-only machine."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: 'auto' picks it")
-    assert M.resolve_device("auto") == "cpu" and M.default_dtype("cpu") == "fp32"
-    r = M.measure_throughput(_tiny_net(), img_size=16, device="auto", **FAST)
-    assert (r.device, r.dtype, r.batch, r.threads) == ("cpu", "fp32", M.CPU_BATCH, 1)
-    assert r.device_name == M.device_name("cpu")
+    assert D.resolve_device("auto") == "cpu" and D.default_dtype("cpu") == "fp32"
+    r = B.measure_throughput(_tiny_net(), img_size=16, device="auto", **FAST)
+    assert (r.device, r.dtype, r.batch, r.threads) == ("cpu", "fp32", B.CPU_BATCH, 1)
+    assert r.device_name == D.device_name("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_largest_batch_bf16_and_memory_cap():
-    r = M.measure_throughput(_tiny_net(), img_size=32, device="cuda", max_batch=64, **FAST)
+    r = B.measure_throughput(_tiny_net(), img_size=32, device="cuda", max_batch=64, **FAST)
     assert r.device == "cuda" and r.dtype == "bf16" and r.batch == 64
     assert r.device_name == torch.cuda.get_device_name()
-    base = M.measure_throughput(_tiny_net(), img_size=32, device="cuda", batch=1, **FAST)
+    base = B.measure_throughput(_tiny_net(), img_size=32, device="cuda", batch=1, **FAST)
     assert base.batch == 1
     # a cap below what batch 1 needs: nothing fits
-    with pytest.raises(M.BatchSearchError):
-        M.measure_throughput(_tiny_net(), img_size=32, device="cuda", mem_cap_bytes=1, **FAST)
-    r16 = M.measure_throughput(_tiny_net(), img_size=32, device="cuda", dtype="fp16", batch=8, **FAST)
+    with pytest.raises(B.BatchSearchError):
+        B.measure_throughput(_tiny_net(), img_size=32, device="cuda", mem_cap_bytes=1, **FAST)
+    r16 = B.measure_throughput(_tiny_net(), img_size=32, device="cuda", dtype="fp16", batch=8, **FAST)
     assert r16.dtype == "fp16"
 
 
@@ -261,7 +262,7 @@ def test_matcher_finds_depth_on_a_synthetic_cost_model(tmp_path):
         seen.append(cfg["stages"][0]["depth"])
         return 1200.0 / cfg["stages"][0]["depth"]
 
-    r = M.match_throughput(sized, variants, measure_fn=cost)
+    r = MT.match_throughput(sized, variants, measure_fn=cost)
     assert seen == [3, 1, 2, 4, 8]  # target first, then every candidate once
     assert r.value == 4  # 300 img/s is nearest 400 (|d| 100) vs 600 (|d| 200)
     assert r.target_imgs_per_s == 400 and r.candidates == {1: 1200, 2: 600, 4: 300, 8: 150}
@@ -269,17 +270,19 @@ def test_matcher_finds_depth_on_a_synthetic_cost_model(tmp_path):
     v = r.variant
     assert v.model["stages"][0]["depth"] == 4 and v.match is None
     assert v.hash != sized.hash and v.tags["match.value"] == "4" and v.tags["match.miss_pct"] == "-25.00"
-    from lab import spec as S
-    assert v.hash == S.content_hash({s: S._plain(getattr(v, s)) for s in ("data", "train", "budget")}
-                                    | {"model": v.model})
+    # the hash is the content's: matching again gives it again (skip/resume find the run), another value not
+    assert MT.match_throughput(sized, variants, measure_fn=cost).variant.hash == v.hash
+    other = MT.match_throughput(sized, variants,  # target (depth 3) and depth 2 both at 600 img/s
+                                measure_fn=lambda cfg, *, device: {2: 600.0, 3: 600.0}.get(cfg["stages"][0]["depth"], 1.0))
+    assert other.value == 2 and other.variant.hash not in (v.hash, sized.hash)
     # an exact candidate: no miss; resolve_match returns the variant and prints the miss
     lines = []
-    v2 = M.resolve_match(sized.model_copy(update={"match": sized.match.model_copy(update={"values": [2, 3]})}),
+    v2 = MT.resolve_match(sized.model_copy(update={"match": sized.match.model_copy(update={"values": [2, 3]})}),
                          variants, measure_fn=cost, progress=lines.append)
     assert v2.model["stages"][0]["depth"] == 3 and "misses by +0.0%" in lines[-1]
     # no match section: unchanged
     target = next(v for v in variants if v.key == "target")
-    assert M.resolve_match(target, variants, measure_fn=cost) is target
+    assert MT.resolve_match(target, variants, measure_fn=cost) is target
 
 
 def test_matcher_against_a_zoo_name_and_errors(tmp_path):
@@ -291,24 +294,25 @@ def test_matcher_against_a_zoo_name_and_errors(tmp_path):
         return 1000.0 / sum(s["depth"] for s in cfg["stages"])
 
     zoo = sized.model_copy(update={"match": sized.match.model_copy(update={"throughput_of": "levit_128s"})})
-    r = M.match_throughput(zoo, variants, measure_fn=cost)  # levit_128s: 2+3+4 blocks -> depth 8 nearest 9
+    r = MT.match_throughput(zoo, variants, measure_fn=cost)  # levit_128s: 2+3+4 blocks -> depth 8 nearest 9
     assert r.value == 8 and r.target == "levit_128s"
     bad = sized.model_copy(update={"match": sized.match.model_copy(update={"vary": "model.stages.5.depth"})})
     with pytest.raises(LabError, match=r"match\.vary.*does not exist"):
-        M.match_throughput(bad, variants, measure_fn=cost)
+        MT.match_throughput(bad, variants, measure_fn=cost)
     bad = sized.model_copy(update={"match": sized.match.model_copy(update={"throughput_of": "levit_12s"})})
     with pytest.raises(LabError, match="neither a variant.*did you mean 'levit_128s'"):
-        M.match_throughput(bad, variants, measure_fn=cost)
+        MT.match_throughput(bad, variants, measure_fn=cost)
     bad = sized.model_copy(update={"match": sized.match.model_copy(update={"values": [0, -1]})})
-    with pytest.raises(LabError, match=r"match\.values.*depth=0 is not a valid model|match\.values"):
-        M.match_throughput(bad, variants, measure_fn=cost)
+    with pytest.raises(LabError, match=r"depth=0 is not a valid model") as e:
+        MT.match_throughput(bad, variants, measure_fn=cost)
+    assert e.value.path == "variants.sized.match.values"
 
 
 def test_matcher_on_a_real_tiny_model_picks_the_measured_nearest(tmp_path):
     pytest.importorskip("grafts")
     variants = _spec(tmp_path, MATCH_SPEC)
     sized = next(v for v in variants if v.key == "sized")
-    real = M.default_match_measure(sized.bench, warmup=0.05, duration=0.1, repeats=3)
+    real = MT.default_match_measure(sized.bench, warmup=0.05, duration=0.1, repeats=3)
     made: list[tuple[int, float]] = []
 
     def measured(cfg, *, device):
@@ -316,7 +320,7 @@ def test_matcher_on_a_real_tiny_model_picks_the_measured_nearest(tmp_path):
         made.append((cfg["stages"][0]["depth"], ips))
         return ips
 
-    r = M.match_throughput(sized, variants, measure_fn=measured)
+    r = MT.match_throughput(sized, variants, measure_fn=measured)
     (tdepth, target), cands = made[0], dict(made[1:])
     assert tdepth == 4 and set(cands) == {1, 2, 4, 8}
     nearest = min(cands, key=lambda d: abs(cands[d] - target))
@@ -369,11 +373,12 @@ def test_bench_spec_table_and_log_onto_mlflow_run(tmp_path, monkeypatch, capsys)
     """))
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("bench_test")
-    old = client.create_run(exp, tags={"lab.experiment": "bench_test", "lab.variant": "a", "lab.hash": "x"})
+    child = {"lab.role": "variant", "lab.experiment": "bench_test", "lab.variant": "a"}
+    old = client.create_run(exp, tags={**child, "lab.hash": "x"})
     client.set_terminated(old.info.run_id, "FINISHED")
-    run = client.create_run(exp, tags={"lab.experiment": "bench_test", "lab.variant": "a", "lab.hash": "y"})
+    run = client.create_run(exp, tags={**child, "lab.hash": "y"})
     client.set_terminated(run.info.run_id, "FINISHED")
-    failed = client.create_run(exp, tags={"lab.experiment": "bench_test", "lab.variant": "a"})
+    failed = client.create_run(exp, tags=child)
     client.set_terminated(failed.info.run_id, "FAILED")
 
     rc = main(["bench", str(tmp_path / "s.yaml"), "--log"])

@@ -3,7 +3,7 @@
 The store is written only by the lab's own code, so the names of tags, params and metrics
 cannot drift between the writer and the reader: specs are expanded by `lab.spec`, parent runs
 come from `lab.track.start_parent_run`, variant runs from `lab.track.log_variant_run`, bench
-figures from `lab.measure.log_bench`, budget usage from `lab.budget.usage`, and one tiny
+figures from `lab.bench.log_bench`, budget usage from `lab.budget.usage`, and one tiny
 experiment (`tinyrun`, 2 variants x 12 steps, a few seconds) is really trained by
 `lab.runner.run_experiment` while the store is built once per session. The report side only reads.
 """
@@ -23,6 +23,7 @@ import yaml
 from conftest import tiny_spec_dict
 
 from lab import budget as B
+from lab import record as REC
 from lab import report as R
 from lab import spec as S
 from lab import track
@@ -32,14 +33,14 @@ from lab.errors import LabError
 EVAL_STEPS = (10, 20, 30)
 BATCH = 32          # images per optimizer step
 TRAIN_SIZE = 320    # images per epoch: epoch = step * BATCH / TRAIN_SIZE = step / 10
-WRITTEN = set(track.TRAIN_METRICS + track.EVAL_METRICS + track.FINAL_METRICS)
+WRITTEN = set(REC.TRAIN_METRICS + REC.EVAL_METRICS + REC.FINAL_METRICS)
 
 
 @dataclass
 class Store:
     uri: str
     ids: dict[str, str]       # name -> MLflow run id
-    trained: list[dict]       # run_experiment's records of the really trained experiment
+    trained: list             # run_experiment's VariantResults of the really trained experiment
     specs: dict[str, tuple]   # experiment -> (ExperimentSpec, {key: Variant})
 
 
@@ -96,7 +97,7 @@ def _lab_run(spec, variants: dict, outcomes: dict[str, dict], parent_tags: dict 
 
 def _bench(variant, **imgs_per_s: float) -> None:
     """`lab bench SPEC --log`'s write, with made-up figures: {device: images/s}."""
-    from lab.measure import ThroughputResult, log_bench
+    from lab.bench import ThroughputResult, log_bench
 
     for device, ips in imgs_per_s.items():
         res = ThroughputResult(images_per_s_min=ips * 0.9, images_per_s_median=ips, images_per_s_max=ips * 1.1,
@@ -162,7 +163,7 @@ def build_store(root: Path, train: bool = True) -> Store:
     spec, vs = specs["empty"] = _spec(root, uri, tiny_spec_dict(name="empty"))
     _lab_run(spec, vs, {})
 
-    trained: list[dict] = []
+    trained: list = []
     if train:
         from lab.runner import run_experiment
 
@@ -171,7 +172,7 @@ def build_store(root: Path, train: bool = True) -> Store:
         doc["reference"] = {"base": {"top1": 72.2, "params_m": 5.7}}
         spec, vs = specs["tinyrun"] = _spec(root, uri, doc)
         trained = run_experiment(spec, list(vs.values()), progress=False, say=lambda s: None)
-        assert [r["status"] for r in trained] == ["finished", "finished"], trained
+        assert [r.status for r in trained] == ["finished", "finished"], trained
         _bench(vs["base"], cpu=2000.0)
         _bench(vs["bias"], cpu=1500.0)
     return Store(uri, ids, trained, specs)
@@ -491,18 +492,18 @@ def test_plots_write_png_and_svg(abl, tmp_path):
 
 def test_trained_experiment_reads_back(store):
     """`lab run` (lab.runner) writes, `lab table` reads: every number in the row is the runner's."""
-    rec = {r["key"]: r for r in store.trained}
+    rec = {r.key: r for r in store.trained}
     runs = R.load_runs(["tinyrun"], tracking_uri=store.uri)
     t = R.ablation_table(runs).set_index("key")
     assert list(t.index) == ["base", "bias"] and t["status"].tolist() == ["FINISHED", "FINISHED"]
-    assert t["baseline"].tolist() == [True, False] and t["run_id"].to_dict() == {k: r["run_id"] for k, r in rec.items()}
+    assert t["baseline"].tolist() == [True, False] and t["run_id"].to_dict() == {k: r.run_id for k, r in rec.items()}
     for k, r in rec.items():
-        assert t.at[k, "top1"] == pytest.approx(r["top1"]) and t.at[k, "top1_best"] == pytest.approx(r["best_top1"])
-        assert t.at[k, "steps"] == r["steps"] == 12 and t.at[k, "images_seen"] == r["images_seen"] == 12 * 16
-        assert t.at[k, "train_s"] == pytest.approx(r["train_seconds"])
-        assert t.at[k, "params_m"] == pytest.approx(r["params"] / 1e6) and t.at[k, "macs_m"] == pytest.approx(r["macs"] / 1e6)
-    assert t.at["bias", "d_top1"] == pytest.approx(rec["bias"]["top1"] - rec["base"]["top1"])
-    assert t.at["bias", "d_params_m"] == pytest.approx((rec["bias"]["params"] - rec["base"]["params"]) / 1e6)
+        assert t.at[k, "top1"] == pytest.approx(r.top1) and t.at[k, "top1_best"] == pytest.approx(r.best_top1)
+        assert t.at[k, "steps"] == r.steps == 12 and t.at[k, "images_seen"] == r.images_seen == 12 * 16
+        assert t.at[k, "train_s"] == pytest.approx(r.train_seconds)
+        assert t.at[k, "params_m"] == pytest.approx(r.params / 1e6) and t.at[k, "macs_m"] == pytest.approx(r.macs / 1e6)
+    assert t.at["bias", "d_top1"] == pytest.approx(rec["bias"].top1 - rec["base"].top1)
+    assert t.at["bias", "d_params_m"] == pytest.approx((rec["bias"].params - rec["base"].params) / 1e6)
     assert t.at["bias", "cpu_imgs_s"] == 1500.0 and t.at["bias", "cpu_speedup"] == pytest.approx(0.75)
     assert t["changes"].to_dict() == {"base": "(baseline)", "bias": "model.position=attention_bias"}
     assert t.at["base", "ref_top1"] == 72.2 and t.at["base", "ref_params_m"] == 5.7
@@ -513,11 +514,11 @@ def test_trained_experiment_reads_back(store):
         for k, r in rec.items():
             g = c[c["key"] == k].sort_values("step")
             assert g["step"].tolist() == [5, 10, 12]
-            assert list(zip(g["step"], g["x"])) == track.metric_history(cl, r["run_id"], x)
-            assert list(zip(g["step"], g["top1"])) == track.metric_history(cl, r["run_id"], "val/top1")
-            assert g["top1"].iloc[-1] == pytest.approx(r["top1"])
+            assert list(zip(g["step"], g["x"])) == track.metric_history(cl, r.run_id, x)
+            assert list(zip(g["step"], g["top1"])) == track.metric_history(cl, r.run_id, "val/top1")
+            assert g["top1"].iloc[-1] == pytest.approx(r.top1)
     seconds = R.convergence_data(runs, x="train_seconds").query("key == 'base'")["x"]
-    assert 0 < seconds.iloc[-1] <= rec["base"]["train_seconds"] + 1e-6  # timed up to the last eval
+    assert 0 < seconds.iloc[-1] <= rec["base"].train_seconds + 1e-6  # timed up to the last eval
     assert R.convergence_data(runs, x="images_seen").query("key == 'base'")["x"].tolist() == [80, 160, 192]
     p = R.pareto_data(runs, device="cpu").query("source == 'measured'").set_index("key")
     assert p["throughput"].to_dict() == {"base": 2000.0, "bias": 1500.0}

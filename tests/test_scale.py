@@ -54,21 +54,21 @@ def test_rank_zero_from_environment():
 def test_nonzero_rank_trains_but_writes_nothing(store, write_spec):
     """What a rank > 0 of a distributed worker runs: it trains into the prepared run and never
     writes to MLflow (no run, param, metric, tag, artifact or status change)."""
-    from lab import runner
+    from lab import execute
 
-    runner.quiet_logs()
+    execute.quiet_logs()
     spec, vs = _load(write_spec, tiny_spec_dict(budget={"steps": 4}))
     v = vs[0]
     cl = track.client(store)
     exp_id = track.get_or_create_experiment(cl, "tiny", store)
     parent = track.start_parent_run(cl, exp_id, "tiny")
-    ctx = runner.Context(spec=spec, variants=vs, uri=store, cl=cl, experiment="tiny", experiment_id=exp_id,
-                         parent_run_id=parent, baseline=v.key, progress=False)
-    rec, run_id, resume = runner.prepare_variant(v, ctx)
+    ctx = execute.Context(spec=spec, variants=vs, uri=store, cl=cl, experiment="tiny", experiment_id=exp_id,
+                          parent_run_id=parent, baseline=v.key, progress=False)
+    rec, run_id, resume = execute.prepare_variant(v, ctx)
     tags_before = cl.get_run(run_id).data.tags
-    rank1 = runner.Context(**{**ctx.__dict__, "rank_zero": False, "datamodules": {}})
-    out = runner.execute_variant(v, rank1, rec, run_id, resume)
-    assert out["status"] == "finished" and out["steps"] == 4 and out["top1"] is not None
+    rank1 = execute.Context(**{**ctx.__dict__, "rank_zero": False, "datamodules": {}})
+    out = execute.execute_variant(v, rank1, rec, run_id, resume)
+    assert out.status == "finished" and out.steps == 4 and out.top1 is not None
     run = cl.get_run(run_id)
     assert run.info.status == "RUNNING"  # only rank 0 ends the run
     assert run.data.params == {} and run.data.metrics == {} and run.data.tags == tags_before
@@ -121,7 +121,7 @@ def test_ray_sweep_runs_variants_in_parallel_under_one_parent(store, write_spec)
     spec, vs = _load(write_spec, doc)
     opts = launch.LaunchOptions(ray_init={"num_cpus": 3, "include_dashboard": False, "log_to_driver": False})
     res = run_experiment(spec, vs, progress=False, launcher="ray", launch_options=opts)
-    assert [r["status"] for r in res] == ["finished"] * 3
+    assert [r.status for r in res] == ["finished"] * 3
     cl = track.client(store)
     runs = track.find_variant_runs(cl, "sweep")
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
@@ -159,8 +159,8 @@ def test_slurm_launcher_resumes_and_skips_with_local_executor(store, write_spec,
     opts = launch.LaunchOptions(slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"),
                                 slurm_time=10, poll_s=0.5)
     res = run_experiment(spec, vs, progress=False, launcher="slurm", launch_options=opts)
-    assert [(r["key"], r["status"], r["resumed"]) for r in res] == [("a", "finished", True), ("b", "finished", False)]
-    assert res[0]["run_id"] == killed.info.run_id
+    assert [(r.key, r.status, r.resumed) for r in res] == [("a", "finished", True), ("b", "finished", False)]
+    assert res[0].run_id == killed.info.run_id
     runs = {r.data.tags["lab.variant"]: r for r in track.find_variant_runs(cl, "slurmy")}
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["a"].data.tags["lab.resumed"] == "1"
@@ -170,7 +170,7 @@ def test_slurm_launcher_resumes_and_skips_with_local_executor(store, write_spec,
     assert list((tmp_path / "submitit").iterdir())  # submitit's job folders
 
     again = run_experiment(spec, vs, progress=False, launcher="slurm", launch_options=opts)
-    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    assert [r.status for r in again] == ["skipped", "skipped"]
 
 
 def test_multi_node_needs_the_slurm_launcher(store, write_spec, capsys):
@@ -341,4 +341,4 @@ def test_team_server_on_postgres(request, write_spec, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     spec = S.load_spec(spec_path)
     again = run_experiment(spec, S.expand(spec), progress=False, say=lambda s: None)
-    assert [(r["status"], r["run_id"]) for r in again] == [("skipped", run.info.run_id)]
+    assert [(r.status, r.run_id) for r in again] == [("skipped", run.info.run_id)]

@@ -237,7 +237,7 @@ def test_changes_are_described_against_the_baseline_variant(tmp_path):
 def test_launch_section_is_validated_and_cli_flags_win(tmp_path):
     import argparse
 
-    from lab.runner import _launch_options
+    from lab.cli.run import launch_options, register
 
     p = write(tmp_path, "a.yaml", spec_text("""
         launch:
@@ -247,11 +247,10 @@ def test_launch_section_is_validated_and_cli_flags_win(tmp_path):
     spec = S.load_spec(p)
     assert spec.launch.launcher == "slurm" and spec.launch.slurm.time == 2880
     parser = argparse.ArgumentParser()
-    from lab.runner import register
     register(parser.add_subparsers())
     args = parser.parse_args(["run", str(p), "--slurm-partition", "big", "--slurm-setup", "ulimit -n 4096",
                               "--slurm-param", "mail_user=me@x"])
-    o = _launch_options(args, spec.launch)
+    o = launch_options(args, spec.launch)
     assert o.slurm_partition == "big" and o.slurm_time == 2880 and o.slurm_cluster == "slurm"
     assert o.slurm_setup == ["module load cuda", "ulimit -n 4096"]
     assert o.slurm_params == {"mail_type": "END", "mail_user": "me@x"}

@@ -33,10 +33,10 @@ def test_run_records_everything(store, write_spec):
     doc["reference"] = {"base": {"top1": 72.2, "params_m": 5.7}}
     spec, vs = _load(write_spec, doc)
     res = run_experiment(spec, vs, progress=False)
-    assert [r["status"] for r in res] == ["finished", "finished"]
+    assert [r.status for r in res] == ["finished", "finished"]
     cl = track.client(store)
     for r, v in zip(res, vs):
-        run = cl.get_run(r["run_id"])
+        run = cl.get_run(r.run_id)
         m, t = run.data.metrics, run.data.tags
         assert run.info.status == "FINISHED"
         assert m["budget/steps"] == 12 and m["budget/images_seen"] == 12 * 16
@@ -51,26 +51,26 @@ def test_run_records_everything(store, write_spec):
         assert parent.data.tags["lab.role"] == "parent" and parent.info.status == "FINISHED"
         assert run.data.params["budget.steps"] == "12"
         # metric histories with the optimizer step as step
-        assert [s for s, _ in track.metric_history(cl, r["run_id"], "val/top1")] == [5, 10, 12]
-        assert [s for s, _ in track.metric_history(cl, r["run_id"], "train/loss")] == [2, 4, 6, 8, 10, 12]
-        assert [v_ for _, v_ in track.metric_history(cl, r["run_id"], "images_seen")] == [80, 160, 192]
-        lrs = dict(track.metric_history(cl, r["run_id"], "lr"))
+        assert [s for s, _ in track.metric_history(cl, r.run_id, "val/top1")] == [5, 10, 12]
+        assert [s for s, _ in track.metric_history(cl, r.run_id, "train/loss")] == [2, 4, 6, 8, 10, 12]
+        assert [v_ for _, v_ in track.metric_history(cl, r.run_id, "images_seen")] == [80, 160, 192]
+        lrs = dict(track.metric_history(cl, r.run_id, "lr"))
         assert lrs[2] > lrs[12] >= 1e-5  # cosine decay after warmup
-        arts = {a.path for a in cl.list_artifacts(r["run_id"])}
+        arts = {a.path for a in cl.list_artifacts(r.run_id)}
         assert {"spec.yaml", "checkpoint"} <= arts
         assert (track.checkpoint_dir(v, store) / "last.ckpt").is_file()
-    assert cl.get_run(res[0]["run_id"]).data.tags["ref.top1"] == "72.2"
-    assert cl.get_run(res[1]["run_id"]).data.tags["lab.changes"] == \
+    assert cl.get_run(res[0].run_id).data.tags["ref.top1"] == "72.2"
+    assert cl.get_run(res[1].run_id).data.tags["lab.changes"] == \
         "train.ema=0.9, data.augment.label_smoothing=0.1"
     # the synthetic data is easy: the baseline learns something in 12 steps
-    assert res[0]["top1"] > 25
+    assert res[0].top1 > 25
 
     # a second invocation skips both; --force retrains into new runs
     again = run_experiment(spec, vs, progress=False)
-    assert [r["status"] for r in again] == ["skipped", "skipped"]
-    assert [r["run_id"] for r in again] == [r["run_id"] for r in res]
+    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert [r.run_id for r in again] == [r.run_id for r in res]
     forced = run_experiment(spec, vs[:1], force=True, progress=False)
-    assert forced[0]["status"] == "finished" and forced[0]["run_id"] != res[0]["run_id"]
+    assert forced[0].status == "finished" and forced[0].run_id != res[0].run_id
     assert len(track.find_variant_runs(cl, "tiny", key="base")) == 2
 
 
@@ -84,8 +84,8 @@ def test_resume_after_kill_continues_the_same_run(store, write_spec):
     assert cl.get_run(killed.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
     assert [s for s, _ in track.metric_history(cl, killed.info.run_id, "train/loss")] == [2, 4, 6]
     res = run_experiment(spec, vs, progress=False)
-    assert res[0]["status"] == "finished" and res[0]["resumed"]
-    assert res[0]["run_id"] == killed.info.run_id
+    assert res[0].status == "finished" and res[0].resumed
+    assert res[0].run_id == killed.info.run_id
     run = cl.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["lab.resumed"] == "1"
     assert run.data.metrics["budget/steps"] == 12
@@ -145,7 +145,7 @@ def test_distillation_trains_teacher_first(store, write_spec):
     spec, vs = _load(write_spec, doc)
     assert [v.key for v in order_variants(vs)] == ["teacher", "student"]
     res = run_experiment(spec, vs, progress=False)
-    assert [(r["key"], r["status"]) for r in res] == [("teacher", "finished"), ("student", "finished")]
+    assert [(r.key, r.status) for r in res] == [("teacher", "finished"), ("student", "finished")]
 
 
 def test_cli_variant_subset_adds_teacher(store, write_spec, capsys):

@@ -1,0 +1,49 @@
+"""`python -m lab` / `lab`: one entry point, one small module per subcommand.
+
+Each module in `COMMANDS` (lab/cli/<name>.py) exposes `register(subparsers)`, which adds its
+parser and sets `func(args) -> int`; it parses arguments and calls the domain API (lab.runner,
+lab.bench, lab.report, lab.spec), which never imports the CLI. User mistakes raise `LabError`
+and become one line on stderr and exit 2. Shared argument helpers: lab/cli/common.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import lab
+from lab.cli import bench, plot, run, show, table, validate
+from lab.errors import LabError
+
+# Subcommand modules, in the order `--help` lists them. A new command: add lab/cli/<name>.py
+# with `register(sub)` and list it here.
+COMMANDS = (validate, show, run, bench, table, plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lab",
+                                     description="Grafting and ablation lab for hybrid conv/transformer models.")
+    parser.add_argument("--version", action="version", version=f"lab {lab.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):  # no command: the full help, not just a usage line
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""One variant of a `lab run`, whatever launcher runs it: skip, resume or start its MLflow run
+(`prepare_variant`, the driver's half), then train it into that run and end the run
+(`execute_variant`, the worker's half; the training itself is lab.train).
+
+  - a FINISHED run with the same hash is skipped (`force=True` retrains);
+  - a KILLED/RUNNING/FAILED run whose checkpoint is still there is resumed into the same
+    MLflow run from `<store>/checkpoints/<experiment>/<variant>-<hash>/last.ckpt`;
+  - any exception (including a non-finite loss) marks the run FAILED with `lab.error` and the
+    traceback as `error.txt`, and the next variant runs;
+  - Ctrl-C marks the run KILLED and re-raises.
+In a distributed worker only global rank 0 writes to MLflow (`Context.rank_zero`).
+The experiment around the variants (parent run, ordering, launchers) is lab.runner.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lab import record as R
+from lab import track
+from lab.errors import LabError
+from lab.record import VariantResult
+from lab.train import data_key, find_file, train_variant
+
+RESUMABLE = ("KILLED", "RUNNING", "FAILED")
+
+
+@dataclass
+class Context:
+    """What every variant of one `lab run` shares: the spec, the store, the parent run, options."""
+
+    spec: Any
+    variants: list  # every variant of the invocation (for teachers and matching)
+    uri: str
+    cl: Any
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    baseline: str
+    force: bool = False
+    progress: bool = True
+    callbacks: list = field(default_factory=list)
+    datamodules: dict = field(default_factory=dict)
+    say: Callable[[str], None] = print
+    # False in the non-zero ranks of a distributed worker: they train but never write to MLflow
+    # (no runs, params, metrics, tags, artifacts, status changes).
+    rank_zero: bool = True
+    launcher: str = "local"
+
+
+def preflight(variants: list, datamodules: dict) -> None:
+    """Build (and set up) each distinct dataset once; missing data or teacher files are LabErrors."""
+    from lab.data import build_datamodule
+
+    for v in variants:
+        k = data_key(v)
+        if k not in datamodules:
+            dm = build_datamodule(v.data, num_classes_expected=v.model.get("num_classes"), spec_file=v.source or None)
+            dm.setup("fit")
+            datamodules[k] = dm
+        else:
+            dm = datamodules[k]
+            nc = v.model.get("num_classes")
+            if nc is not None and getattr(dm, "num_classes", nc) != nc:
+                raise LabError(f"the model has {nc} classes but the data has {dm.num_classes}", file=v.source,
+                               path=f"variants.{v.key}.model.num_classes")
+        d = v.train.distill
+        if d is not None and d.checkpoint and find_file(d.checkpoint, v.source) is None:
+            raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
+                           path=f"variants.{v.key}.train.distill.checkpoint")
+
+
+def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Optional[Path]]:
+    """The driver's half of a variant: skip it, or pick the MLflow child run it trains into.
+
+    Returns (result, run_id, resume_ckpt): result.status == "skipped" (run_id None) when a
+    FINISHED run with the same hash exists and not `ctx.force`; else the run to train into (a
+    resumable KILLED/RUNNING/FAILED run that owns `last.ckpt`, set RUNNING again, or a new child
+    run of `ctx.parent_run_id`) and the checkpoint to resume from (None: from scratch).
+    """
+    rec = VariantResult.new(v)
+    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished and not ctx.force:
+        r = finished[0]
+        m = r.data.metrics
+        rec.update(run_id=r.info.run_id, status="skipped", params=m.get(R.PARAMS), macs=m.get(R.MACS),
+                   steps=m.get(R.BUDGET_STEPS), top1=m.get(R.FINAL_VAL_TOP1), best_top1=m.get(R.BEST_VAL_TOP1),
+                   train_seconds=m.get(R.BUDGET_TRAIN_SECONDS), wall_seconds=0.0,
+                   budget=r.data.tags.get(R.BUDGET_PLAN, v.budget.kind))
+        return rec, None, None
+
+    ckdir = track.checkpoint_dir(v, ctx.uri)
+    last = ckdir / "last.ckpt"
+    owner = None
+    if (ckdir / "run.json").is_file():
+        try:
+            owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
+        except Exception:  # noqa: BLE001
+            owner = None
+    resume = None
+    if not ctx.force and last.is_file():
+        resume = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
+    if resume is not None:
+        run_id = resume.info.run_id
+        ctx.cl.update_run(run_id, status="RUNNING")
+        n = int(resume.data.tags.get(R.RESUMED, "0")) + 1
+        track.set_tags(ctx.cl, run_id, {R.RESUMED: n, R.RESUMED_BY: ctx.parent_run_id, R.LAUNCHER: ctx.launcher})
+        if R.ERROR in resume.data.tags:
+            ctx.cl.delete_tag(run_id, R.ERROR)
+        rec.resumed = True
+    else:
+        if ckdir.exists():
+            shutil.rmtree(ckdir)
+        ckdir.mkdir(parents=True, exist_ok=True)
+        run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
+                                         baseline=(v.key == ctx.baseline))
+        track.set_tags(ctx.cl, run_id, {R.LAUNCHER: ctx.launcher})
+        (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+    rec.run_id = run_id
+    return rec, run_id, (last if resume is not None else None)
+
+
+def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path],
+                    started: Optional[float] = None) -> VariantResult:
+    """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
+
+    Never raises except Ctrl-C. With `ctx.rank_zero` False (a non-zero rank of a distributed
+    worker) it trains in lockstep with rank 0 but writes nothing to MLflow.
+    """
+    import socket
+
+    t0 = started if started is not None else time.time()
+    try:
+        if ctx.rank_zero:
+            track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
+                                            R.WORKER_STARTED: f"{t0:.3f}"})
+        if v.match is not None:
+            from lab.measure import resolve_match
+
+            v = resolve_match(v, ctx.variants)
+            if ctx.rank_zero:
+                prefix = R.match_tag("")
+                track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith(prefix)})
+                track.set_tags(ctx.cl, run_id, {R.RESOLVED_HASH: v.hash})
+        if resume_ckpt is None and ctx.rank_zero:
+            track.log_variant_spec(ctx.cl, run_id, v)
+        if data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
+            preflight([v], ctx.datamodules)
+        train_variant(v, ctx, run_id, resume_ckpt, rec)
+        if ctx.rank_zero:
+            ctx.cl.set_terminated(run_id, status="FINISHED")
+        rec.status = "finished"
+    except KeyboardInterrupt:
+        rec.status = "killed"
+        if ctx.rank_zero:
+            ctx.cl.set_terminated(run_id, status="KILLED")
+        rec.wall_seconds = time.time() - t0
+        raise
+    except Exception as e:  # noqa: BLE001 - one variant's failure must not stop the others
+        rec.update(status="failed", error=track.short_error(e))
+        if ctx.rank_zero:
+            try:
+                track.fail_run(ctx.cl, run_id, e)
+            except Exception:  # noqa: BLE001
+                pass
+    rec.wall_seconds = time.time() - t0
+    return rec
+
+
+def run_variant(v, ctx: Context) -> VariantResult:
+    """Skip / resume / train one variant in this process with its own MLflow child run;
+    never raises except Ctrl-C."""
+    t0 = time.time()
+    rec, run_id, resume_ckpt = prepare_variant(v, ctx)
+    if rec.status == "skipped" or run_id is None:
+        return rec
+    return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
+
+
+def quiet_logs() -> None:
+    """Lightning's banners and tips, MLflow's DB migration notes and known-harmless warnings off."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
+                 "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for msg in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*", ".*resuming from a checkpoint that ended.*",
+                ".*is not a valid metric.*", r".*module\(s\) in eval mode.*",
+                ".*Using `DistributedSampler` with the dataloaders.*"):  # DDP eval pads < world_size samples
+        warnings.filterwarnings("ignore", message=msg)

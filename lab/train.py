@@ -1,0 +1,311 @@
+"""Train one variant into a prepared MLflow run: build, plan, fit, record.
+
+`train_variant` is the four steps in order; each step is a function of its own:
+  - `build`: seed, the model, its complexity, the teacher, the data and the trainer settings;
+  - `plan_budget`: the budget plan (a seconds budget calibrates, or reuses the resumed run's plan);
+    `log_start` records it on a new run;
+  - `fit`: the Lightning Trainer with lab's callbacks, run until the budget is spent, then a final
+    validation when the last one is stale;
+  - `record_final`: the final metrics, the final weights and the variant's `VariantResult`.
+Skip/resume decisions, the run's status and the error handling live in lab.execute; the
+metric and tag names in lab.record.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lab import record as R
+from lab import track
+from lab.errors import LabError
+
+
+def data_key(v) -> str:
+    """Variants with equal data sections share one datamodule under this key."""
+    import json
+
+    return json.dumps(v.data.model_dump(mode="json"), sort_keys=True)
+
+
+def find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
+    """`path` as given (absolute), else relative to the working directory, else to the spec's folder."""
+    p = Path(os.path.expanduser(path))
+    cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(spec_file).parent / p] if spec_file else [])
+    return next((c for c in cands if c.is_file()), None)
+
+
+def load_teacher(v, ctx):
+    """The frozen teacher of a distilled variant (None without distillation)."""
+    import grafts
+    from lab.module import model_state_from_file
+
+    d = v.train.distill
+    if d is None:
+        return None
+    if d.variant:
+        tv = next(x for x in ctx.variants if x.key == d.variant)
+        path = track.checkpoint_dir(tv, ctx.uri) / "final.pt"
+        if not path.is_file():
+            runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=tv.key, hash=tv.hash, statuses=["FINISHED"])
+            for r in runs:
+                try:
+                    path = track.download_artifact(ctx.cl, r.info.run_id, R.FINAL_CHECKPOINT)
+                    break
+                except Exception:  # noqa: BLE001
+                    continue
+            else:
+                raise RuntimeError(f"teacher variant '{d.variant}' has no finished run with weights "
+                                   f"(it failed, or tracking.log_checkpoint is off)")
+    else:
+        path = find_file(d.checkpoint, v.source)
+        if path is None:
+            raise LabError(f"teacher checkpoint not found: {d.checkpoint}")
+    cfg, sd = model_state_from_file(path)
+    if d.model:
+        cfg = {"img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes"), **d.model}
+    elif cfg is None:
+        cfg = {"zoo": v.model.get("zoo"), "img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes")}
+    teacher = grafts.build(cfg)
+    teacher.load_state_dict(sd)
+    return teacher.eval()
+
+
+def world_size(train, accelerator: str) -> int:
+    """Training processes of a TrainSpec: devices x nodes ('auto' devices: every GPU, or 1)."""
+    import torch
+
+    dev = train.devices
+    if dev == "auto":
+        dev = torch.cuda.device_count() if accelerator == "gpu" else 1
+    return max(1, int(dev)) * train.num_nodes
+
+
+def from_rank_zero(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank (when a process group is up; else `obj`): ranks that
+    time their own calibration must still agree on one step count, or DDP would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def sync_stop_callback():
+    import lightning.pytorch as pl
+
+    class SyncStop(pl.Callback):
+        """Wall-clock budgets under DDP: stop every rank once any rank's timer says stop."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = bool(trainer.strategy.reduce_boolean_decision(bool(trainer.should_stop), all=False))
+
+    return SyncStop()
+
+
+def last_eval_callback():
+    import lightning.pytorch as pl
+
+    class LastEval(pl.Callback):
+        """The step of the last validation during fit, on every rank."""
+
+        step: Optional[int] = None
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.state.fn == "fit" and pl_module.last_val:
+                self.step = trainer.global_step
+
+    return LastEval()
+
+
+def planned_steps(cl, run_id: str) -> Optional[int]:
+    """The step count a run planned (a resumed seconds budget keeps it)."""
+    hist = track.metric_history(cl, run_id, R.BUDGET_PLANNED_STEPS)
+    return int(hist[-1][1]) if hist else None
+
+
+# --------------------------------------------------------------------------- the four steps
+
+
+@dataclass
+class Built:
+    """What `build` makes for one variant: everything fit and record need besides the plan."""
+
+    model: Any
+    params: int
+    macs: int
+    teacher: Any
+    dm: Any
+    accelerator: str
+    precision: Any
+    world: int
+    global_batch: int
+    train_size: int
+    steps_per_epoch: int
+    device: Any
+    trainer_kw: dict
+
+    def make_module(self, v, model, total_steps: Optional[int] = None):
+        from lab.module import LabModule
+
+        dm = self.dm
+        return LabModule(model, v.train, num_classes=int(v.model["num_classes"]), total_steps=total_steps,
+                         global_batch=self.global_batch, mixup_fn=getattr(dm, "mixup_fn", None),
+                         label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0), teacher=self.teacher)
+
+
+@dataclass
+class Fitted:
+    """What `fit` leaves: the trained module, its trainer, the timer and the checkpoint folder."""
+
+    module: Any
+    trainer: Any
+    timer: Any
+    ckdir: Path
+
+
+def build(v, ctx) -> Built:
+    """Seed, build the model and its teacher, pick the device and precision, size the data."""
+    import grafts
+    import lightning.pytorch as pl
+    import torch
+
+    from lab import budget as B
+    from lab.module import resolve_accelerator, resolve_precision
+
+    tr = v.train
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    pl.seed_everything(tr.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(tr)
+    precision = resolve_precision(tr, accelerator)
+    dm = ctx.datamodules[data_key(v)]
+    model = grafts.build(v.model)
+    world = world_size(tr, accelerator)
+    n_batches = len(dm.train_dataloader())
+    device = torch.device("cuda") if accelerator == "gpu" else torch.device("cpu")
+    built = Built(model=model, params=grafts.count_params(model), macs=int(grafts.count_macs(v.model)),
+                  teacher=load_teacher(v, ctx), dm=dm, accelerator=accelerator, precision=precision, world=world,
+                  global_batch=v.data.batch_size * world, train_size=int(dm.train_size),
+                  steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches), device=device,
+                  trainer_kw=dict(accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
+                                  strategy=tr.strategy, precision=precision, gradient_clip_val=tr.grad_clip,
+                                  logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                  enable_progress_bar=False, enable_checkpointing=False))
+    B.reset_peak_memory(device)
+    return built
+
+
+def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built):
+    """The budget plan: a resumed seconds budget keeps its planned steps; a new one calibrates."""
+    import lightning.pytorch as pl
+
+    from lab import budget as B
+
+    planned = planned_steps(ctx.cl, run_id) if resume_ckpt is not None else None
+    if v.budget.kind == "seconds" and not v.budget.wall_clock and planned is not None:
+        return B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=b.global_batch,
+                            steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs)
+
+    def calibrate():
+        return from_rank_zero(B.calibrate(lambda: b.make_module(v, copy.deepcopy(b.model)), b.dm, b.trainer_kw,
+                                          steps=v.budget.calibration_steps))
+
+    plan = B.plan(v.budget, global_batch=b.global_batch, steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs,
+                  calibrate=calibrate)
+    pl.seed_everything(v.train.seed, workers=True, verbose=False)  # calibration consumed randomness
+    return plan
+
+
+def log_start(ctx, run_id: str, b: Built, plan) -> None:
+    """Step-0 metrics and the run's training tags (a new run, rank 0)."""
+    first: dict[str, Any] = {R.PARAMS: b.params, R.MACS: b.macs}
+    if plan.total_steps is not None:
+        first[R.BUDGET_PLANNED_STEPS] = plan.total_steps
+    for k, val in plan.calibration.items():
+        first[R.calibration_metric(k)] = val
+    track.log_metrics(ctx.cl, run_id, first, 0)
+    track.set_tags(ctx.cl, run_id, {R.PRECISION: b.precision, R.WORLD_SIZE: b.world,
+                                    R.BUDGET_PLAN: plan.describe(), R.TRAIN_SIZE: b.train_size,
+                                    R.VAL_SIZE: getattr(b.dm, "val_size", None),
+                                    R.STEPS_PER_EPOCH: b.steps_per_epoch})
+
+
+def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fitted:
+    """Train under the plan with lab's callbacks; a final validation when the last one is stale."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lab import budget as B
+    from lab.module import LastCheckpoint, MlflowMetrics, NonFiniteLoss, StepProgress
+
+    tr = v.train
+    module = b.make_module(v, b.model, plan.total_steps)
+    timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
+    if plan.max_seconds is not None:
+        module.progress_fn = lambda: timer.progress
+    ckdir = track.checkpoint_dir(v, ctx.uri)
+    ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, b.steps_per_epoch), timer=timer)
+    last_eval = last_eval_callback()
+    # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
+    # the ranks of a DDP run would disagree about a collective call and hang.
+    callbacks: list = [timer, ckpt, last_eval]
+    if ctx.rank_zero:
+        callbacks.insert(1, MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer,
+                                          global_batch=b.global_batch, train_size=b.train_size))
+    if b.world > 1 and plan.max_seconds is not None:
+        callbacks.insert(1, sync_stop_callback())  # every rank stops at the same step
+    if ctx.progress:
+        callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
+    callbacks.extend(ctx.callbacks)
+    if tr.eval_every:
+        val_kw: dict[str, Any] = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
+    else:
+        val_kw = dict(val_check_interval=1.0, check_val_every_n_epoch=1)
+    trainer = pl.Trainer(**b.trainer_kw, **B.trainer_limits(plan), callbacks=callbacks, **val_kw)
+
+    B.fit(trainer, module, datamodule=b.dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if ckpt.exception is not None:
+        raise ckpt.exception
+    if module.last_loss is not None and not torch.isfinite(module.last_loss).all():
+        raise NonFiniteLoss(f"training loss is {float(module.last_loss)} at step {trainer.global_step}")
+    if last_eval.step != trainer.global_step or not module.last_val:
+        trainer.validate(module, datamodule=b.dm, verbose=False)
+    return Fitted(module=module, trainer=trainer, timer=timer, ckdir=ckdir)
+
+
+def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResult) -> R.VariantResult:
+    """The final metrics and weights (rank 0) and the variant's result."""
+    from lab import budget as B
+    from lab.module import save_final
+
+    steps = f.trainer.global_step
+    final_val = f.module.last_val
+    use = B.usage(steps=steps, global_batch=b.global_batch, train_seconds=f.timer.train_seconds,
+                  macs_per_image=b.macs, peak_mem_mb=B.peak_memory_mb(b.device))
+    final = {R.FINAL_VAL_TOP1: final_val[R.VAL_TOP1], R.FINAL_VAL_TOP5: final_val[R.VAL_TOP5],
+             R.FINAL_VAL_LOSS: final_val[R.VAL_LOSS], R.BEST_VAL_TOP1: max(f.module.best_top1, final_val[R.VAL_TOP1]),
+             **use, R.PARAMS: b.params, R.MACS: b.macs}
+    if f.trainer.is_global_zero and ctx.rank_zero:
+        track.log_metrics(ctx.cl, run_id, final, steps)
+        final_path = save_final(f.ckdir / "final.pt", f.module, v.model, variant=v.key, hash=v.hash, steps=steps)
+        if v.tracking.log_checkpoint:
+            track.log_artifact_file(ctx.cl, run_id, final_path, R.CHECKPOINT_ARTIFACT_DIR)
+    return result.update(steps=steps, top1=final[R.FINAL_VAL_TOP1], best_top1=final[R.BEST_VAL_TOP1],
+                         train_seconds=f.timer.train_seconds, images_seen=use[R.BUDGET_IMAGES_SEEN])
+
+
+def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult) -> R.VariantResult:
+    """Train, evaluate and log one variant into `run_id`; fills and returns `result`."""
+    b = build(v, ctx)
+    result.update(params=b.params, macs=b.macs)
+    plan = plan_budget(v, ctx, run_id, resume_ckpt, b)
+    result.budget = plan.describe()
+    if resume_ckpt is None and ctx.rank_zero:
+        log_start(ctx, run_id, b, plan)
+    f = fit(v, ctx, run_id, resume_ckpt, b, plan)
+    return record_final(v, ctx, run_id, b, f, result)
