@@ -25,7 +25,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -50,9 +50,6 @@ class BudgetPlan:
         if self.total_steps is None:
             return f"{self.max_seconds:g}s wall-clock"
         return f"{self.kind}: {self.total_steps} steps"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def steps_for(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None,

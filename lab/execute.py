@@ -13,6 +13,7 @@ The experiment around the variants (parent run, ordering, launchers) is lab.runn
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,9 +31,17 @@ from lab.train import data_key, find_file, train_variant
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
 
 
+def silent(_msg: str) -> None:
+    """A `say` that prints nothing (picklable, unlike a lambda)."""
+
+
 @dataclass
 class Context:
-    """What every variant of one `lab run` shares: the spec, the store, the parent run, options."""
+    """What every variant of one `lab run` shares: the spec, the store, the parent run, options.
+
+    The one record of an invocation for every launcher: a worker gets `portable()`'s copy inside
+    its lab.launch.VariantJob and `attach`es its own client to it.
+    """
 
     spec: Any
     variants: list  # every variant of the invocation (for teachers and matching)
@@ -51,6 +60,14 @@ class Context:
     # (no runs, params, metrics, tags, artifacts, status changes).
     rank_zero: bool = True
     launcher: str = "local"
+
+    def portable(self, progress: bool = False) -> Context:
+        """A picklable copy for a worker process: no client, callbacks, datamodules or printer."""
+        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress)
+
+    def attach(self, *, rank_zero: bool = True) -> Context:
+        """This (portable) context in a worker: its own MLflow client and rank."""
+        return dataclasses.replace(self, cl=track.client(self.uri), rank_zero=rank_zero)
 
 
 def preflight(variants: list, datamodules: dict) -> None:

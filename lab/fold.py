@@ -33,7 +33,7 @@ def fold_batchnorm(model) -> tuple[Any, int]:
                 _set_module(model, name, new)
                 replaced.append(name)
                 folded += 1
-    for name, mod in list(model.named_modules()):
+    for _name, mod in list(model.named_modules()):
         pairs: list[tuple[str, str]] = []
         kids = list(mod._modules.items())
         if isinstance(mod, nn.Sequential):

@@ -3,8 +3,9 @@
 Roles. The *driver* is the `lab run` process: it validates the spec and the data, creates the
 ONE MLflow parent run of the invocation and, per variant, decides skip / resume / new child run
 (`lab.execute.prepare_variant`), so the skip/resume rules and the parent are the same for every
-launcher. A *job* (`VariantJob`, picklable) carries what a worker needs: the spec, the variants,
-the tracking URI, the parent run id and the child run id to train into. `run_job(job)` is the
+launcher. A *job* (`VariantJob`, picklable) carries what a worker needs: the invocation's
+`execute.Context` (spec, variants, tracking URI, parent run id; `Context.portable()`), the
+variant's key, the child run id to train into and its result so far. `run_job(job)` is the
 per-variant function every launcher calls: in the driver (local), in a Ray task (ray) or in a
 submitit job (slurm).
 
@@ -44,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from lab import execute, track
 from lab.errors import LabError
@@ -60,11 +61,11 @@ _ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds the `l
 # --------------------------------------------------------------------------- ranks
 
 
-def is_rank_zero(env: Optional[dict] = None) -> bool:
+def is_rank_zero(env: Optional[Mapping[str, str]] = None) -> bool:
     """True unless a rank variable of this process says it is not global rank 0."""
-    env = os.environ if env is None else env
+    values = os.environ if env is None else env
     for k in RANK_VARS:
-        val = str(env.get(k, "") or "").strip()
+        val = str(values.get(k, "") or "").strip()
         if val and val != "0":
             return False
     return True
@@ -89,32 +90,21 @@ def needs_own_process(v) -> bool:
 class VariantJob:
     """Everything a worker needs to train one variant into a prepared MLflow run (picklable)."""
 
-    spec: Any
-    variants: list  # every variant of the invocation (teachers, runtime matching)
+    ctx: execute.Context  # portable: no client, callbacks or datamodules
     key: str
-    uri: str
-    experiment: str
-    experiment_id: str
-    parent_run_id: str
-    baseline: str
     run_id: str
     resume_ckpt: Optional[str]
     record: VariantResult
     cwd: str = field(default_factory=os.getcwd)
-    progress: bool = False
-    launcher: str = "local"
 
     @property
     def variant(self):
-        return next(v for v in self.variants if v.key == self.key)
+        return next(v for v in self.ctx.variants if v.key == self.key)
 
 
 def make_job(v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
-    return VariantJob(spec=ctx.spec, variants=list(ctx.variants), key=v.key, uri=ctx.uri,
-                      experiment=ctx.experiment, experiment_id=ctx.experiment_id,
-                      parent_run_id=ctx.parent_run_id, baseline=ctx.baseline, run_id=run_id,
-                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec),
-                      progress=progress, launcher=ctx.launcher)
+    return VariantJob(ctx=ctx.portable(progress=progress), key=v.key, run_id=run_id,
+                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec))
 
 
 def execute_job(job: VariantJob, started: Optional[float] = None) -> VariantResult:
@@ -128,10 +118,7 @@ def execute_job(job: VariantJob, started: Optional[float] = None) -> VariantResu
     # a single-process variant is its own rank 0 whatever the environment says (e.g. a Ray worker
     # on a node whose raylet was started by srun inherits SLURM_PROCID)
     rank_zero = is_rank_zero() if needs_own_process(job.variant) else True
-    ctx = execute.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
-                         experiment=job.experiment, experiment_id=job.experiment_id,
-                         parent_run_id=job.parent_run_id, baseline=job.baseline, progress=job.progress,
-                         rank_zero=rank_zero, launcher=job.launcher, say=lambda s: None)
+    ctx = job.ctx.attach(rank_zero=rank_zero)
     rec = dataclasses.replace(job.record)
     resume = Path(job.resume_ckpt) if job.resume_ckpt else None
     return execute.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)
@@ -154,7 +141,7 @@ def _run_worker_process(job: VariantJob) -> VariantResult:
     jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
     jobfile.write_bytes(pickle.dumps(job))
     env = dict(os.environ)
-    if job.launcher != "slurm":
+    if job.ctx.launcher != "slurm":
         # We start this worker and Lightning starts its ranks: an enclosing SLURM allocation (lab run
         # inside salloc, a Ray node started by srun) must not make it think srun made them.
         for k in _SLURM_TASK_VARS:
@@ -430,7 +417,7 @@ class RayLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         import ray
 
-        task = ray.remote(run_job).options(name=f"lab:{job.experiment}:{v.key}", max_retries=0,
+        task = ray.remote(run_job).options(name=f"lab:{job.ctx.experiment}:{v.key}", max_retries=0,
                                            **self.resources(v))
         return task.remote(job)
 
@@ -521,7 +508,7 @@ class SlurmLauncher(_Parallel):
             self._executor = submitit.AutoExecutor(folder=self._folder(ctx), cluster=self.opts.slurm_cluster)
         return self._executor
 
-    def run(self, ordered: list, ctx) -> list[dict]:
+    def run(self, ordered: list, ctx) -> list[VariantResult]:
         self._ctx = ctx
         return super().run(ordered, ctx)
 

@@ -123,10 +123,6 @@ class LabModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ helpers
     @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._teacher
-
-    @property
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
@@ -265,7 +261,6 @@ class MlflowMetrics(pl.Callback):
     def __init__(self, cl, run_id: str, *, log_every: int, timer, global_batch: int, train_size: int):
         self.cl, self.run_id, self.log_every = cl, run_id, log_every
         self.timer, self.global_batch, self.train_size = timer, global_batch, max(1, train_size)
-        self.last_eval_step: Optional[int] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -282,7 +277,6 @@ class MlflowMetrics(pl.Callback):
         track.log_metrics(self.cl, self.run_id, {**pl_module.last_val, R.EPOCH: images / self.train_size,
                                                  R.IMAGES_SEEN: images, R.TRAIN_SECONDS: self.timer.train_seconds},
                           step)
-        self.last_eval_step = step
 
 
 class LastCheckpoint(pl.Callback):

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -363,7 +363,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Expe
         raw = deep_merge(raw, overrides)
     raw = _interpolate(raw, file)
     spec = _validate(ExperimentSpec, raw, file)
-    spec._source = file  # type: ignore[attr-defined]
+    spec._source = file
     return spec
 
 
@@ -393,7 +393,7 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str] | None:
     return None
 
 
-def _allowed(err: dict) -> str:
+def _allowed(err: Mapping[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     t = err["type"]
     if t == "literal_error":
@@ -481,11 +481,11 @@ def _fmt_value(v: Any) -> str:
     return str(v).replace(" ", "")
 
 
-def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
+def expand(spec: ExperimentSpec) -> list[Variant]:
     """Variants (ablation rows) x grid (cartesian sweep) -> fully resolved, validated variants."""
     file = getattr(spec, "_source", spec.name)
     base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
-    rows: list[tuple[str, dict[str, Any]]] = []
+    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for key, over in (spec.variants or {"base": {}}).items():
         over = over or {}
         if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
@@ -536,8 +536,7 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
         model = merged["model"]
         if not isinstance(model, dict):
             raise SpecError("must be a mapping", file=file, path=f"{where}.model".lstrip("."))
-        if check_models:
-            model = _check_model(model, file, f"{where}.model".lstrip("."))
+        model = _check_model(model, file, f"{where}.model".lstrip("."))
         resolved = {s: plain(v) for s, v in sections.items()} | {"model": model}
         out.append(Variant(
             experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
@@ -567,7 +566,7 @@ def baseline_key(spec: ExperimentSpec, variants: list[Variant]) -> str:
     return (_resolve_baseline(spec.baseline, keys) if spec.baseline else None) or keys[0]
 
 
-def flatten_dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings -> {'a.b.c': leaf}; lists and empty mappings are leaves."""
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -271,45 +271,6 @@ def log_artifact_file(cl, run_id: str, path: Path, artifact_path: Optional[str] 
     cl.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: Optional[str] = None,
-                    history: Optional[Mapping[str, Iterable[tuple[int, float]]]] = None,
-                    final: Optional[Mapping[str, float]] = None, status: str = "FINISHED",
-                    error: Optional[str] = None, baseline: bool = False, device: str = "cpu",
-                    extra_tags: Optional[Mapping[str, str]] = None) -> str:
-    """Write one complete variant run without training (tests, notebooks, imports of old results).
-
-    `variant`: a lab.spec.Variant. `history`: {metric: [(step, value), ...]} (e.g. val/top1,
-    images_seen, train/loss); `final`: {metric: value} logged at the last step (final/val_top1,
-    budget/*, params, macs ...). A parent run is created when none is given. `status` RUNNING
-    leaves the run open (no end time), like a `lab run` still in progress. Returns the run id.
-    """
-    uri = uri or tracking_uri(variant)
-    cl = client(uri)
-    name = experiment_name(variant)
-    exp_id = get_or_create_experiment(cl, name, uri)
-    if parent_run_id is None:
-        parent_run_id = start_parent_run(cl, exp_id, variant.experiment)
-        cl.set_terminated(parent_run_id, status="FINISHED")
-    run_id = start_variant_run(cl, exp_id, variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
-    log_variant_spec(cl, run_id, variant)
-    if extra_tags:
-        set_tags(cl, run_id, extra_tags)
-    by_step: dict[int, dict[str, float]] = {}  # one write per step, as the training callbacks do
-    for metric, points in (history or {}).items():
-        for step, value in points:
-            by_step.setdefault(int(step), {})[metric] = value
-    for step in sorted(by_step):
-        log_metrics(cl, run_id, by_step[step], step)
-    last = max(by_step, default=0)
-    if final:
-        log_metrics(cl, run_id, final, last)
-    if error:
-        set_tags(cl, run_id, {R.ERROR: error})
-    if status != "RUNNING":  # a run still in flight has no end time
-        cl.set_terminated(run_id, status=status)
-    return run_id
-
-
 def download_artifact(cl, run_id: str, path: str) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="lab-artifact-"))
     return Path(cl.download_artifacts(run_id, path, str(dst)))

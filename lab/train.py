@@ -60,9 +60,10 @@ def load_teacher(v, ctx):
                 raise RuntimeError(f"teacher variant '{d.variant}' has no finished run with weights "
                                    f"(it failed, or tracking.log_checkpoint is off)")
     else:
-        path = find_file(d.checkpoint, v.source)
-        if path is None:
+        found = find_file(d.checkpoint, v.source)
+        if found is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}")
+        path = found
     cfg, sd = model_state_from_file(path)
     if d.model:
         cfg = {"img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes"), **d.model}
@@ -170,10 +171,10 @@ class Fitted:
 
 def build(v, ctx) -> Built:
     """Seed, build the model and its teacher, pick the device and precision, size the data."""
-    import grafts
     import lightning.pytorch as pl
     import torch
 
+    import grafts
     from lab import budget as B
     from lab.module import resolve_accelerator, resolve_precision
 

@@ -1,10 +1,7 @@
 """Budgets: every kind stops where it should and records what it used; matched runtime budgets."""
 from __future__ import annotations
 
-import math
-
 import pytest
-from conftest import tiny_spec_dict
 
 import grafts
 from lab import budget as B
@@ -12,6 +9,8 @@ from lab import spec as S
 from lab import track
 from lab.module import lr_at
 from lab.runner import run_experiment
+
+from conftest import tiny_spec_dict
 
 NO_BUDGET = {"epochs": None, "steps": None, "images": None, "train_flops": None, "seconds": None}
 
@@ -106,4 +105,5 @@ def test_wall_clock_budget_stops_on_training_time(store, write_spec):
         assert 1.5 <= m["budget/train_seconds"] < 1.5 + 1.0
         assert m["budget/images_seen"] == m["budget/steps"] * 16
         secs[key] = m["budget/train_seconds"]
-    assert math.isclose(secs["small"], secs["wide"], abs_tol=1.0)
+    # the timer counts training only: setup, evaluation and checkpoints are outside it
+    assert all(r.wall_seconds > secs[r.key] for r in res)

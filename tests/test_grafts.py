@@ -318,9 +318,9 @@ def test_count_macs_model_and_img_size():
 
 # ----------------------------------------------------------------------------- inference fast paths
 
-from grafts.levit import ConvNorm, LinearNorm, RelPosBias, attend  # noqa: E402
 from grafts.fuse import InplaceHardswish  # noqa: E402
 from grafts.heads import Head  # noqa: E402
+from grafts.levit import ConvNorm, LinearNorm, RelPosBias, attend  # noqa: E402
 
 
 def _bias_modules(m: nn.Module) -> list[RelPosBias]:

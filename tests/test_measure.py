@@ -354,7 +354,7 @@ def test_bench_json_is_one_document_with_timm_compare(capsys):
 
 def test_bench_spec_table_and_log_onto_mlflow_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("grafts")
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from lab.cli import main

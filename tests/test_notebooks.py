@@ -7,17 +7,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_report import shared_store
-
 ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
 NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb"]
 
 
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    """test_report's store, written by the lab's own tracking code: `abl` (two `lab run`s, a FAILED
+def store_uri(report_store) -> str:
+    """conftest's report store, written by the lab's own tracking code: `abl` (two `lab run`s, a FAILED
     variant), `fam` (a grid, one variant RUNNING) and `tinyrun` (two variants really trained)."""
-    return shared_store(tmp_path_factory).uri
+    return report_store.uri
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

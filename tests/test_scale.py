@@ -14,11 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec_dict
 
 from lab import cli, launch, track
 from lab import spec as S
 from lab.runner import run_experiment
+
+from conftest import KillAt, tiny_spec_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,6 @@ def test_slurm_launcher_resumes_and_skips_with_local_executor(store, write_spec,
     """submitit's LocalExecutor stands in for SLURM: one job per variant, the interrupted run is
     resumed in its job, everything under one parent; a second invocation submits nothing."""
     pytest.importorskip("submitit")
-    from test_train import KillAt
 
     doc = tiny_spec_dict("slurmy")
     doc["train"].update(accelerator="cpu", threads=1)

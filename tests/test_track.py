@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import tiny_spec_dict
-
 from lab import spec as S
 from lab import track
+
+from conftest import log_variant_run, tiny_spec_dict
 
 
 def _variants(write_spec, **kw):
@@ -50,10 +50,10 @@ def test_flatten_dotted_and_json_lists():
 def test_log_variant_run_and_read_back(store, write_spec):
     spec, (base, bias) = _variants(write_spec)
     cl = track.client(store)
-    rid = track.log_variant_run(base, baseline=True, history={"val/top1": [(5, 40.0), (10, 55.0)],
+    rid = log_variant_run(base, baseline=True, history={"val/top1": [(5, 40.0), (10, 55.0)],
                                                               "images_seen": [(5, 80), (10, 160)]},
                                 final={"final/val_top1": 55.0, "params": 1234, "macs": 5678})
-    rid2 = track.log_variant_run(bias, status="FAILED", error="RuntimeError: boom")
+    rid2 = log_variant_run(bias, status="FAILED", error="RuntimeError: boom")
     runs = track.find_variant_runs(cl, "tiny")
     assert {r.info.run_id for r in runs} == {rid, rid2}
     (r,) = track.find_variant_runs(cl, "tiny", key="base", hash=base.hash)

@@ -5,8 +5,8 @@ import argparse
 import math
 from typing import Any, Optional
 
-from lab.cli.common import add_spec_args, emit_json, expand_from_args, print_table, select_variants
 from lab.bench import DTYPES
+from lab.cli.common import add_spec_args, emit_json, expand_from_args, print_table, select_variants
 from lab.errors import LabError
 
 
