@@ -158,7 +158,7 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
             track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
                                             R.WORKER_STARTED: f"{t0:.3f}"})
         if v.match is not None:
-            from lab.measure import resolve_match
+            from lab.match import resolve_match
 
             v = resolve_match(v, ctx.variants)
             if ctx.rank_zero:

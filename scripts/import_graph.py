@@ -1,7 +1,8 @@
 """The module import map of lab/ and grafts/, counting imports inside functions, and its cycles.
 
     python scripts/import_graph.py            # the map (module: what it imports), then cycles
-    python scripts/import_graph.py --check    # exit 1 on an import cycle or a private name used across modules
+    python scripts/import_graph.py --check    # exit 1 on an import cycle, a private name used across
+                                              # modules or an import of a package module/name that does not exist
 
 Every `import` / `from ... import` at any depth of every .py file is an edge to the package
 modules it names (`from lab import spec` is an edge to lab.spec). A package's own `__init__`
@@ -134,6 +135,48 @@ def private_uses(root: Path = ROOT) -> list[str]:
     return bad
 
 
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments, imports)."""
+    names: set[str] = set()
+
+    def scan(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                scan(node.body)
+                scan(getattr(node, "orelse", []))
+                for h in getattr(node, "handlers", []):
+                    scan(h.body)
+                scan(getattr(node, "finalbody", []))
+
+    scan(ast.parse(path.read_text()).body)
+    return names
+
+
+def unresolved(root: Path = ROOT) -> list[str]:
+    """Imports of package modules or names that do not exist (a module moved, a name renamed)."""
+    mods = modules(root)
+    bad = []
+    for name, path in mods.items():
+        for target, names, line in _imports(name, path, mods):
+            if target.split(".")[0] not in PACKAGES:
+                continue
+            where = f"{path.relative_to(root)}:{line}"
+            if target not in mods:
+                bad.append(f"{where}: no module {target}")
+                continue
+            defined = _top_level_names(mods[target])
+            bad.extend(f"{where}: {target} has no {n}" for n in names if n != "*" and n not in defined)
+    return bad
+
+
 def main(argv: list[str]) -> int:
     g = graph()
     if "--check" not in argv:
@@ -141,13 +184,16 @@ def main(argv: list[str]) -> int:
             print(f"{k}: {', '.join(v)}")
     cycle = find_cycle(g)
     priv = private_uses()
+    missing = unresolved()
     if cycle:
         print("import cycle: " + " -> ".join(cycle))
     for b in priv:
         print("private name across modules: " + b)
-    if not cycle and not priv:
-        print("no import cycle, no private name used across modules")
-    return 1 if cycle or priv else 0
+    for b in missing:
+        print("unresolved import: " + b)
+    if not cycle and not priv and not missing:
+        print("no import cycle, no private name used across modules, every import resolves")
+    return 1 if cycle or priv or missing else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,23 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert any("lab.a._hidden" in b for b in bad) and any("lab.b._y" in b for b in bad)
 
 
+def test_every_package_import_resolves():
+    """A function-level import of a module that moved fails only when that code runs: catch it here."""
+    assert _import_graph().unresolved(ROOT) == []
+
+
+def test_the_checker_finds_unresolved_imports(tmp_path):
+    ig = _import_graph()
+    pkg = tmp_path / "lab"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import os\nX = 1\ndef f():\n    pass\n")
+    (pkg / "b.py").write_text("from lab.a import X, f, os\ndef g():\n    from lab.gone import y\n    from lab.a import Y\n")
+    (tmp_path / "grafts").mkdir()
+    (tmp_path / "grafts" / "__init__.py").write_text("")
+    assert ig.unresolved(tmp_path) == ["lab/b.py:3: no module lab.gone", "lab/b.py:4: lab.a has no Y"]
+
+
 def test_no_private_name_used_across_modules():
     assert _import_graph().private_uses(ROOT) == []
 

@@ -160,3 +160,28 @@ def test_quickstart_smoke_runs_end_to_end(store):
     runs = track.find_variant_runs(track.client(store), "quickstart")
     assert {r.data.tags["lab.variant"] for r in runs} == {"deit_tiny", "resnet2_graft", "attention_bias"}
     assert all(r.info.status == "FINISHED" and r.data.metrics["budget/steps"] == 20 for r in runs)
+
+
+@pytest.mark.slow
+def test_matched_variant_is_sized_before_it_trains(store, write_spec):
+    """A `match:` variant is resized in the worker (lab.execute -> lab.match) and trains at that size."""
+    import json
+
+    from conftest import TINY_MODEL
+
+    stage = dict(TINY_MODEL["stages"][0])
+    doc = tiny_spec_dict(budget={"steps": 4})
+    doc["bench"] = {"threads": 1}
+    doc["variants"] = {"target": {"model": {"stages": [{**stage, "depth": 2}]}},
+                       "sized": {"match": {"throughput_of": "target", "vary": "model.stages.0.depth", "values": [1, 3]}}}
+    spec, vs = _load(write_spec, doc)
+    res = run_experiment(spec, vs, progress=False, say=lambda s: None)
+    assert [(r.key, r.status) for r in res] == [("target", "finished"), ("sized", "finished")], res
+    run = track.client(store).get_run(res[1].run_id)
+    t = run.data.tags
+    assert t["match.throughput_of"] == "target" and t["match.value"] in ("1", "3")
+    assert t["lab.resolved_hash"] != vs[1].hash  # the sized model is another model
+    depth = int(t["match.value"])
+    assert json.loads(run.data.params["model.stages"])[0]["depth"] == depth  # logged as trained
+    built = grafts.build({**vs[1].model, "stages": [{**vs[1].model["stages"][0], "depth": depth}]})
+    assert run.data.metrics["params"] == grafts.count_params(built) == res[1].params
