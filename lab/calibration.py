@@ -125,12 +125,13 @@ def schedule(keys: Sequence[str], rounds: int) -> list[list[str]]:
 def split_steps(steps: int, n_variants: int, rounds: Optional[int] = None) -> tuple[int, int]:
     """(rounds, timed steps per round) for about `steps` timed steps per variant.
 
-    Alone, a variant needs no interleaving: one round. Together: 4 rounds (at least 2 timed
-    steps in each), so that a load change lands in more than one round.
+    Alone, a variant needs no interleaving: one round. Together: up to 4 rounds with at least 3
+    timed steps in each (a round's median resists one hiccup), so that a load change lands in
+    more than one round.
     """
     steps = max(1, int(steps))
     if rounds is None:
-        rounds = 1 if n_variants <= 1 else max(1, min(4, steps // 2))
+        rounds = 1 if n_variants <= 1 else max(1, min(4, steps // 3))
     return rounds, max(1, math.ceil(steps / rounds))
 
 

@@ -29,6 +29,8 @@ def tiny_spec_dict(name: str = "tiny", **sections) -> dict:
         "model": dict(TINY_MODEL),
         "train": {"lr": 3e-3, "log_every": 2, "eval_every": 5, "threads": 2, "warmup": 0.1},
         "budget": {"steps": 12},
+        # inference throughput after training costs seconds per variant: on only where a test asks
+        "bench": {"after_train": False},
     }
     for k, v in sections.items():
         doc[k] = v

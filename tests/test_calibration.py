@@ -35,15 +35,16 @@ class FakeMachine:
 
 def test_rounds_alternate_order_and_exclude_warmup():
     m = FakeMachine({"a": 0.1, "b": 0.2, "c": 0.4})
-    cal = C.interleaved({k: m.runner(k) for k in "abc"}, steps=8, warmup=3, rewarm=1, clock=m.clock)
-    assert (cal.rounds, cal.per_round) == (4, 2)
-    # warm-up once each (3 steps), then 4 rounds of rewarm 1 + 2 timed, order reversed every other round
+    cal = C.interleaved({k: m.runner(k) for k in "abc"}, steps=12, warmup=3, rewarm=1, clock=m.clock)
+    assert (cal.rounds, cal.per_round) == (4, 3)
+    # warm-up once each (3 steps), then 4 rounds of rewarm 1 + 3 timed, order reversed every other round
     assert m.calls[:3] == [("a", 3), ("b", 3), ("c", 3)]
     assert [k for k, _ in m.calls[3:]] == list("abc" + "cba" + "abc" + "cba")
-    assert all(n == 3 for _, n in m.calls[3:])
+    assert all(n == 4 for _, n in m.calls[3:])
     assert cal.order == list("abc") + list("abccbaabccba")
-    # only timed steps are kept: 4 rounds x 2 steps
-    assert all(len(c.samples) == 8 for c in cal.costs.values())
+    # only timed steps are kept: 4 rounds x 3 steps
+    assert all(len(c.samples) == 12 for c in cal.costs.values())
+    assert C.split_steps(20, 3) == (4, 5) and C.split_steps(20, 1) == (1, 20) and C.split_steps(4, 2) == (1, 4)
     assert cal.costs["b"].relative == pytest.approx(2.0) and cal.costs["c"].relative == pytest.approx(4.0)
     assert cal.costs["a"].step_seconds == pytest.approx(0.1)
     assert cal.steps("a", 10) == 100 and cal.steps("b", 10) == 50 and cal.steps("c", 10) == 25
