@@ -684,19 +684,46 @@ def calibrate_together(ordered: list, ctx: Context) -> None:
         reference = ref_variant.key
     else:
         reference = ctx.baseline if any(v.key == ctx.baseline for v in reps) else reps[0].key
-    runners = {}
+    runners: dict[str, Any] = {}
+    failing: list[str] = []
+
+    def guarded(key: str, run: Any):
+        def call(n: int):
+            failing.append(key)
+            out = run(n)
+            failing.pop()
+            return out
+        return call
+
     for v in measured:
-        if _data_key(v) not in ctx.datamodules:
-            preflight([v], ctx.datamodules)
-        b = build_variant(v, ctx, calibrating=True)
-        runners[v.key] = B.LightningSteps(b.make_module(copy.deepcopy(b.model)), b.dm, b.trainer_kw,
-                                          threads=b.threads.threads)
+        try:
+            if _data_key(v) not in ctx.datamodules:
+                preflight([v], ctx.datamodules)
+            b = build_variant(v, ctx, calibrating=True)
+            runners[v.key] = guarded(v.key, B.LightningSteps(b.make_module(copy.deepcopy(b.model)), b.dm,
+                                                              b.trainer_kw, threads=b.threads.threads))
+        except Exception as e:  # noqa: BLE001 - that variant fails where it trains; the others go on
+            ctx.say(f"warning: calibration: cannot build '{v.key}' ({track.short_error(e)}); it calibrates alone")
     steps = max(v.budget.calibration_steps for v in measured)
-    ctx.say(f"calibrating {', '.join(runners)} together ({steps} timed steps each, interleaved"
-            + (f"; reference '{reference}' from parent run {stored_id}" if stored is not None else "") + ")")
-    cal = C.interleaved(runners, steps=steps, warmup=B.CALIBRATION_WARMUP, rewarm=1, reference=reference,
-                        progress=ctx.say if ctx.progress else None)
+    cal = None
+    while runners and reference in runners:
+        ctx.say(f"calibrating {', '.join(runners)} together ({steps} timed steps each, interleaved"
+                + (f"; reference '{reference}' from parent run {stored_id}" if stored is not None else "") + ")")
+        try:
+            cal = C.interleaved(runners, steps=steps, warmup=B.CALIBRATION_WARMUP, rewarm=1, reference=reference,
+                                progress=ctx.say if ctx.progress else None)
+            break
+        except Exception as e:  # noqa: BLE001
+            bad = failing[-1] if failing else reference
+            failing.clear()
+            ctx.say(f"warning: calibration: '{bad}' failed ({track.short_error(e)}); it calibrates alone")
+            runners.pop(bad, None)
+    if cal is None:
+        return
+    todo = [v for v in todo if groups[cost_group(v)][0].key in runners]
     names = list(runners)
+    if not todo:
+        return
     del runners
     cal.context = {"threads": threads, "hashes": {v.key: v.hash for v in measured},
                    "reference_variant": next(v for v in measured if v.key == reference).model_dump(mode="json"),
@@ -717,7 +744,7 @@ def calibrate_together(ordered: list, ctx: Context) -> None:
                                   "relative": c.relative, "spread": c.spread, "timed_steps": len(c.samples),
                                   "how": how}
     rel = ", ".join(f"{k} {c.step_seconds * 1000:.0f} ms ({c.relative:.2f}x)" for k, c in cal.costs.items()
-                    if k in {v.key for v in measured})
+                    if k in names)
     ctx.say(f"calibrated in {cal.seconds_spent:.1f}s: {rel}; steps: "
             + ", ".join(f"{v.key} {ctx.calibration[v.key]['steps']}" for v in todo))
     if ctx.rank_zero:
@@ -817,12 +844,13 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
-            policy = thread_policy()
+            policy = thread_policy(ordered)
             ctx.threads = policy.as_dict()
             track.set_tags(cl, parent, policy.tags())
             if any(v.budget.kind == "seconds" for v in ordered):
                 say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
-                    + (" unless train.threads says otherwise" if any(v.train.threads for v in ordered) else ""))
+                    + (" where train.threads does not say otherwise"
+                       if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
             calibrate_together(ordered, ctx)
             results = backend.run(ordered, ctx)
         except KeyboardInterrupt:
@@ -841,10 +869,14 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     return results
 
 
-def thread_policy():
-    """The invocation's CPU thread policy (lab.threads), decided once in the driver."""
+def thread_policy(variants: list):
+    """The invocation's CPU thread policy (lab.threads), decided once in the driver (the spec's
+    train.threads when every variant sets the same)."""
     from lab import threads as T
 
+    given = {v.train.threads for v in variants}
+    if len(given) == 1 and None not in given:
+        return T.decide(given.pop())
     return T.decide()
 
 

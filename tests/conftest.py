@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lab  # noqa: F401 - first, so that OMP_WAIT_POLICY=PASSIVE is set before torch loads OpenMP
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):

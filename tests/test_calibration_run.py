@@ -107,3 +107,24 @@ def test_run_then_pareto_and_fidelity_in_table(store, write_spec, capsys, tmp_pa
     assert main(["table", "tiny", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["key"]: r["budget_s"] for r in rows} == {"small": 0.6, "wide": 0.6}
+
+
+def test_thread_choice_policy_spec_and_cpu_ranks(write_spec):
+    from lab import threads as T
+    from lab.runner import Context, thread_choice
+
+    doc = tiny_spec_dict()
+    doc["train"].pop("threads")
+    doc["variants"] = {"plain": {}, "pinned": {"train": {"threads": 3}},
+                       "ddp": {"train": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}}}
+    spec = S.load_spec(write_spec(doc))
+    vs = {v.key: v for v in S.expand(spec)}
+    policy = T.decide(affinity=lambda: 8, quota=lambda: None, load=lambda: 2.0)
+    assert policy.threads == 6
+    ctx = Context(spec=spec, variants=list(vs.values()), uri="", cl=None, experiment="tiny", experiment_id="0",
+                  parent_run_id="", baseline="plain", threads=policy.as_dict())
+    assert thread_choice(vs["plain"], ctx).threads == 6
+    c = thread_choice(vs["pinned"], ctx)
+    assert c.threads == 3 and c.source == "spec"
+    c = thread_choice(vs["ddp"], ctx)  # two CPU ranks on this machine share the policy's threads
+    assert c.threads == 3 and "shared by 2 training processes" in c.reason
