@@ -105,33 +105,60 @@ def load_average() -> Optional[float]:
         return None
 
 
-def _cpu_times(stat: Path) -> Optional[tuple[float, float]]:
+def _cpu_times(stat: Path, cpus: Optional[set] = None) -> Optional[dict[str, tuple[float, float]]]:
+    """{'cpuN': (total, idle)} from /proc/stat for the CPUs in `cpus` (all when None; the
+    aggregate 'cpu' line when there are no per-CPU lines)."""
     text = _read(stat)
-    if not text or not text.startswith("cpu "):
+    if not text:
         return None
-    vals = [float(x) for x in text.splitlines()[0].split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
-    return sum(vals[:8]), idle  # guest time is already counted in user
+    out: dict[str, tuple[float, float]] = {}
+    agg = None
+    for line in text.splitlines():
+        if not line.startswith("cpu"):
+            continue
+        name, *fields = line.split()
+        vals = [float(x) for x in fields]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+        times = (sum(vals[:8]), idle)  # guest time is already counted in user
+        if name == "cpu":
+            agg = times
+        elif cpus is None or int(name[3:]) in cpus:
+            out[name] = times
+    if not out and agg is not None:
+        out["cpu"] = agg
+    return out or None
 
 
 def busy_cpus(interval: float = 0.5, stat: Path = Path("/proc/stat"), sleep: Callable[[float], None] = time.sleep,
-              ncpu: Optional[int] = None) -> Optional[float]:
-    """CPUs kept busy by the machine (by others: this process sleeps while it looks) over
-    `interval` seconds, from /proc/stat; None where there is no /proc/stat."""
-    a = _cpu_times(stat)
+              ncpu: Optional[int] = None, cpus: Optional[set] = None) -> Optional[float]:
+    """CPUs kept busy (by others: this process sleeps while it looks) over `interval` seconds,
+    among the CPUs in `cpus` (default: this process's affinity mask), from /proc/stat; None
+    where there is no /proc/stat. `ncpu` scales an aggregate-only /proc/stat."""
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = None
+    a = _cpu_times(stat, cpus)
     if a is None:
         return None
     sleep(interval)
-    b = _cpu_times(stat)
-    if b is None or b[0] <= a[0]:
+    b = _cpu_times(stat, cpus)
+    if b is None:
         return None
-    total, idle = b[0] - a[0], b[1] - a[1]
-    return (1.0 - idle / total) * float(ncpu or os.cpu_count() or 1)
+    busy = 0.0
+    for name, (t0, i0) in a.items():
+        if name not in b or b[name][0] <= t0:
+            continue
+        t1, i1 = b[name]
+        frac = 1.0 - (i1 - i0) / (t1 - t0)
+        busy += frac * (float(ncpu or os.cpu_count() or 1) if name == "cpu" else 1.0)
+    return busy
 
 
 def current_load() -> Optional[float]:
-    """The machine's load now: busy CPUs over half a second (/proc/stat), else the 1-minute
-    load average (which lags a process that has just started by about a minute)."""
+    """The load now on the CPUs this process may use: busy CPUs over half a second (/proc/stat),
+    else the 1-minute load average (which lags a process that has just started by about a minute)."""
     now = busy_cpus()
     return now if now is not None else load_average()
 

@@ -146,14 +146,22 @@ def test_cgroup_quota_v2_v1_and_busy_cpus(tmp_path):
     assert T.cgroup_cpu_limit(v1, proc) == pytest.approx(3.0)
     (v1 / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us").write_text("-1")
     assert T.cgroup_cpu_limit(v1, proc) is None
-    # /proc/stat: 4 CPUs, 1 of them busy in the interval
+    # /proc/stat with only the aggregate line: 4 CPUs, a quarter of the time busy = 1 CPU
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 0 300 0 0 0 0 0 0\n")
 
     def later(_):
         stat.write_text("cpu  200 0 0 600 0 0 0 0 0 0\n")
-    assert T.busy_cpus(0.1, stat=stat, sleep=later, ncpu=4) == pytest.approx(1.0)
+    assert T.busy_cpus(0.1, stat=stat, sleep=later, ncpu=4, cpus={0}) == pytest.approx(1.0)
     assert T.busy_cpus(0.1, stat=tmp_path / "missing") is None
+    # per-CPU lines: only the CPUs this process may use count (cpu2 is busy but not ours)
+    stat.write_text("cpu  0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\ncpu2 0 0 0 0\n")
+
+    def later2(_):
+        stat.write_text("cpu  250 0 0 50\ncpu0 50 0 0 50\ncpu1 0 0 0 100\ncpu2 100 0 0 0\n")
+    assert T.busy_cpus(0.1, stat=stat, sleep=later2, cpus={0, 1}) == pytest.approx(0.5)
+    stat.write_text("cpu  0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\ncpu2 0 0 0 0\n")
+    assert T.busy_cpus(0.1, stat=stat, sleep=later2, cpus={0, 1, 2}) == pytest.approx(1.5)
 
 
 # --------------------------------------------------------------------------- fidelity
