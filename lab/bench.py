@@ -269,6 +269,20 @@ def measure_throughput(model, *, img_size: int, device: str = "cpu", batch: Opti
 # --------------------------------------------------------------------------- MLflow
 
 
+def bench_record(result: ThroughputResult, timm: Optional[ThroughputResult] = None,
+                 timm_name: Optional[str] = None) -> tuple[dict[str, float], dict[str, str]]:
+    """The MLflow metrics (bench/<device>_imgs_per_s, _min, _max, ...) and tags (bench.<device>.*) of a result."""
+    d = result.device
+    metrics = {R.bench_metric(d): result.images_per_s_median, R.bench_metric(d, "_min"): result.images_per_s_min,
+               R.bench_metric(d, "_max"): result.images_per_s_max}
+    tags = {R.bench_tag(d, k): v for k, v in result.metadata().items()}
+    if timm is not None:
+        metrics[R.bench_timm_metric(d)] = timm.images_per_s_median
+        metrics[R.bench_ratio_metric(d)] = result.images_per_s_median / timm.images_per_s_median
+        tags[R.bench_tag(d, "timm_model")] = str(timm_name)
+    return metrics, tags
+
+
 def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult] = None,
               timm_name: Optional[str] = None) -> Optional[str]:
     """Write the figures onto the variant's latest FINISHED (else latest) child run; its run id or None."""
@@ -288,14 +302,7 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
     if run.data.tags.get(R.HASH) not in (None, variant.hash):
         _stderr(f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get(R.HASH)}, "
                 f"the spec now resolves to {variant.hash}")
-    d = result.device
-    metrics = {R.bench_metric(d): result.images_per_s_median, R.bench_metric(d, "_min"): result.images_per_s_min,
-               R.bench_metric(d, "_max"): result.images_per_s_max}
-    tags = {R.bench_tag(d, k): v for k, v in result.metadata().items()}
-    if timm is not None:
-        metrics[R.bench_timm_metric(d)] = timm.images_per_s_median
-        metrics[R.bench_ratio_metric(d)] = result.images_per_s_median / timm.images_per_s_median
-        tags[R.bench_tag(d, "timm_model")] = str(timm_name)
+    metrics, tags = bench_record(result, timm, timm_name)
     track.log_metrics(cl, run.info.run_id, metrics, 0)
     track.set_tags(cl, run.info.run_id, tags)
     return run.info.run_id

@@ -60,10 +60,21 @@ class Context:
     # (no runs, params, metrics, tags, artifacts, status changes).
     rank_zero: bool = True
     launcher: str = "local"
+    # lab.threads.ThreadChoice.as_dict() of the policy decided once per invocation (None: decide here)
+    threads: Optional[dict] = None
+    # variant key -> its planned steps and calibrated cost, from the calibration of all variants of
+    # the invocation together (lab.run_calibration); a variant not in it calibrates alone
+    calibration: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict)  # variant key -> the variant with `match:` resolved
 
-    def portable(self, progress: bool = False) -> Context:
-        """A picklable copy for a worker process: no client, callbacks, datamodules or printer."""
-        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress)
+    def portable(self, key: Optional[str] = None, progress: bool = False) -> Context:
+        """A picklable copy for a worker process training variant `key`: no client, callbacks,
+        datamodules or printer; the thread policy only for the local launcher (same machine); only
+        that variant's calibration entry."""
+        cal = {key: self.calibration[key]} if key in self.calibration else {}
+        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress,
+                                   threads=self.threads if self.launcher == "local" else None, calibration=cal,
+                                   resolved={})
 
     def attach(self, *, rank_zero: bool = True) -> Context:
         """This (portable) context in a worker: its own MLflow client and rank."""
@@ -109,7 +120,8 @@ def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Opti
         rec.update(run_id=r.info.run_id, status="skipped", params=m.get(R.PARAMS), macs=m.get(R.MACS),
                    steps=m.get(R.BUDGET_STEPS), top1=m.get(R.FINAL_VAL_TOP1), best_top1=m.get(R.BEST_VAL_TOP1),
                    train_seconds=m.get(R.BUDGET_TRAIN_SECONDS), wall_seconds=0.0,
-                   budget=r.data.tags.get(R.BUDGET_PLAN, v.budget.kind))
+                   budget=r.data.tags.get(R.BUDGET_PLAN, v.budget.kind),
+                   calibrated_step_seconds=m.get(R.calibration_metric("step_seconds")))
         return rec, None, None
 
     ckdir = track.checkpoint_dir(v, ctx.uri)
@@ -160,7 +172,7 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
         if v.match is not None:
             from lab.match import resolve_match
 
-            v = resolve_match(v, ctx.variants)
+            v = ctx.resolved.get(v.key) or resolve_match(v, ctx.variants)
             if ctx.rank_zero:
                 prefix = R.match_tag("")
                 track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith(prefix)})

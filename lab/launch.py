@@ -103,7 +103,7 @@ class VariantJob:
 
 
 def make_job(v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
-    return VariantJob(ctx=ctx.portable(progress=progress), key=v.key, run_id=run_id,
+    return VariantJob(ctx=ctx.portable(v.key, progress=progress), key=v.key, run_id=run_id,
                       resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec))
 
 

@@ -49,8 +49,10 @@ TRAIN_SECONDS = _add("metric", "train_seconds", "timed training seconds so far, 
 PARAMS = _add("metric", "params", "parameter count (also at the end)")
 MACS = _add("metric", "macs", "multiply-accumulates per image (also at the end)")
 BUDGET_PLANNED_STEPS = _add("metric", "budget/planned_steps", "optimizer steps the budget plan allows")
+BUDGET_PLANNED_SECONDS = _add("metric", "budget/planned_seconds", "a seconds budget: the training seconds planned")
 BUDGET_CALIBRATION = _add("metric", "budget/calibration_{key}",
-                          "a seconds budget's calibration: images_per_s, step_seconds, seconds_spent")
+                          "a seconds budget's calibration: step_seconds, images_per_s, spread, timed_steps, "
+                          "relative, seconds_spent")
 # at the last step (lab.train; budget/* from lab.budget.usage)
 FINAL_VAL_TOP1 = _add("metric", "final/val_top1", "top-1 (%) of the final evaluation")
 FINAL_VAL_TOP5 = _add("metric", "final/val_top5", "top-5 (%) of the final evaluation")
@@ -66,11 +68,19 @@ BENCH_IMGS_PER_S = _add("metric", "bench/{device}_imgs_per_s",
                         "median inference images/s (device cpu or cuda); also _min, _max")
 BENCH_TIMM_IMGS_PER_S = _add("metric", "bench/{device}_timm_imgs_per_s", "timm's model, with --compare timm")
 BENCH_RATIO_VS_TIMM = _add("metric", "bench/{device}_ratio_vs_timm", "our median / timm's median")
+# on the parent run (lab.run_calibration)
+CALIBRATION_SECONDS_SPENT = _add("metric", "calibration/seconds_spent",
+                                 "parent: wall time of calibrating the variants together")
 
 TRAIN_METRICS = (TRAIN_LOSS, LR)
 EVAL_METRICS = (VAL_TOP1, VAL_TOP5, VAL_LOSS, EPOCH, IMAGES_SEEN, TRAIN_SECONDS)
 FINAL_METRICS = (FINAL_VAL_TOP1, FINAL_VAL_TOP5, FINAL_VAL_LOSS, BEST_VAL_TOP1, BUDGET_STEPS, BUDGET_IMAGES_SEEN,
                  BUDGET_TRAIN_SECONDS, BUDGET_TRAIN_FLOPS, BUDGET_PEAK_MEM_MB, PARAMS, MACS)
+
+
+def threads_tag(field: str = "") -> str:
+    """lab.threads, or lab.threads.<field>."""
+    return f"{THREADS}.{field}" if field else THREADS
 
 
 def calibration_metric(key: str) -> str:
@@ -119,6 +129,12 @@ WORKER_HOST = _add("tag", "lab.worker.host", "host that trained the variant")
 WORKER_PID = _add("tag", "lab.worker.pid", "process that trained the variant")
 WORKER_STARTED = _add("tag", "lab.worker.started", "when the worker started (epoch seconds)")
 RESOLVED_HASH = _add("tag", "lab.resolved_hash", "hash after runtime matching resized the model")
+THREADS = _add("tag", "lab.threads", "CPU threads used (parent: the invocation's policy); also lab.threads.source, "
+                                     ".reason, .wait_policy, .cpus, .load")
+CALIBRATION = _add("tag", "lab.calibration", "how a seconds budget was calibrated (together, alone, scaled)")
+CALIBRATION_REFERENCE = _add("tag", "lab.calibration.reference", "parent: the calibration's reference variant")
+CALIBRATION_HOW = _add("tag", "lab.calibration.how", "parent: how the variants were calibrated")
+BENCH_ERROR = _add("tag", "lab.bench_error", "why the inference throughput after training is missing")
 MATCH = _add("tag", "match.{field}",
              "runtime matching (spec `match:`): throughput_of, vary, value, device, target_imgs_per_s, imgs_per_s, "
              "miss_pct")
@@ -146,6 +162,7 @@ SPEC_PARAMS = _add("param", "<section>.<field>",
                    "the flattened resolved spec (data.*, model.*, train.*, budget.*, ...; lists as JSON)")
 SPEC_YAML = _add("artifact", "spec.yaml", "the resolved variant spec")
 ERROR_TXT = _add("artifact", "error.txt", "a failed run's traceback")
+CALIBRATION_FILE = _add("artifact", "calibration.json", "parent: the calibration of the variants (lab.calibration)")
 FINAL_CHECKPOINT = _add("artifact", "checkpoint/final.pt",
                         "final weights and model config (when tracking.log_checkpoint)")
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
@@ -178,10 +195,16 @@ class VariantResult:
     error: Optional[str] = None
     resumed: bool = False
     worker_exit_code: Optional[int] = None
+    budget_kind: Optional[str] = None  # steps | epochs | images | train_flops | seconds
+    planned_seconds: Optional[float] = None  # a seconds budget
+    calibrated_step_seconds: Optional[float] = None
+    imgs_per_s: Optional[float] = None  # inference throughput after training (bench.after_train)
 
     @classmethod
     def new(cls, variant: Any) -> VariantResult:
-        return cls(key=variant.key, hash=variant.hash, budget=variant.budget.kind)
+        b = variant.budget
+        return cls(key=variant.key, hash=variant.hash, budget=b.kind, budget_kind=b.kind,
+                   planned_seconds=float(b.seconds) if b.kind == "seconds" else None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VariantResult:

@@ -3,7 +3,9 @@ record it in MLflow (the command line is lab.cli.run).
 
 Per invocation: a data pre-flight (a bad data root or a missing teacher checkpoint is a
 LabError -> exit 2 before anything trains), one MLflow parent run, then one child run per
-variant, teachers first. Each variant is skipped, resumed or trained by lab.execute
+variant, teachers first. Before any trains, the CPU thread policy is decided once (lab.threads)
+and variants with a seconds budget are calibrated together (lab.run_calibration). Each variant
+is skipped, resumed or trained by lab.execute
 (`prepare_variant` in this driver, `execute_variant` in the worker; lab.train does the
 training); a failure in one variant never loses the others' results; Ctrl-C marks the current
 run (and the parent) KILLED and re-raises.
@@ -21,6 +23,7 @@ from lab import record as R
 from lab.errors import LabError
 from lab.execute import Context, preflight, quiet_logs
 from lab.record import VariantResult
+from lab.run_calibration import calibrate_together
 
 LAUNCHERS = launch.LAUNCHERS
 
@@ -106,6 +109,14 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
+            policy = thread_policy(ordered)
+            ctx.threads = policy.as_dict()
+            track.set_tags(cl, parent, policy.tags())
+            if any(v.budget.kind == "seconds" for v in ordered):
+                say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
+                    + (" where train.threads does not say otherwise"
+                       if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
+            calibrate_together(ordered, ctx)
             results = backend.run(ordered, ctx)
         except KeyboardInterrupt:
             cl.set_terminated(parent, status="KILLED")
@@ -118,5 +129,31 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         backend.close()
     ok = all(r.ok for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    for line in budget_summary(results):
+        say(line)
     return results
+
+
+def thread_policy(variants: list):
+    """The invocation's CPU thread policy (lab.threads), decided once in the driver (the spec's
+    train.threads when every variant sets the same)."""
+    from lab import threads as T
+
+    given = {v.train.threads for v in variants}
+    if len(given) == 1 and None not in given:
+        return T.decide(given.pop())
+    return T.decide()
+
+
+def budget_summary(results: list[VariantResult]) -> list[str]:
+    """What `lab run` says after training: the budget used and the fidelity warnings (lab.fidelity)."""
+    from lab import fidelity as F
+
+    rows = [r.to_dict() for r in results if r.ok]
+    out = []
+    used = F.used_line(rows)
+    if used:
+        out.append(used)
+    out += [f"warning: {w}" for w in F.budget_warnings(rows)]
+    return out
 

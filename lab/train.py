@@ -1,12 +1,14 @@
 """Train one variant into a prepared MLflow run: build, plan, fit, record.
 
 `train_variant` is the four steps in order; each step is a function of its own:
-  - `build`: seed, the model, its complexity, the teacher, the data and the trainer settings;
-  - `plan_budget`: the budget plan (a seconds budget calibrates, or reuses the resumed run's plan);
-    `log_start` records it on a new run;
+  - `build_variant`: threads (lab.threads), seed, the model, its complexity, the teacher, the data
+    and the trainer settings (also used by lab.run_calibration to measure every variant together);
+  - `plan_budget`: the budget plan (a resumed run keeps its plan; a seconds budget takes its entry of
+    the calibration of all variants, or calibrates alone); `log_start` records it on a new run;
   - `fit`: the Lightning Trainer with lab's callbacks, run until the budget is spent, then a final
     validation when the last one is stale;
-  - `record_final`: the final metrics, the final weights and the variant's `VariantResult`.
+  - `record_final`: the final metrics, the final weights, the inference throughput after training
+    (`bench_after_train`) and the variant's `VariantResult`.
 Skip/resume decisions, the run's status and the error handling live in lab.execute; the
 metric and tag names in lab.record.
 """
@@ -134,8 +136,9 @@ def planned_steps(cl, run_id: str) -> Optional[int]:
 
 @dataclass
 class Built:
-    """What `build` makes for one variant: everything fit and record need besides the plan."""
+    """A variant ready to train (what `build_variant` makes): model, data, threads, Trainer settings."""
 
+    variant: Any
     model: Any
     params: int
     macs: int
@@ -148,12 +151,14 @@ class Built:
     train_size: int
     steps_per_epoch: int
     device: Any
+    threads: Any  # lab.threads.ThreadChoice
     trainer_kw: dict
 
-    def make_module(self, v, model, total_steps: Optional[int] = None):
+    def make_module(self, model, total_steps: Optional[int] = None):
+        """The LightningModule training `model` (the variant's recipe, its teacher and data augmentation)."""
         from lab.module import LabModule
 
-        dm = self.dm
+        v, dm = self.variant, self.dm
         return LabModule(model, v.train, num_classes=int(v.model["num_classes"]), total_steps=total_steps,
                          global_batch=self.global_batch, mixup_fn=getattr(dm, "mixup_fn", None),
                          label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0), teacher=self.teacher)
@@ -169,71 +174,131 @@ class Fitted:
     ckdir: Path
 
 
-def build(v, ctx) -> Built:
-    """Seed, build the model and its teacher, pick the device and precision, size the data."""
+def thread_choice(v, ctx, accelerator: Optional[str] = None):
+    """train.threads, else the invocation's policy (lab.threads), split among this machine's ranks on CPU."""
+    from lab import threads as T
+    from lab.module import resolve_accelerator
+
+    if v.train.threads:
+        return T.decide(v.train.threads)
+    accelerator = accelerator or resolve_accelerator(v.train)
+    procs = 1
+    if accelerator == "cpu":
+        dev = v.train.devices
+        procs = max(1, int(dev)) if str(dev).isdigit() else 1
+    if ctx.threads:
+        c = T.ThreadChoice(**ctx.threads)
+        if procs > 1:
+            c = T.ThreadChoice(**{**ctx.threads, "threads": max(1, c.threads // procs),
+                                  "reason": f"{c.reason}, shared by {procs} training processes"})
+        return c
+    return T.decide(processes=procs)
+
+
+def teacher_stand_in(v, ctx):
+    """For calibration: the teacher's architecture (random weights: the cost is the same), or the
+    real teacher where its weights already exist."""
+    import grafts
+
+    d = v.train.distill
+    if d is None:
+        return None
+    if d.variant:
+        tv = next(x for x in ctx.variants if x.key == d.variant)
+        cfg = dict(tv.model) if not d.model else {"img_size": v.model.get("img_size"),
+                                                   "num_classes": v.model.get("num_classes"), **d.model}
+        return grafts.build(cfg).eval()
+    return load_teacher(v, ctx)
+
+
+def build_variant(v, ctx, *, calibrating: bool = False) -> Built:
+    """Threads and seed set, the model and its teacher built, device and precision picked, data sized;
+    `calibrating`: a stand-in teacher with the right architecture when the real one has not trained yet."""
     import lightning.pytorch as pl
     import torch
 
     import grafts
-    from lab import budget as B
+    from lab import threads as T
     from lab.module import resolve_accelerator, resolve_precision
 
     tr = v.train
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    pl.seed_everything(tr.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(tr)
+    choice = thread_choice(v, ctx, accelerator)
+    T.apply(choice.threads)
+    pl.seed_everything(tr.seed, workers=True, verbose=False)
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[data_key(v)]
     model = grafts.build(v.model)
     world = world_size(tr, accelerator)
     n_batches = len(dm.train_dataloader())
-    device = torch.device("cuda") if accelerator == "gpu" else torch.device("cpu")
-    built = Built(model=model, params=grafts.count_params(model), macs=int(grafts.count_macs(v.model)),
-                  teacher=load_teacher(v, ctx), dm=dm, accelerator=accelerator, precision=precision, world=world,
-                  global_batch=v.data.batch_size * world, train_size=int(dm.train_size),
-                  steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches), device=device,
-                  trainer_kw=dict(accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-                                  strategy=tr.strategy, precision=precision, gradient_clip_val=tr.grad_clip,
-                                  logger=False, enable_model_summary=False, num_sanity_val_steps=0,
-                                  enable_progress_bar=False, enable_checkpointing=False))
-    B.reset_peak_memory(device)
-    return built
+    return Built(variant=v, model=model, params=grafts.count_params(model), macs=int(grafts.count_macs(v.model)),
+                 teacher=teacher_stand_in(v, ctx) if calibrating else load_teacher(v, ctx), dm=dm,
+                 accelerator=accelerator, precision=precision, world=world, global_batch=v.data.batch_size * world,
+                 train_size=int(dm.train_size), steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches),
+                 device=torch.device("cuda") if accelerator == "gpu" else torch.device("cpu"), threads=choice,
+                 trainer_kw=dict(accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
+                                 strategy=tr.strategy, precision=precision, gradient_clip_val=tr.grad_clip,
+                                 logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                 enable_progress_bar=False, enable_checkpointing=False))
 
 
-def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built):
-    """The budget plan: a resumed seconds budget keeps its planned steps; a new one calibrates."""
+def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built) -> tuple[Any, str]:
+    """The budget plan and how a seconds budget was calibrated ("" otherwise): a resumed run keeps its
+    plan; a variant calibrated with the others (lab.run_calibration) takes its entry; else it
+    calibrates alone here."""
     import lightning.pytorch as pl
 
     from lab import budget as B
 
     planned = planned_steps(ctx.cl, run_id) if resume_ckpt is not None else None
-    if v.budget.kind == "seconds" and not v.budget.wall_clock and planned is not None:
-        return B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=b.global_batch,
+    together = ctx.calibration.get(v.key)
+    timed = v.budget.kind == "seconds" and not v.budget.wall_clock
+    if timed and planned is not None:
+        plan = B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=b.global_batch,
                             steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs)
+        prev = track.metric_history(ctx.cl, run_id, R.calibration_metric("step_seconds"))
+        if prev:
+            plan.calibration["step_seconds"] = prev[-1][1]
+        return plan, ""
+    if timed and together is not None:
+        plan = B.BudgetPlan(kind="seconds", total_steps=int(together["steps"]), global_batch=b.global_batch,
+                            steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs,
+                            calibration={"step_seconds": together["step_seconds"],
+                                         "images_per_s": b.global_batch / together["step_seconds"],
+                                         "relative": together["relative"], "spread": together["spread"],
+                                         "timed_steps": float(together["timed_steps"])})
+        return plan, together["how"]
 
     def calibrate():
-        return from_rank_zero(B.calibrate(lambda: b.make_module(v, copy.deepcopy(b.model)), b.dm, b.trainer_kw,
-                                          steps=v.budget.calibration_steps))
+        return from_rank_zero(B.calibrate(lambda: b.make_module(copy.deepcopy(b.model)), b.dm, b.trainer_kw,
+                                          steps=v.budget.calibration_steps, threads=b.threads.threads))
 
     plan = B.plan(v.budget, global_batch=b.global_batch, steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs,
                   calibrate=calibrate)
+    how = ""
+    if plan.calibration:
+        how = ("alone, in its own worker" + (f" (rank 0's figure, {b.world} ranks)" if b.world > 1 else "")
+               + ": not interleaved with the other variants")
     pl.seed_everything(v.train.seed, workers=True, verbose=False)  # calibration consumed randomness
-    return plan
+    return plan, how
 
 
-def log_start(ctx, run_id: str, b: Built, plan) -> None:
+def log_start(v, ctx, run_id: str, b: Built, plan, calibrated_by: str) -> None:
     """Step-0 metrics and the run's training tags (a new run, rank 0)."""
     first: dict[str, Any] = {R.PARAMS: b.params, R.MACS: b.macs}
     if plan.total_steps is not None:
         first[R.BUDGET_PLANNED_STEPS] = plan.total_steps
+    if v.budget.kind == "seconds":
+        first[R.BUDGET_PLANNED_SECONDS] = float(v.budget.seconds)
     for k, val in plan.calibration.items():
         first[R.calibration_metric(k)] = val
     track.log_metrics(ctx.cl, run_id, first, 0)
-    track.set_tags(ctx.cl, run_id, {R.PRECISION: b.precision, R.WORLD_SIZE: b.world,
-                                    R.BUDGET_PLAN: plan.describe(), R.TRAIN_SIZE: b.train_size,
-                                    R.VAL_SIZE: getattr(b.dm, "val_size", None),
-                                    R.STEPS_PER_EPOCH: b.steps_per_epoch})
+    tags = {R.PRECISION: b.precision, R.WORLD_SIZE: b.world, R.BUDGET_PLAN: plan.describe(),
+            R.TRAIN_SIZE: b.train_size, R.VAL_SIZE: getattr(b.dm, "val_size", None),
+            R.STEPS_PER_EPOCH: b.steps_per_epoch, **b.threads.tags()}
+    if calibrated_by:
+        tags[R.CALIBRATION] = calibrated_by
+    track.set_tags(ctx.cl, run_id, tags)
 
 
 def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fitted:
@@ -245,7 +310,7 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fit
     from lab.module import LastCheckpoint, MlflowMetrics, NonFiniteLoss, StepProgress
 
     tr = v.train
-    module = b.make_module(v, b.model, plan.total_steps)
+    module = b.make_module(b.model, plan.total_steps)
     timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
     if plan.max_seconds is not None:
         module.progress_fn = lambda: timer.progress
@@ -280,7 +345,8 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fit
 
 
 def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResult) -> R.VariantResult:
-    """The final metrics and weights (rank 0) and the variant's result."""
+    """The final metrics and weights (rank 0), the inference throughput after training
+    (bench.after_train) and the variant's result."""
     from lab import budget as B
     from lab.module import save_final
 
@@ -291,22 +357,52 @@ def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResu
     final = {R.FINAL_VAL_TOP1: final_val[R.VAL_TOP1], R.FINAL_VAL_TOP5: final_val[R.VAL_TOP5],
              R.FINAL_VAL_LOSS: final_val[R.VAL_LOSS], R.BEST_VAL_TOP1: max(f.module.best_top1, final_val[R.VAL_TOP1]),
              **use, R.PARAMS: b.params, R.MACS: b.macs}
-    if f.trainer.is_global_zero and ctx.rank_zero:
+    writes = f.trainer.is_global_zero and ctx.rank_zero
+    if writes:
         track.log_metrics(ctx.cl, run_id, final, steps)
         final_path = save_final(f.ckdir / "final.pt", f.module, v.model, variant=v.key, hash=v.hash, steps=steps)
         if v.tracking.log_checkpoint:
             track.log_artifact_file(ctx.cl, run_id, final_path, R.CHECKPOINT_ARTIFACT_DIR)
-    return result.update(steps=steps, top1=final[R.FINAL_VAL_TOP1], best_top1=final[R.BEST_VAL_TOP1],
-                         train_seconds=f.timer.train_seconds, images_seen=use[R.BUDGET_IMAGES_SEEN])
+    result.update(steps=steps, top1=final[R.FINAL_VAL_TOP1], best_top1=final[R.BEST_VAL_TOP1],
+                  train_seconds=f.timer.train_seconds, images_seen=use[R.BUDGET_IMAGES_SEEN])
+    if v.bench.after_train and writes:
+        result.imgs_per_s = bench_after_train(v, f.module.model, b.accelerator, ctx, run_id)
+    return result
+
+
+def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[float]:
+    """Inference images/s of the trained model with the bench protocol (lab.bench) on the run's
+    device, logged as `lab bench --log` does; a failure is a warning, not a failed variant."""
+    from lab.bench import bench_record, measure_throughput
+    from lab.models import model_img_size
+
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    b = v.bench
+    try:
+        res = measure_throughput(copy.deepcopy(model), img_size=model_img_size(model, int(v.model.get("img_size") or 224)),
+                                 device=device, batch=b.batch, dtype=b.dtype, threads=b.threads, warmup=b.warmup,
+                                 duration=b.duration, repeats=b.repeats, channels_last=b.channels_last,
+                                 compile=b.compile, max_batch=b.max_batch)
+    except Exception as e:  # noqa: BLE001 - the training result stands without it
+        track.set_tags(ctx.cl, run_id, {R.BENCH_ERROR: track.short_error(e)})
+        ctx.say(f"warning: {v.key}: inference throughput not measured: {track.short_error(e)}")
+        return None
+    metrics, tags = bench_record(res)
+    track.log_metrics(ctx.cl, run_id, metrics, 0)
+    track.set_tags(ctx.cl, run_id, tags)
+    return res.images_per_s
 
 
 def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult) -> R.VariantResult:
-    """Train, evaluate and log one variant into `run_id`; fills and returns `result`."""
-    b = build(v, ctx)
+    """Train, evaluate and log one variant into `run_id`: build, plan, fit, record; fills and returns `result`."""
+    from lab import budget as B
+
+    b = build_variant(v, ctx)
     result.update(params=b.params, macs=b.macs)
-    plan = plan_budget(v, ctx, run_id, resume_ckpt, b)
-    result.budget = plan.describe()
+    B.reset_peak_memory(b.device)
+    plan, calibrated_by = plan_budget(v, ctx, run_id, resume_ckpt, b)
+    result.update(budget=plan.describe(), calibrated_step_seconds=plan.calibration.get("step_seconds"))
     if resume_ckpt is None and ctx.rank_zero:
-        log_start(ctx, run_id, b, plan)
+        log_start(v, ctx, run_id, b, plan, calibrated_by)
     f = fit(v, ctx, run_id, resume_ckpt, b, plan)
     return record_final(v, ctx, run_id, b, f, result)

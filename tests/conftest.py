@@ -4,6 +4,10 @@ training specs, a Ctrl-C simulator (`KillAt`), synthetic runs written with lab.t
 fam, empty and the really trained tinyrun), read by test_report and test_notebooks."""
 from __future__ import annotations
 
+# isort: off
+import lab  # noqa: F401 - first, so that OMP_WAIT_POLICY=PASSIVE is set before torch loads OpenMP
+# isort: on
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -40,6 +44,8 @@ def tiny_spec_dict(name: str = "tiny", **sections) -> dict:
         "model": dict(TINY_MODEL),
         "train": {"lr": 3e-3, "log_every": 2, "eval_every": 5, "threads": 2, "warmup": 0.1},
         "budget": {"steps": 12},
+        # inference throughput after training costs seconds per variant: on only where a test asks
+        "bench": {"after_train": False},
     }
     for k, v in sections.items():
         doc[k] = v

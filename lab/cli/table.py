@@ -17,15 +17,20 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from lab.report import ablation_table, format_table, load_runs
+    from lab.report import ablation_table, budget_warnings, format_table, load_runs
 
     df = load_runs(args.experiment, args.tracking_uri, args.tag)
     table = ablation_table(df, baseline=args.baseline)
     text = format_table(table, args.format)
+    warnings = [f"warning: {w}" for w in budget_warnings(table)] if not table.empty else []
     if args.format == "terminal" and not table.empty:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
         text = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline\n" + text
+        text += "".join(w + "\n" for w in warnings)
+    elif warnings:
+        for w in warnings:
+            print(w, file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
