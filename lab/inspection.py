@@ -40,10 +40,22 @@ import torch.nn as nn
 __all__ = [
     "FirstLayer", "first_layer", "smoothness", "filter_images", "AttentionSite", "attention_sites",
     "bias_maps", "capture_attention", "mean_distance", "grid_positions", "attention_distances",
-    "inspect_model", "Inspection", "LOW_FREQ_CUTOFF",
+    "inspect_model", "Inspection", "LOW_FREQ_CUTOFF", "SMOOTHNESS_METRIC", "SMOOTHNESS_MEDIAN_METRIC",
+    "DISTANCE_METRIC", "distance_metric",
 ]
 
 LOW_FREQ_CUTOFF = 0.25  # cycles/pixel: half of Nyquist
+
+# MLflow metric names (logged once, at the run's last step)
+SMOOTHNESS_METRIC = "inspect/filter_smoothness"                # mean over first-layer filters
+SMOOTHNESS_MEDIAN_METRIC = "inspect/filter_smoothness_median"
+DISTANCE_METRIC = "inspect/attn_distance"                      # mean over layers and heads (pixels)
+
+
+def distance_metric(layer: int, head: Optional[int] = None) -> str:
+    """`inspect/attn_distance/layerNN` (mean over heads) or `.../layerNN/headMM` (one head)."""
+    name = f"{DISTANCE_METRIC}/layer{layer:02d}"
+    return name if head is None else f"{name}/head{head:02d}"
 
 
 # --------------------------------------------------------------------------- first-layer filters
@@ -309,21 +321,21 @@ class Inspection:
     distances: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics (names from `metric_names`)."""
+        """Flat MLflow metrics: SMOOTHNESS_METRIC(_MEDIAN), DISTANCE_METRIC and `distance_metric(layer[, head])`."""
         out: dict[str, float] = {}
         if self.smoothness is not None and self.smoothness.numel():
             s = self.smoothness.double()
-            out["inspect/filter_smoothness"] = float(s.mean())
-            out["inspect/filter_smoothness_median"] = float(s.median())
+            out[SMOOTHNESS_METRIC] = float(s.mean())
+            out[SMOOTHNESS_MEDIAN_METRIC] = float(s.median())
         if self.distances:
             by_layer: dict[int, list[float]] = {}
             for r in self.distances:
                 by_layer.setdefault(r["layer"], []).append(r["distance_px"])
-                out[f"inspect/attn_distance/layer{r['layer']:02d}/head{r['head']:02d}"] = float(r["distance_px"])
+                out[distance_metric(r["layer"], r["head"])] = float(r["distance_px"])
             for layer, ds in by_layer.items():
-                out[f"inspect/attn_distance/layer{layer:02d}"] = sum(ds) / len(ds)
+                out[distance_metric(layer)] = sum(ds) / len(ds)
             all_d = [r["distance_px"] for r in self.distances]
-            out["inspect/attn_distance"] = sum(all_d) / len(all_d)
+            out[DISTANCE_METRIC] = sum(all_d) / len(all_d)
         return out
 
     def to_json(self) -> dict[str, Any]:

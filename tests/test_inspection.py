@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -197,3 +198,54 @@ def test_inspect_model_metrics():
     assert len(ins.bias) == 11
     doc = ins.to_json()
     assert doc["filters"]["kind"] == "levit_conv" and len(doc["smoothness"]) == 16
+
+
+# --------------------------------------------------------------------------- figures
+
+
+ZOO_FAMILIES = {  # one variant of every zoo family, tiny
+    "levit": LEVIT,
+    "levit_ablation_one_stage": {"zoo": "levit_128s_a1", "img_size": 64, "num_classes": 4},
+    "deit": VIT,
+    "resnet50": RESNET,
+    "graft": {"zoo": "resnet2_deit6", "img_size": 32, "num_classes": 4, "grid": 2,
+              "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
+}
+
+
+@pytest.mark.parametrize("family", list(ZOO_FAMILIES))
+def test_figures_render_for_every_zoo_family(family, tmp_path):
+    from PIL import Image
+
+    from lab import inspection_plot as P
+
+    cfg = ZOO_FAMILIES[family]
+    m = _build(cfg)
+    ins = I.inspect_model(m, [torch.randn(2, 3, cfg["img_size"], cfg["img_size"])], max_images=2)
+    figs = P.inspection_figures(ins, family, "run")
+    want = {"filters"} | ({"attention_bias"} if family.startswith("levit") else set()) | (
+        set() if family == "resnet50" else {"attention_distance"})
+    assert set(figs) == want
+    for name, fig in figs.items():
+        png, svg = P.save_and_close(fig, tmp_path / name)
+        w, h = Image.open(png).size
+        assert w > 300 and h > 200 and svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_seeds_aggregate_in_the_distance_plot():
+    from lab import inspection_plot as P
+
+    assert P.variant_group("vit-seed=1") == "vit" and P.variant_group("seed=0") == "base"
+    assert P.variant_group("vit-lr=0.1-seed=2") == "vit-lr=0.1" and P.variant_group("vit") == "vit"
+    rows = [{"layer": layer, "head": h, "distance_px": 10.0 * (layer + 1) + seed + h}
+            for layer in range(3) for h in range(2) for seed in range(1)]
+    d = pd.concat([P.distance_frame("vit", f"r{seed}", [dict(r, distance_px=r["distance_px"] + seed) for r in rows])
+                   for seed in range(3)] + [P.distance_frame("bias", "b0", rows)])
+    fig = P.plot_attention_distance(d)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["vit (3 seeds)", "bias"]
+    vit_line = ax.get_lines()[0]
+    # mean over heads (+0.5) and seeds (+1): 11.5, 21.5, 31.5 at depths 1..3
+    assert list(vit_line.get_xdata()) == [1, 2, 3] and list(vit_line.get_ydata()) == pytest.approx([11.5, 21.5, 31.5])
+    assert len(ax.collections) == 3  # the seeds' band for vit, head dots for both
+    P.pyplot()[0].close(fig)
