@@ -360,6 +360,30 @@ def filter_panels(found: list[RunInspection]) -> list[dict[str, Any]]:
     return panels
 
 
+def summary(found: list[RunInspection]) -> pd.DataFrame:
+    """One row per variant (seeds averaged): first-layer kind, mean filter smoothness, mean
+    attention distance of the first and the last attention layer and over all layers (pixels)."""
+    rows = []
+    for r in found:
+        d = r.distances.groupby("layer")["distance_px"].mean() if not r.distances.empty else pd.Series(dtype=float)
+        rows.append({"variant": r.label, "first layer": r.filters["kind"] if r.filters else None,
+                     "smoothness": float(r.filters["smoothness"].mean()) if r.filters else float("nan"),
+                     "bias layers": len(r.bias),
+                     "distance first (px)": float(d.iloc[0]) if len(d) else float("nan"),
+                     "distance last (px)": float(d.iloc[-1]) if len(d) else float("nan"),
+                     "distance mean (px)": float(d.mean()) if len(d) else float("nan")})
+    cols = ["variant", "first layer", "smoothness", "bias layers", "distance first (px)", "distance last (px)",
+            "distance mean (px)"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    n = df.groupby("variant", sort=False).size().rename("seeds")
+    out = df.groupby("variant", sort=False).agg({"first layer": "first", "smoothness": "mean", "bias layers": "first",
+                                                 "distance first (px)": "mean", "distance last (px)": "mean",
+                                                 "distance mean (px)": "mean"})
+    return out.join(n).reset_index()
+
+
 # --------------------------------------------------------------------------- `lab plot --kind filters|attention-bias`
 
 

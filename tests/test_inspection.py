@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import grafts
 from lab import inspection as I
+from lab import report as R
 
 # one small config per patch-descriptor kind (and one per zoo family), at tiny sizes
 VIT = {"zoo": "deit_tiny", "img_size": 32, "patch_size": 4, "num_classes": 4,
@@ -249,3 +251,99 @@ def test_seeds_aggregate_in_the_distance_plot():
     assert list(vit_line.get_xdata()) == [1, 2, 3] and list(vit_line.get_ydata()) == pytest.approx([11.5, 21.5, 31.5])
     assert len(ax.collections) == 3  # the seeds' band for vit, head dots for both
     P.pyplot()[0].close(fig)
+
+
+# --------------------------------------------------------------------------- after `lab run`, and `lab plot`
+
+_BUILT: dict[str, tuple] = {}
+
+
+def inspected_store(tmp_path_factory) -> tuple[str, Path]:
+    """(tracking URI, spec path) of `tinyinspect`, really trained once per session (tests/test_notebooks.py
+    reads it too): a ViT, a ViT with attention bias and a ResNet graft, all inspected after training,
+    and `old`, a ViT trained with `tracking.inspect: false` like a run from before inspection existed."""
+    if "store" not in _BUILT:
+        import yaml
+        from conftest import tiny_spec_dict
+
+        from lab import runner
+        from lab import spec as S
+
+        root = tmp_path_factory.mktemp("inspect")
+        uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+        doc = tiny_spec_dict("tinyinspect", budget={"steps": 3},
+                             tracking={"uri": uri, "inspect": True, "inspect_images": 8})
+        doc["train"]["eval_every"] = 3
+        doc["variants"] = {"vit": {}, "bias": {"model": {"position": "attention_bias"}},
+                           "graft": {"model": {"prefix": {"arch": "resnet50", "stages": 1}, "bridge": "pool", "grid": 2}},
+                           "old": {"tracking": {"inspect": False}}}
+        path = root / "tinyinspect.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        spec = S.load_spec(path)
+        res = runner.run_experiment(spec, S.expand(spec), progress=False, say=lambda s: None)
+        assert [r["status"] for r in res] == ["finished"] * 4
+        _BUILT["store"] = (uri, path)
+    return _BUILT["store"]
+
+
+@pytest.mark.slow
+def test_run_logs_inspection_and_lab_plot_draws_any_finished_run(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Training logs the metrics and figures; `lab plot` draws from final weights, also for a run
+    trained without inspection (distances computed on the fly from its logged spec's data) and
+    whose local checkpoint folder is gone (weights from the checkpoint/final.pt artifact)."""
+    import shutil
+
+    from PIL import Image
+
+    from lab import cli, track
+    from lab import inspection_plot as P
+    from lab import spec as S
+
+    store, path = inspected_store(tmp_path_factory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    cl = track.client(store)
+    runs = {r.data.tags["lab.variant"]: r for r in track.find_variant_runs(cl, "tinyinspect")}
+    for key in ("vit", "bias", "graft"):
+        m = runs[key].data.metrics
+        assert 0 <= m[I.SMOOTHNESS_METRIC] <= 1
+        heads = [m[I.distance_metric(0, h)] for h in range(2)]  # depth 1, 2 heads
+        assert all(d > 0 for d in heads) and m[I.distance_metric(0)] == pytest.approx(sum(heads) / 2)
+        assert m[I.DISTANCE_METRIC] == pytest.approx(m[I.distance_metric(0)])
+        arts = {a.path.split("/")[-1] for a in cl.list_artifacts(runs[key].info.run_id, "inspect")}
+        want = {"inspection.json", "filters.png", "filters.svg", "attention_distance.png", "attention_distance.svg"}
+        assert arts == want | ({"attention_bias.png", "attention_bias.svg"} if key == "bias" else set())
+    # the 16 px ViT has a 4x4 grid of 4 px tokens, the graft a 2x2 grid of 8 px tokens: bounded distances
+    assert runs["vit"].data.metrics[I.DISTANCE_METRIC] < 3 * 4 * math.sqrt(2)
+    assert runs["graft"].data.metrics[I.DISTANCE_METRIC] <= 8 * math.sqrt(2)
+    assert not any(k.startswith("inspect/") for k in runs["old"].data.metrics)
+    v_old = next(v for v in S.expand(S.load_spec(path)) if v.key == "old")
+    shutil.rmtree(track.checkpoint_dir(v_old, store), ignore_errors=True)
+    capsys.readouterr()
+
+    out = tmp_path / "figs"
+    assert cli.main(["plot", "tinyinspect", "--kind", "filters", "--out", str(out / "t_filters")]) == 0
+    assert cli.main(["plot", "tinyinspect", "--kind", "attention-bias", "--images", "8",
+                     "--out", str(out / "t_attention_bias")]) == 0
+    printed = capsys.readouterr().out
+    assert "old: attention distance computed now on 8 validation images" in printed
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["t_attention_bias_bias.png", "t_attention_bias_bias.svg", "t_attention_distance.png",
+                     "t_attention_distance.svg", "t_filters.png", "t_filters.svg"]
+    assert Image.open(out / "t_filters.png").size[0] > 600  # panels side by side (3 per row)
+    # on-the-fly distances for `old` equal a direct computation on the same weights and images
+    import grafts
+    from lab.data import build_datamodule
+    from lab.module import model_state_from_file
+
+    cfg, sd = model_state_from_file(track.download_artifact(cl, runs["old"].info.run_id, "checkpoint/final.pt"))
+    model = grafts.build(cfg)
+    model.load_state_dict(sd)
+    dm = build_datamodule(v_old.data)
+    dm.setup("validate")
+    rows = I.attention_distances(model, (x for x, _ in dm.val_dataloader()), max_images=8)
+    found = {r.row["key"]: r for r in P.collect(R.load_runs(["tinyinspect"]), max_images=8, say=lambda s: None)}
+    assert found["old"].distances["distance_px"].tolist() == pytest.approx([r["distance_px"] for r in rows])
+    assert found["vit"].distances["distance_px"].tolist() == pytest.approx(
+        [runs["vit"].data.metrics[I.distance_metric(0, h)] for h in range(2)])
+    # bad input: an unknown experiment is a one-line error
+    assert cli.main(["plot", "nope", "--kind", "filters"]) == 2
