@@ -29,19 +29,36 @@ materialises them. Conventions (also in the README):
 """
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
-    "FirstLayer", "first_layer", "smoothness", "filter_images", "AttentionSite", "attention_sites",
-    "bias_maps", "capture_attention", "mean_distance", "grid_positions", "attention_distances",
-    "inspect_model", "Inspection", "LOW_FREQ_CUTOFF", "SMOOTHNESS_METRIC", "SMOOTHNESS_MEDIAN_METRIC",
-    "DISTANCE_METRIC", "distance_metric",
+    "DISTANCE_METRIC",
+    "LOW_FREQ_CUTOFF",
+    "SMOOTHNESS_MEDIAN_METRIC",
+    "SMOOTHNESS_METRIC",
+    "AttentionSite",
+    "FirstLayer",
+    "Inspection",
+    "attention_distances",
+    "attention_sites",
+    "bias_maps",
+    "capture_attention",
+    "distance_metric",
+    "filter_images",
+    "first_layer",
+    "grid_positions",
+    "inspect_model",
+    "mean_distance",
+    "peek_grey",
+    "smoothness",
 ]
 
 LOW_FREQ_CUTOFF = 0.25  # cycles/pixel: half of Nyquist
@@ -52,7 +69,7 @@ SMOOTHNESS_MEDIAN_METRIC = "inspect/filter_smoothness_median"
 DISTANCE_METRIC = "inspect/attn_distance"                      # mean over layers and heads (pixels)
 
 
-def distance_metric(layer: int, head: Optional[int] = None) -> str:
+def distance_metric(layer: int, head: int | None = None) -> str:
     """`inspect/attn_distance/layerNN` (mean over heads) or `.../layerNN/headMM` (one head)."""
     name = f"{DISTANCE_METRIC}/layer{layer:02d}"
     return name if head is None else f"{name}/head{head:02d}"
@@ -69,24 +86,37 @@ class FirstLayer:
     name: str  # module path in the model
     weight: torch.Tensor
     stride: int
+    grey: bool = False  # weight summed over input channels (grey images replicated to RGB)
 
 
-def _fold_bn(w: torch.Tensor, bn: Optional[nn.Module]) -> torch.Tensor:
+def _fold_bn(w: torch.Tensor, bn: nn.Module | None) -> torch.Tensor:
     if isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
         w = w * (gamma / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
     return w
 
 
-def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
+def _get(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
     except AttributeError:
         return None
 
 
-def first_layer(model: nn.Module) -> FirstLayer:
-    """The first learnt conv of a grafts model (see the module docstring for the three kinds)."""
+def first_layer(model: nn.Module, grey: bool = False) -> FirstLayer:
+    """The first learnt conv of a grafts model (see the module docstring for the three kinds).
+
+    `grey`: the inputs are grey images replicated to RGB (the embedded MNIST data): every
+    channel then sees the same pixels, so the filter that acts is the sum over input channels
+    (the per-channel parts differ only by their untrained initialisation); that sum is returned.
+    """
+    fl = _first_layer(model)
+    if grey:
+        fl.weight, fl.grey = fl.weight.sum(dim=1, keepdim=True), True
+    return fl
+
+
+def _first_layer(model: nn.Module) -> FirstLayer:
     stem = _get(model, "prefix.conv1") if getattr(model, "prefix", None) is not None else None
     if isinstance(stem, nn.Conv2d):
         return FirstLayer("resnet_stem", "prefix.conv1", _fold_bn(stem.weight, _get(model, "prefix.bn1")).detach(),
@@ -219,8 +249,8 @@ def _probs(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def capture_attention(model: nn.Module, sites: Optional[list[AttentionSite]] = None,
-                      reduce: Optional[Any] = None) -> Iterator[dict[int, list]]:
+def capture_attention(model: nn.Module, sites: list[AttentionSite] | None = None,
+                      reduce: Any | None = None) -> Iterator[dict[int, list]]:
     """While active, every forward of an attention site appends its probabilities (B, H, Nq, Nk)
     to `captured[site.index]` (or `reduce(site, probs)` when given, to keep memory bounded)."""
     sites = attention_sites(model) if sites is None else sites
@@ -315,8 +345,8 @@ def attention_distances(model: nn.Module, batches: Iterable[torch.Tensor], max_i
 class Inspection:
     """What `inspect_model` computes for one trained model."""
 
-    filters: Optional[FirstLayer]
-    smoothness: Optional[torch.Tensor]
+    filters: FirstLayer | None
+    smoothness: torch.Tensor | None
     bias: list[dict[str, Any]] = field(default_factory=list)
     distances: list[dict[str, Any]] = field(default_factory=list)
 
@@ -343,7 +373,7 @@ class Inspection:
         f = self.filters
         return {
             "filters": None if f is None else {"kind": f.kind, "name": f.name, "shape": list(f.weight.shape),
-                                               "stride": f.stride},
+                                               "stride": f.stride, "grey": f.grey},
             "smoothness": None if self.smoothness is None else [round(float(v), 6) for v in self.smoothness],
             "smoothness_cutoff": LOW_FREQ_CUTOFF,
             "bias": [{"layer": b["site"].index, "name": b["site"].name, "stage": b["site"].stage,
@@ -353,11 +383,26 @@ class Inspection:
         }
 
 
-def inspect_model(model: nn.Module, batches: Optional[Iterable[torch.Tensor]] = None,
-                  max_images: int = 64) -> Inspection:
-    """Filters + smoothness, bias maps and (with `batches`) attention distances of `model`."""
+def peek_grey(batches: Iterable[torch.Tensor]) -> tuple[bool, Iterator[torch.Tensor]]:
+    """(whether the first batch's images have identical colour channels, the batches unchanged)."""
+    it = iter(batches)
     try:
-        fl: Optional[FirstLayer] = first_layer(model)
+        first = next(it)
+    except StopIteration:
+        return False, iter(())
+    grey = first.dim() == 4 and first.shape[1] == 3 and bool(
+        torch.equal(first[:, 0], first[:, 1]) and torch.equal(first[:, 1], first[:, 2]))
+    return grey, itertools.chain([first], it)
+
+
+def inspect_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = None,
+                  max_images: int = 64, grey: bool | None = None) -> Inspection:
+    """Filters + smoothness, bias maps and (with `batches`) attention distances of `model`.
+    `grey` (see `first_layer`): None = decided from the first batch (False without batches)."""
+    if batches is not None and grey is None:
+        grey, batches = peek_grey(batches)
+    try:
+        fl: FirstLayer | None = first_layer(model, grey=bool(grey))
     except ValueError:
         fl = None
     return Inspection(

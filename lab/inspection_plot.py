@@ -17,18 +17,27 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import pandas as pd
 import torch
 
 from lab.errors import LabError
 from lab.figures import pyplot, save_figure
-from lab.inspection import (DISTANCE_METRIC, Inspection, attention_distances, bias_maps, filter_images, first_layer,
-                            inspect_model, smoothness)
+from lab.inspection import (
+    DISTANCE_METRIC,
+    Inspection,
+    attention_distances,
+    bias_maps,
+    filter_images,
+    first_layer,
+    inspect_model,
+    smoothness,
+)
 
 KINDS = ("filters", "attention-bias")
 MAX_FILTERS = 64  # per variant in the filter grid (the smoothest first)
@@ -62,7 +71,7 @@ def filter_mosaic(images: torch.Tensor, cols: int = 8, pad: int = 1):
     return out
 
 
-def plot_filters(panels: list[dict[str, Any]], title: Optional[str] = None, max_filters: int = MAX_FILTERS):
+def plot_filters(panels: list[dict[str, Any]], title: str | None = None, max_filters: int = MAX_FILTERS):
     """One mosaic per variant: its first-layer filters, each colour-normalised on its own, the
     smoothest first. Panel: {label, kind, weight (F, C, k, k), smoothness (F,), seeds_smoothness
     (one mean per seed, optional)}."""
@@ -84,17 +93,18 @@ def plot_filters(panels: list[dict[str, Any]], title: Optional[str] = None, max_
         s = p["smoothness"]
         ax.imshow(mosaic, interpolation="nearest")
         k = p["weight"].shape[-1]
+        grey = "\nsummed over R, G, B (grey input)" if p["weight"].shape[1] == 1 else ""
         seeds = p.get("seeds_smoothness") or []
         spread = (f" ± {torch.tensor(seeds).std().item():.2f} ({len(seeds)} seeds)" if len(seeds) > 1 else "")
         shown = f"{len(order)} of {p['weight'].shape[0]}" if len(order) < p["weight"].shape[0] else f"{len(order)}"
-        ax.set_title(f"{p['label']}\n{p['kind'].replace('_', ' ')} {k}x{k}, {shown} filters\n"
+        ax.set_title(f"{p['label']}\n{p['kind'].replace('_', ' ')} {k}x{k}, {shown} filters{grey}\n"
                      f"low-freq. energy {float(s.mean()):.2f}{spread}", fontsize=9)
     fig.suptitle(title or "first-layer filters (each normalised on its own; smoothest first)", fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def bias_mosaic(layers: list[dict[str, Any]], cell: Optional[int] = None):
+def bias_mosaic(layers: list[dict[str, Any]], cell: int | None = None):
     """One (rows, cols) numpy image of every layer's (row) heads' (column) bias maps, each row
     divided by its largest |bias| (so in [-1, 1]), each map enlarged by an integer factor into a
     `cell` x `cell` square (default: the largest map), NaN between and around. Returns
@@ -107,8 +117,9 @@ def bias_mosaic(layers: list[dict[str, Any]], cell: Optional[int] = None):
     img = np.full((len(maps) * (cell + 1) + 1, heads * (cell + 1) + 1), np.nan, dtype=np.float32)
     scales = []
     for i, m in enumerate(maps):
-        scale = float(np.abs(m).max()) or 1.0
+        scale = float(np.abs(m).max())
         scales.append(scale)
+        scale = scale or 1.0  # an all-zero layer (e.g. one whose bias gets no gradient) stays white
         f = max(1, cell // m.shape[-1])
         big = np.repeat(np.repeat(m / scale, f, axis=1), f, axis=2)
         off = (cell - big.shape[-1]) // 2
@@ -118,7 +129,7 @@ def bias_mosaic(layers: list[dict[str, Any]], cell: Optional[int] = None):
     return img, cell, scales
 
 
-def plot_attention_bias(label: str, layers: list[dict[str, Any]], title: Optional[str] = None):
+def plot_attention_bias(label: str, layers: list[dict[str, Any]], title: str | None = None):
     """The learnt attention bias of every head (columns) of every layer (rows), over the (dy, dx)
     offset from the query (each map's centre, marked +). Colours are relative per layer: each
     row is divided by its largest |bias|, written in the row label. layers: [{name, stage, kind,
@@ -156,7 +167,7 @@ def _block_no(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def plot_attention_distance(data: pd.DataFrame, title: Optional[str] = None):
+def plot_attention_distance(data: pd.DataFrame, title: str | None = None):
     """Mean attention distance (pixels) per layer against depth, one line per variant: the mean
     over heads, averaged over seeds with a band (min..max of the seeds' means) when there are
     several; dots: single heads. data: label, run_id, layer, head, distance_px."""
@@ -221,7 +232,7 @@ def save_and_close(fig, stem: Path) -> list[Path]:
 # --------------------------------------------------------------------------- after training
 
 
-def log_inspection(cl, run_id: str, model: torch.nn.Module, batches: Optional[Iterable[torch.Tensor]], *,
+def log_inspection(cl, run_id: str, model: torch.nn.Module, batches: Iterable[torch.Tensor] | None, *,
                    label: str, max_images: int, step: int) -> dict[str, float]:
     """Inspect the trained `model` and log metrics, `inspect/inspection.json` and the figures on
     `run_id`. Returns the metrics."""
@@ -249,13 +260,13 @@ class RunInspection:
 
     row: pd.Series
     label: str
-    filters: Optional[dict[str, Any]]      # {kind, weight, smoothness}
+    filters: dict[str, Any] | None      # {kind, weight, smoothness}
     bias: list[dict[str, Any]]             # plot_attention_bias layers
     distances: pd.DataFrame                # distance_frame
     note: str = ""
 
 
-def final_weights(cl, row: pd.Series, uri: str) -> Optional[Path]:
+def final_weights(cl, row: pd.Series, uri: str) -> Path | None:
     """The run's `final.pt`: the local checkpoint folder of the store, else the run's artifact."""
     from lab import track
 
@@ -290,6 +301,18 @@ def _logged_distances(row: pd.Series, label: str) -> pd.DataFrame:
         if m and pd.notna(val):
             rows.append({"layer": int(m.group(1)), "head": int(m.group(2)), "distance_px": float(val)})
     return distance_frame(label, row["run_id"], rows)
+
+
+def _grey_input(cl, row: pd.Series) -> bool:
+    """Whether the run trained on grey images replicated to RGB: as its inspection found, else
+    (runs from before inspection) when its data is the embedded MNIST set."""
+    from lab import track
+
+    try:
+        doc = json.loads(track.download_artifact(cl, row["run_id"], "inspect/inspection.json").read_text())
+        return bool((doc.get("filters") or {}).get("grey", False))
+    except Exception:  # noqa: BLE001 - no inspection artifact
+        return str(row.get("params.data.dataset", "")) == "embedded"
 
 
 def _val_batches(cl, run_id: str):
@@ -327,7 +350,7 @@ def collect(df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 
             continue
         model = _load_model(path)
         try:
-            fl = first_layer(model)
+            fl = first_layer(model, grey=_grey_input(cl, row))
             filters = {"kind": fl.kind, "weight": fl.weight, "smoothness": smoothness(fl.weight)}
         except ValueError:
             filters = None

@@ -343,7 +343,7 @@ def inspect_trained(v, ctx: Context, run_id: str, model, dm, step: int) -> None:
 
     n = v.tracking.inspect_images
     try:
-        batches = (x for x, _ in dm.val_dataloader()) if n else None
+        batches = (x for x, _ in dm.val_dataloader())  # also tells grey (MNIST) from colour input
         log_inspection(ctx.cl, run_id, model, batches, label=v.key, max_images=n, step=step)
     except Exception as e:  # noqa: BLE001
         track.set_tags(ctx.cl, run_id, {"lab.inspect_error": track.short_error(e)})

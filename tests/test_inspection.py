@@ -60,6 +60,18 @@ def test_first_layer_each_patch_descriptor(cfg, kind, name, shape):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_grey_input_sums_the_colour_channels():
+    m = _build(VIT)
+    fl = I.first_layer(m, grey=True)
+    assert fl.grey and fl.weight.shape == (32, 1, 4, 4)
+    assert torch.allclose(fl.weight, m.embed.proj.weight.sum(1, keepdim=True))
+    grey_batch = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8)
+    is_grey, it = I.peek_grey([grey_batch, torch.rand(2, 3, 8, 8)])
+    assert is_grey and len(list(it)) == 2  # the peeked batch is not lost
+    assert not I.peek_grey([torch.rand(2, 3, 8, 8)])[0]
+    assert I.inspect_model(m, [torch.rand(2, 1, 32, 32).expand(2, 3, 32, 32)], max_images=2).filters.grey
+
+
 def test_smoothness_constant_vs_checkerboard():
     k = 8
     const = torch.ones(1, 3, k, k)
