@@ -68,6 +68,11 @@ BENCH_IMGS_PER_S = _add("metric", "bench/{device}_imgs_per_s",
                         "median inference images/s (device cpu or cuda); also _min, _max")
 BENCH_TIMM_IMGS_PER_S = _add("metric", "bench/{device}_timm_imgs_per_s", "timm's model, with --compare timm")
 BENCH_RATIO_VS_TIMM = _add("metric", "bench/{device}_ratio_vs_timm", "our median / timm's median")
+# after training (lab.inspection, tracking.inspect), at the last step
+INSPECT_SMOOTHNESS = _add("metric", "inspect/filter_smoothness", "first-layer filters: mean low-frequency energy share")
+INSPECT_SMOOTHNESS_MEDIAN = _add("metric", "inspect/filter_smoothness_median", "the median over the filters")
+INSPECT_DISTANCE = _add("metric", "inspect/attn_distance",
+                        "mean attention distance (pixels) over layers and heads; also /layerNN and /layerNN/headMM")
 # on the parent run (lab.run_calibration)
 CALIBRATION_SECONDS_SPENT = _add("metric", "calibration/seconds_spent",
                                  "parent: wall time of calibrating the variants together")
@@ -135,6 +140,7 @@ CALIBRATION = _add("tag", "lab.calibration", "how a seconds budget was calibrate
 CALIBRATION_REFERENCE = _add("tag", "lab.calibration.reference", "parent: the calibration's reference variant")
 CALIBRATION_HOW = _add("tag", "lab.calibration.how", "parent: how the variants were calibrated")
 BENCH_ERROR = _add("tag", "lab.bench_error", "why the inference throughput after training is missing")
+INSPECT_ERROR = _add("tag", "lab.inspect_error", "why the inspection after training is missing")
 MATCH = _add("tag", "match.{field}",
              "runtime matching (spec `match:`): throughput_of, vary, value, device, target_imgs_per_s, imgs_per_s, "
              "miss_pct")
@@ -163,6 +169,9 @@ SPEC_PARAMS = _add("param", "<section>.<field>",
 SPEC_YAML = _add("artifact", "spec.yaml", "the resolved variant spec")
 ERROR_TXT = _add("artifact", "error.txt", "a failed run's traceback")
 CALIBRATION_FILE = _add("artifact", "calibration.json", "parent: the calibration of the variants (lab.calibration)")
+INSPECTION_FILE = _add("artifact", "inspect/inspection.json",
+                       "the inspection's figures as data; figures inspect/filters, attention_bias, attention_distance "
+                       "(.png, .svg)")
 FINAL_CHECKPOINT = _add("artifact", "checkpoint/final.pt",
                         "final weights and model config (when tracking.log_checkpoint)")
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"

@@ -12,14 +12,13 @@ metric and tag names read here are lab.record's.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
 from lab import record as R
 from lab.errors import LabError, close_matches
+from lab.figures import pyplot
 
 X_KINDS = (R.IMAGES_SEEN, R.EPOCH, R.TRAIN_SECONDS, "step")
 X_LABELS = {R.IMAGES_SEEN: "images seen", R.EPOCH: "epoch", R.TRAIN_SECONDS: "training time (s)",
@@ -495,16 +494,7 @@ def convergence_data(df: pd.DataFrame, x: str = R.IMAGES_SEEN, metric: str = R.V
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
+_plt = pyplot  # (pyplot, seaborn) with the lab theme (lab.figures)
 
 
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
@@ -589,15 +579,3 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None):
               frameon=False)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig, stem: str | Path) -> list[Path]:
-    """Write STEM.png (150 dpi) and STEM.svg; returns both paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "svg"):
-        p = stem.with_name(stem.name + "." + ext)
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-        paths.append(p)
-    return paths

@@ -7,7 +7,8 @@
     the calibration of all variants, or calibrates alone); `log_start` records it on a new run;
   - `fit`: the Lightning Trainer with lab's callbacks, run until the budget is spent, then a final
     validation when the last one is stale;
-  - `record_final`: the final metrics, the final weights, the inference throughput after training
+  - `record_final`: the final metrics, the final weights, the inspection of the trained model
+    (`inspect_trained`, lab.inspection), the inference throughput after training
     (`bench_after_train`) and the variant's `VariantResult`.
 Skip/resume decisions, the run's status and the error handling live in lab.execute; the
 metric and tag names in lab.record.
@@ -363,11 +364,27 @@ def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResu
         final_path = save_final(f.ckdir / "final.pt", f.module, v.model, variant=v.key, hash=v.hash, steps=steps)
         if v.tracking.log_checkpoint:
             track.log_artifact_file(ctx.cl, run_id, final_path, R.CHECKPOINT_ARTIFACT_DIR)
+        if v.tracking.inspect:
+            inspect_trained(v, ctx, run_id, f.module.eval_model, b.dm, steps)
     result.update(steps=steps, top1=final[R.FINAL_VAL_TOP1], best_top1=final[R.BEST_VAL_TOP1],
                   train_seconds=f.timer.train_seconds, images_seen=use[R.BUDGET_IMAGES_SEEN])
     if v.bench.after_train and writes:
         result.imgs_per_s = bench_after_train(v, f.module.model, b.accelerator, ctx, run_id)
     return result
+
+
+def inspect_trained(v, ctx, run_id: str, model, dm, step: int) -> None:
+    """Filters, attention-bias maps and mean attention distance of the trained model onto its run
+    (lab.inspection); a failure is tagged `lab.inspect_error` and never fails the trained run."""
+    from lab.inspection_plot import log_inspection
+
+    n = v.tracking.inspect_images
+    try:
+        batches = (x for x, _ in dm.val_dataloader())  # also tells grey (MNIST) from colour input
+        log_inspection(ctx.cl, run_id, model, batches, label=v.key, max_images=n, step=step)
+    except Exception as e:  # noqa: BLE001
+        track.set_tags(ctx.cl, run_id, {R.INSPECT_ERROR: track.short_error(e)})
+        ctx.say(f"warning: {v.key}: inspection not recorded (the trained run stands): {track.short_error(e)}")
 
 
 def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[float]:

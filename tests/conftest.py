@@ -44,6 +44,9 @@ def tiny_spec_dict(name: str = "tiny", **sections) -> dict:
         "model": dict(TINY_MODEL),
         "train": {"lr": 3e-3, "log_every": 2, "eval_every": 5, "threads": 2, "warmup": 0.1},
         "budget": {"steps": 12},
+        # the after-training inspection (figures) costs ~1-2 s per variant: tests/test_inspection.py
+        # turns it on where it is the subject
+        "tracking": {"inspect": False},
         # inference throughput after training costs seconds per variant: on only where a test asks
         "bench": {"after_train": False},
     }
@@ -269,3 +272,29 @@ def build_store(root: Path, train: bool = True) -> Store:
 def report_store(tmp_path_factory) -> Store:
     """One synthetic store per test session, read by tests/test_report.py and tests/test_notebooks.py."""
     return build_store(tmp_path_factory.mktemp("mlruns"))
+
+
+# --------------------------------------------------------------------------- the inspected store (lab.inspection)
+
+
+@pytest.fixture(scope="session")
+def inspected_store(tmp_path_factory) -> tuple[str, Path]:
+    """(tracking URI, spec path) of `tinyinspect`, really trained once per session (tests/test_notebooks.py
+    reads it too): a ViT, a ViT with attention bias and a ResNet graft, all inspected after training,
+    and `old`, a ViT trained with `tracking.inspect: false` like a run from before inspection existed."""
+    from lab.runner import run_experiment
+
+    root = tmp_path_factory.mktemp("inspect")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    doc = tiny_spec_dict("tinyinspect", budget={"steps": 3},
+                         tracking={"uri": uri, "inspect": True, "inspect_images": 8})
+    doc["train"]["eval_every"] = 3
+    doc["variants"] = {"vit": {}, "bias": {"model": {"position": "attention_bias"}},
+                       "graft": {"model": {"prefix": {"arch": "resnet50", "stages": 1}, "bridge": "pool", "grid": 2}},
+                       "old": {"tracking": {"inspect": False}}}
+    path = root / "tinyinspect.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = S.load_spec(path)
+    res = run_experiment(spec, S.expand(spec), progress=False, say=lambda s: None)
+    assert [r.status for r in res] == ["finished"] * 4
+    return uri, path

@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb"]
+NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb", "inspection.ipynb"]
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,19 @@ def test_notebook_executes(name, experiments, images, store_uri, monkeypatch):
         assert r"\begin{tabular}" in text
     else:  # a RUNNING grid variant and the really trained runs are plotted too
         assert "fam/depth=2 (running)" in text and "tinyrun/bias" in text
+
+
+@pytest.mark.slow
+def test_inspection_notebook_executes(inspected_store, monkeypatch):
+    """analysis/inspection.ipynb on really trained runs (conftest's `inspected_store`): curves,
+    filters, one bias figure (the one variant with attention bias), distances, the summary table."""
+    uri, _ = inspected_store
+    monkeypatch.setenv("LAB_EXPERIMENT", "tinyinspect")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    nb = nbformat.read(ANALYSIS / "inspection.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=180,
+                   resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    text, n_images = _outputs(nb)
+    assert n_images == 4
+    assert "vit_patch" in text and "resnet_stem" in text and "distance first (px)" in text
+    assert "old: attention distance computed now" in text  # the run without logged distances

@@ -23,6 +23,7 @@ from lab import report as R
 from lab import track
 from lab.cli import main
 from lab.errors import LabError
+from lab.figures import save_figure
 
 
 @pytest.fixture(scope="session")
@@ -312,9 +313,9 @@ def test_convergence_figure_one_line_per_variant(store):
 
 def test_plots_write_png_and_svg(abl, tmp_path):
     fig = R.plot_pareto(R.pareto_data(abl))
-    paths = R.save_figure(fig, tmp_path / "p")
+    paths = save_figure(fig, tmp_path / "p")
     fig2 = R.plot_convergence(R.convergence_data(abl, x="epoch"))
-    paths += R.save_figure(fig2, tmp_path / "sub" / "c")
+    paths += save_figure(fig2, tmp_path / "sub" / "c")
     assert [p.name for p in paths] == ["p.png", "p.svg", "c.png", "c.svg"]
     for p in paths:
         assert p.stat().st_size > 1000

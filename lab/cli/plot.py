@@ -1,4 +1,5 @@
-"""`lab plot EXPERIMENT...`: Pareto or convergence figures as PNG and SVG (lab.report draws them)."""
+"""`lab plot EXPERIMENT...`: Pareto or convergence figures (lab.report draws them), first-layer filters
+or attention-bias maps (lab.inspection_plot), as PNG and SVG."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from lab.cli.table import add_store_args
 from lab.errors import LabError
+from lab.figures import save_figure
 from lab.report import DEVICES, X_KINDS
 
 
@@ -28,6 +30,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise LabError(f"no variant runs in {', '.join(args.experiment)}"
                        + (" matching the --tag filter" if args.tag else ""))
     name = "_".join(args.experiment)
+    if args.kind in ("filters", "attention-bias"):  # lab.inspection: from the runs' final weights
+        from lab.inspection_plot import cmd_plot as inspection_plots
+
+        stem = out_stem(args.out, f"{name}_{args.kind.replace('-', '_')}")
+        for p in inspection_plots(df, args.kind, stem, max_images=args.images):
+            print(p)
+        return 0
     if args.kind == "pareto":
         data = report.pareto_data(df, device=args.device)
         dev = data["device"].iloc[0] if not data.empty else (args.device or report.pick_device(df))
@@ -37,15 +46,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
         data = report.convergence_data(df, x=args.x)
         fig = report.plot_convergence(data)
         stem = out_stem(args.out, f"{name}_convergence_{args.x}")
-    for p in report.save_figure(fig, stem):
+    for p in save_figure(fig, stem):
         print(p)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput) or convergence plot, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto, convergence, first-layer filters or attention bias/distance, as PNG and SVG")
     add_store_args(p)
-    p.add_argument("--kind", choices=["pareto", "convergence"], default="pareto")
+    p.add_argument("--kind", choices=["pareto", "convergence", "filters", "attention-bias"], default="pareto",
+                   help="filters: first-layer filter grids; attention-bias: bias maps per head and the mean attention "
+                        "distance per layer (both from each finished run's final weights)")
+    p.add_argument("--images", type=int, default=64,
+                   help="attention-bias: validation images for runs that did not log their attention distance")
     p.add_argument("--x", choices=list(X_KINDS), default="images_seen", help="convergence x-axis")
     p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
     p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")
