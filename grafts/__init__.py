@@ -3,7 +3,8 @@ from switchable parts; count params/MACs; fold BatchNorm; load timm LeViT weight
 
 Importing registers every zoo entry in timm as ``grafts_<name>``.
 """
-from .build import GraftModel, build
+from .build import GraftModel, LayerChoices, build, layer_choices
+from .checkpoint import LoadReport, checkpoint_filter_fn, load_weights
 from .config import (GraftConfigError, ModelConfig, PrefixConfig, StageConfig, config_from_dict,
                      config_to_dict)
 from .fuse import fuse
@@ -14,6 +15,7 @@ from .zoo import register_timm, zoo_config, zoo_names
 register_timm()
 
 __all__ = [
+    "LayerChoices", "LoadReport", "checkpoint_filter_fn", "layer_choices", "load_weights",
     "GraftConfigError", "GraftModel", "ModelConfig", "PrefixConfig", "StageConfig", "build",
     "config_from_dict", "config_to_dict", "count_macs", "count_macs_split", "count_params", "fuse",
     "load_timm_levit", "map_timm_levit_key", "map_timm_levit_state_dict", "zoo_config", "zoo_names",

@@ -94,18 +94,44 @@ def zoo_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(ZOO[name])
 
 
-_TIMM_IGNORED = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "checkpoint_path")
+def _create(name: str, pretrained: bool = False, **kwargs: Any):
+    """Build zoo entry ``name`` through timm's ``build_model_with_cfg`` (pretrained_cfg,
+    ``features_only`` via ``forward_intermediates``, ``checkpoint_path`` via the model's
+    load filter)."""
+    from timm.models import build_model_with_cfg
+
+    from .build import GraftModel, default_pretrained_cfg
+    from .config import config_from_dict
+    if pretrained:
+        raise ValueError(f"grafts_{name}: no hub weights; pass checkpoint_path= (a grafts or timm "
+                         "LeViT/ResNet-50 state dict) or use grafts.load_weights")
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    if not kwargs.get("features_only"):
+        kwargs.pop("out_indices", None)
+    cfg = config_from_dict({"zoo": name})
+    model = build_model_with_cfg(
+        GraftModel, f"grafts_{name}", pretrained=False, zoo=name,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(_feature_count(cfg))))),
+        **kwargs)
+    inner = getattr(model, "model", model)  # a FeatureGetterNet wraps the model
+    own = default_pretrained_cfg(inner.config) if isinstance(inner, GraftModel) else {}
+    cfg_now = dict(model.pretrained_cfg)
+    cfg_now.update({k: own[k] for k in ("input_size", "num_classes", "fixed_input_size") if k in own})
+    model.pretrained_cfg = model.default_cfg = cfg_now
+    return model
+
+
+def _feature_count(cfg) -> list[int]:
+    """One entry per feature_info item: prefix layers, then non-empty stages."""
+    n = cfg.prefix_stages + sum(1 for i, s in enumerate(cfg.stages)
+                                if s.depth > 0 or (i > 0 and cfg.downsample != "none"))
+    return list(range(n))
 
 
 def _make_entrypoint(name: str):
     def fn(pretrained: bool = False, **kwargs: Any):
-        if pretrained:
-            raise ValueError(f"grafts_{name}: no pretrained weights (use load_timm_levit for LeViT)")
-        from .build import build
-        over = {k: v for k, v in kwargs.items() if k not in _TIMM_IGNORED}
-        if "drop_path_rate" in over:
-            over["drop_path"] = over.pop("drop_path_rate")
-        return build({"zoo": name, **over})
+        return _create(name, pretrained, **kwargs)
     fn.__name__ = f"grafts_{name}"
     fn.__qualname__ = fn.__name__
     fn.__module__ = __name__
@@ -113,10 +139,21 @@ def _make_entrypoint(name: str):
     return fn
 
 
+def _default_cfgs() -> dict[str, Any]:
+    from timm.models import generate_default_cfgs
+
+    from .build import default_pretrained_cfg
+    from .config import config_from_dict
+    return generate_default_cfgs({f"grafts_{n}": default_pretrained_cfg(config_from_dict({"zoo": n}))
+                                  for n in ZOO})
+
+
 def register_timm() -> None:
-    """Register every zoo entry as ``grafts_<name>`` in timm (idempotent)."""
+    """Register every zoo entry as ``grafts_<name>`` in timm, with its pretrained_cfg (idempotent)."""
     from timm.models import is_model, register_model
     mod = sys.modules[__name__]
+    if not hasattr(mod, "default_cfgs"):
+        mod.default_cfgs = _default_cfgs()  # read by register_model
     for name in ZOO:
         fn = _make_entrypoint(name)
         setattr(mod, fn.__name__, fn)
