@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from lab import track
 from lab.errors import LabError, close_matches
+from lab.weights import apply_init, init_dependency, record_init
 
 LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
@@ -76,6 +77,9 @@ def order_variants(variants: list) -> list:
         d = v.train.distill
         if d is not None and d.variant and d.variant in by_key:
             visit(by_key[d.variant])
+        dep = init_dependency(v)  # model.init.variant: the weights come from that variant
+        if dep is not None and dep in by_key:
+            visit(by_key[dep])
         visiting.discard(v.key)
         seen.add(v.key)
         out.append(v)
@@ -91,10 +95,12 @@ def with_teachers(selected: list, variants: list) -> list:
     want = {v.key for v in selected}
     stack = list(selected)
     while stack:
-        d = stack.pop().train.distill
-        if d is not None and d.variant and d.variant not in want:
-            want.add(d.variant)
-            stack.append(by_key[d.variant])
+        cur = stack.pop()
+        d = cur.train.distill
+        for dep in (d.variant if d is not None else None, init_dependency(cur)):
+            if dep and dep not in want and dep in by_key:
+                want.add(dep)
+                stack.append(by_key[dep])
     return [v for v in variants if v.key in want]
 
 
@@ -122,6 +128,9 @@ def preflight(variants: list, datamodules: dict) -> None:
         if d is not None and d.checkpoint and _find_file(d.checkpoint, v.source) is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
                            path=f"variants.{v.key}.train.distill.checkpoint")
+        if v.init is not None and v.init.checkpoint and _find_file(v.init.checkpoint, v.source) is None:
+            raise LabError(f"init checkpoint not found: {v.init.checkpoint}", file=v.source,
+                           path=f"variants.{v.key}.model.init.checkpoint")
 
 
 def _find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
@@ -240,6 +249,11 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[_data_key(v)]
     model = grafts.build(v.model)
+    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
+        init = apply_init(model, v, ctx.cl, ctx.uri, ctx.variants)
+        ctx.say(f"[{v.key}] {init.line()}")
+        if ctx.rank_zero:
+            record_init(ctx.cl, run_id, init)
     params = grafts.count_params(model)
     macs = int(grafts.count_macs(v.model))
     record.update(params=params, macs=macs)

@@ -261,6 +261,7 @@ def _shape_data(n: int, size: tuple[int, int], seed: int) -> tuple[torch.Tensor,
     {"zoo": "levit_128s_a0", "patch": "vit", "patch_size": 8},  # attention-bias tables
     {"zoo": "levit_128s_a5", "patch": "vit", "patch_size": 8},  # absolute position embedding
 ])
+@pytest.mark.slow
 def test_trained_at_32_still_classifies_at_48_and_32x48(over):
     torch.manual_seed(0)
     base = {**over, "num_classes": 4, "distillation": False,
