@@ -82,6 +82,36 @@ def map_timm_resnet_key(key: str) -> Optional[str]:
     return None
 
 
+def is_timm_vit(keys: Sequence[str]) -> bool:
+    return any(k.startswith("patch_embed.proj.") for k in keys) and any(k.startswith("blocks.") for k in keys)
+
+
+_VIT_KEYS = [
+    (re.compile(r"^patch_embed\.proj\."), "embed.proj."),
+    (re.compile(r"^blocks\.(\d+)\.attn\.(qkv|proj)\."), r"stages.0.blocks.\1.attn.\2.linear."),
+    (re.compile(r"^blocks\.(\d+)\."), r"stages.0.blocks.\1."),
+    (re.compile(r"^(head|head_dist)\.(weight|bias)$"), r"\1.fc.\2"),
+    (re.compile(r"^(cls_token|dist_token|pos_embed|norm\.weight|norm\.bias)$"), r"\1"),
+]
+
+
+def map_timm_vit_state_dict(sd: Mapping[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """timm ``deit_*`` / ``vit_*`` (single stage, patch embedding) -> ours. timm's fused qkv rows
+    are [q of all heads | k | v]; ours interleave per head ([q|k|v] of head 0, head 1, ...), so
+    those rows are permuted (``heads`` from the model)."""
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _VIT_KEYS:
+            if pat.match(k):
+                nk = pat.sub(rep, k)
+                if nk.endswith("attn.qkv.linear.weight") or nk.endswith("attn.qkv.linear.bias"):
+                    rest = v.shape[1:]
+                    v = v.reshape(3, heads, v.shape[0] // (3 * heads), *rest).transpose(0, 1).reshape(v.shape)
+                out[nk] = v
+                break
+    return out
+
+
 def _grid_of(n: int, like: tuple[int, int]) -> tuple[int, int]:
     """(h, w) with h * w == n: square when possible, else the factorisation closest to ``like``'s
     aspect ratio (a checkpoint trained non-square)."""
@@ -92,8 +122,12 @@ def _grid_of(n: int, like: tuple[int, int]) -> tuple[int, int]:
     return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(like[0] / like[1])))
 
 
-def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _rename(sd: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
     keys = list(sd)
+    if is_timm_vit(keys) and model is not None:
+        heads = next((m.heads for m in model.modules() if hasattr(m, "heads") and hasattr(m, "qkv")), None)
+        if heads is not None:
+            return map_timm_vit_state_dict(sd, heads)
     if is_timm_levit(keys):
         return {nk: v for k, v in sd.items() if (nk := map_timm_levit_key(k)) is not None}
     if is_timm_resnet(keys):
@@ -127,7 +161,7 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module,
                          resized: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
     """timm-style filter: our key names, position tensors resized to ``model`` (keys resized are
     appended to ``resized``). Keys that still do not fit are left for the loader to report."""
-    sd = _rename(unwrap_state_dict(state_dict))
+    sd = _rename(unwrap_state_dict(state_dict), model)
     _resize(sd, model, resized)
     return sd
 
@@ -140,11 +174,12 @@ def load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *
         return
     sub = {k: state_dict[full] for k, full in mine.items()}
     keys = list(sub)
-    if not (is_timm_levit(keys) or is_timm_resnet(keys) or any(k.endswith("attention_bias_idxs") for k in keys)):
+    if not (is_timm_levit(keys) or is_timm_resnet(keys) or is_timm_vit(keys)
+            or any(k.endswith("attention_bias_idxs") for k in keys)):
         own = module.state_dict(keep_vars=True)
         if all(k not in own or tuple(own[k].shape) == tuple(v.shape) for k, v in sub.items()):
             return  # nothing to rename or resize (the common case: no copy)
-    new = _rename(sub)
+    new = _rename(sub, module)
     _resize(new, module)
     for full in mine.values():
         del state_dict[full]

@@ -230,8 +230,12 @@ def test_resize_bias_table_keeps_offsets_and_is_identity_at_same_size():
     rep = grafts.load_weights(dst, src.state_dict())
     tables = [k for k in dst.state_dict() if k.endswith("pos_bias.table")]
     assert sorted(rep.resized) == sorted(tables) and not rep.random and not rep.skipped
+    few = grafts.build({"zoo": "levit_128s_a0", "img_size": 64, "num_classes": 3})
     with pytest.raises(RuntimeError, match="size mismatch"):  # a head for other classes still fails strict loads
-        grafts.build({"zoo": "levit_128s_a0", "img_size": 64, "num_classes": 3}).load_state_dict(src.state_dict())
+        few.load_state_dict(src.state_dict())
+    rep = grafts.load_weights(few, src.state_dict(), exclude=["head_dist"])  # fine-tuning to 3 classes
+    assert sorted(rep.random) == ["head.fc.bias", "head.fc.weight"]
+    assert any(s.startswith("head.fc.weight (shape") for s in rep.skipped) and "head.norm.weight" in rep.loaded
 
 
 def _shape_data(n: int, size: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,3 +329,19 @@ def test_attention_probabilities():
         ds = m.stages[1].downsample.attn.get_attention(x)
         assert ds.shape == (2, 8, 4, 16)
     assert isinstance(blk.attn.pos_bias, RelPosBias)
+
+
+def test_timm_deit_file_loads_with_qkv_permuted(tmp_path):
+    """timm's DeiT stores qkv head-major ([q all heads | k | v]); ours per head: same logits."""
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=10).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    f = tmp_path / "deit.pth"
+    torch.save(ref.state_dict(), f)
+    ours = timm.create_model("grafts_deit_tiny", img_size=64, num_classes=10, checkpoint_path=str(f)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-5
