@@ -137,3 +137,11 @@ def test_lab_export_cli_finished_variant(store, write_spec, capsys):
     assert "onnx" in out and "ok" in out
     assert Path("exports/exp/base/base.onnx").is_file() and Path("exports/exp/base/base.pt2").is_file()
     assert cli.main(["export", str(path), "--variant", "nope"]) == 2
+
+
+def test_model_and_data_sizes_must_agree_before_training(store, write_spec, capsys):
+    doc = tiny_spec_dict()
+    doc["data"]["image_size"] = 24  # the model stays at 16
+    assert cli.main(["run", str(write_spec(doc)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.img_size 16 differs from data.image_size 24" in err and "dynamic_img_size" in err
