@@ -10,6 +10,7 @@ classes in one place, ``layer_choices``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional, Union
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
 from timm.models._features import feature_take_indices
 
 from .bridge import PoolBridge, ProjBridge, VitPatch
@@ -27,8 +29,9 @@ from .heads import make_head
 from .levit import Attention, Grid, LayerType, NormMlp, PatchConv, RelPosBias, SubsampleAttention
 from .resnet import ResNetPrefix
 from .transformer import Block, DeitMlp, Downsample, PoolProject, Stage
+from .zoo import ZOO
 
-__all__ = ["GraftModel", "LayerChoices", "build", "layer_choices", "default_pretrained_cfg"]
+__all__ = ["GraftModel", "LayerChoices", "build", "layer_choices", "default_pretrained_cfg", "register_timm"]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {"hardswish": nn.Hardswish, "gelu": nn.GELU}
 GLOBAL_POOLS = ("avg", "token", "")
@@ -116,6 +119,7 @@ class GraftModel(nn.Module):
         self.in_chans = cfg.in_chans
         self.img_size = cfg.img_size
         self.dynamic_img_size = cfg.dynamic_img_size
+        self.has_transformer = cfg.has_transformer
         self.drop_rate = cfg.drop_rate
         self.global_pool = global_pool if global_pool is not None else ("token" if cfg.pool == "cls" else "avg")
         self.grad_checkpointing = False
@@ -308,10 +312,11 @@ class GraftModel(nn.Module):
         """Drop the stages after the last wanted feature (and the head); returns the indices."""
         take, max_index = feature_take_indices(len(self.feature_info), indices)
         n_prefix = len(self.prefix.feature_info()) if self.prefix is not None else 0
-        keep = max(max_index - n_prefix + 1, 0)
-        kept_stages = [s for s in self.stages if not (isinstance(s.downsample, nn.Identity) and len(s.blocks) == 0)]
-        if keep < len(kept_stages):
+        keep = max(max_index - n_prefix + 1, 0)  # stages up to the last wanted one
+        if keep < len(self.stages):
             self.stages = nn.Sequential(*list(self.stages)[:keep])
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            prune_head = True  # the head was sized for the last stage
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -373,3 +378,52 @@ def build(cfg: Union[ModelConfig, dict[str, Any]], device: Union[str, torch.devi
         return GraftModel(cfg)
     with torch.device(device):
         return GraftModel(cfg)
+
+
+# --------------------------------------------------------------------------- timm registry
+
+
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Zoo entry ``name`` through timm's ``build_model_with_cfg`` (the one builder of the family:
+    pretrained_cfg, ``features_only`` via ``forward_intermediates``; ``checkpoint_path`` goes
+    through the model's load filter)."""
+    if pretrained:
+        raise ValueError(f"grafts_{name}: no hub weights; pass checkpoint_path= (a grafts, timm LeViT, "
+                         "DeiT or ResNet-50 state dict) or use grafts.load_weights")
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    if not kwargs.get("features_only"):
+        kwargs.pop("out_indices", None)
+    with torch.device("meta"):
+        n_feats = len(GraftModel(zoo=name, **{k: v for k, v in kwargs.items()
+                                              if k not in ("features_only", "out_indices", "feature_cls")}).feature_info)
+    model = build_model_with_cfg(GraftModel, f"grafts_{name}", pretrained=False, zoo=name,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(n_feats))), **kwargs)
+    inner = getattr(model, "model", model)  # features_only: a FeatureGetterNet around the model
+    own = default_pretrained_cfg(inner.config)
+    model.pretrained_cfg = model.default_cfg = dict(
+        model.pretrained_cfg, **{k: own[k] for k in ("input_size", "num_classes", "fixed_input_size")})
+    return model
+
+
+def _make_entrypoint(name: str) -> Callable[..., nn.Module]:
+    def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create(name, pretrained, **kwargs)
+    fn.__name__ = f"grafts_{name}"
+    fn.__qualname__ = fn.__name__
+    fn.__module__ = __name__
+    fn.__doc__ = f"grafts zoo entry {name!r} (see grafts/README.md)."
+    return fn
+
+
+def register_timm() -> None:
+    """Register every zoo entry as ``grafts_<name>`` in timm with its pretrained_cfg (idempotent)."""
+    mod = sys.modules[__name__]
+    if not hasattr(mod, "default_cfgs"):  # read by timm's register_model
+        mod.default_cfgs = generate_default_cfgs(  # type: ignore[attr-defined]
+            {f"grafts_{n}": default_pretrained_cfg(config_from_dict({"zoo": n})) for n in ZOO})
+    for name in ZOO:
+        fn = _make_entrypoint(name)
+        setattr(mod, fn.__name__, fn)
+        if not is_model(fn.__name__):
+            register_model(fn)

@@ -10,9 +10,11 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Sequence, Union
 
+from .zoo import ZOO
+
 __all__ = [
     "GraftConfigError", "PrefixConfig", "StageConfig", "ModelConfig",
-    "config_from_dict", "config_to_dict", "ENUMS", "PREFIX_STRIDES", "PREFIX_CHANNELS", "to_hw",
+    "config_from_dict", "config_to_dict", "zoo_config", "ENUMS", "PREFIX_STRIDES", "PREFIX_CHANNELS", "to_hw",
 ]
 
 Size = Union[int, tuple[int, int]]
@@ -286,7 +288,6 @@ def config_from_dict(d: Any) -> ModelConfig:
     d = dict(d)
     zoo = d.get("zoo")
     if zoo is not None:
-        from .zoo import ZOO  # local import: zoo imports this module
         if not isinstance(zoo, str) or zoo not in ZOO:
             m = difflib.get_close_matches(str(zoo), list(ZOO), n=3, cutoff=0.5)
             hint = f" did you mean {', '.join(repr(x) for x in m)}?" if m else ""
@@ -410,3 +411,10 @@ def validate(cfg: ModelConfig) -> None:
                 kd = cfg.stages[i - 1].kd
                 if float(cfg.downsample_attn_ratio * kd) != int(cfg.downsample_attn_ratio * kd):
                     raise GraftConfigError("downsample_attn_ratio", "downsample_attn_ratio * key_dim must be an integer")
+
+
+def zoo_config(name: str) -> dict[str, Any]:
+    """A copy of the zoo entry's plain dict (raises GraftConfigError for unknown names)."""
+    if name not in ZOO:
+        config_from_dict({"zoo": name})  # raises with close matches
+    return copy.deepcopy(ZOO[name])

@@ -1,13 +1,14 @@
-"""Named model configs (plain dicts, same schema as the ``model`` spec section), also
-registered in timm as ``grafts_<name>`` so ``timm.create_model('grafts_levit_256')``
-builds ours while timm's own ``levit_256`` stays timm's."""
+"""Named model configs (plain dicts, same schema as the ``model`` spec section): data only.
+
+``config.zoo_config(name)`` returns a copy; ``build.register_timm()`` registers every entry in
+timm as ``grafts_<name>`` (through timm's ``build_model_with_cfg``, with a pretrained_cfg each)
+so ``timm.create_model('grafts_levit_256')`` builds ours while timm's own ``levit_256`` stays timm's."""
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any
 
-__all__ = ["ZOO", "zoo_names", "zoo_config", "register_timm"]
+__all__ = ["ZOO", "zoo_names"]
 
 
 def _levit(dims, key_dim, heads, depths, drop_path=0.0) -> dict:
@@ -84,78 +85,3 @@ for _n, _over in _ablations.items():
 def zoo_names() -> list[str]:
     """All zoo entry names."""
     return list(ZOO)
-
-
-def zoo_config(name: str) -> dict[str, Any]:
-    """A copy of the zoo entry's plain dict (raises GraftConfigError for unknown names)."""
-    if name not in ZOO:
-        from .config import config_from_dict
-        config_from_dict({"zoo": name})  # raises with close matches
-    return copy.deepcopy(ZOO[name])
-
-
-def _create(name: str, pretrained: bool = False, **kwargs: Any):
-    """Build zoo entry ``name`` through timm's ``build_model_with_cfg`` (pretrained_cfg,
-    ``features_only`` via ``forward_intermediates``, ``checkpoint_path`` via the model's
-    load filter)."""
-    from timm.models import build_model_with_cfg
-
-    from .build import GraftModel, default_pretrained_cfg
-    from .config import config_from_dict
-    if pretrained:
-        raise ValueError(f"grafts_{name}: no hub weights; pass checkpoint_path= (a grafts or timm "
-                         "LeViT/ResNet-50 state dict) or use grafts.load_weights")
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(k, None)
-    if not kwargs.get("features_only"):
-        kwargs.pop("out_indices", None)
-    cfg = config_from_dict({"zoo": name})
-    model = build_model_with_cfg(
-        GraftModel, f"grafts_{name}", pretrained=False, zoo=name,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(_feature_count(cfg))))),
-        **kwargs)
-    inner = getattr(model, "model", model)  # a FeatureGetterNet wraps the model
-    own = default_pretrained_cfg(inner.config) if isinstance(inner, GraftModel) else {}
-    cfg_now = dict(model.pretrained_cfg)
-    cfg_now.update({k: own[k] for k in ("input_size", "num_classes", "fixed_input_size") if k in own})
-    model.pretrained_cfg = model.default_cfg = cfg_now
-    return model
-
-
-def _feature_count(cfg) -> list[int]:
-    """One entry per feature_info item: prefix layers, then non-empty stages."""
-    n = cfg.prefix_stages + sum(1 for i, s in enumerate(cfg.stages)
-                                if s.depth > 0 or (i > 0 and cfg.downsample != "none"))
-    return list(range(n))
-
-
-def _make_entrypoint(name: str):
-    def fn(pretrained: bool = False, **kwargs: Any):
-        return _create(name, pretrained, **kwargs)
-    fn.__name__ = f"grafts_{name}"
-    fn.__qualname__ = fn.__name__
-    fn.__module__ = __name__
-    fn.__doc__ = f"grafts zoo entry {name!r} (see grafts/README.md)."
-    return fn
-
-
-def _default_cfgs() -> dict[str, Any]:
-    from timm.models import generate_default_cfgs
-
-    from .build import default_pretrained_cfg
-    from .config import config_from_dict
-    return generate_default_cfgs({f"grafts_{n}": default_pretrained_cfg(config_from_dict({"zoo": n}))
-                                  for n in ZOO})
-
-
-def register_timm() -> None:
-    """Register every zoo entry as ``grafts_<name>`` in timm, with its pretrained_cfg (idempotent)."""
-    from timm.models import is_model, register_model
-    mod = sys.modules[__name__]
-    if not hasattr(mod, "default_cfgs"):
-        mod.default_cfgs = _default_cfgs()  # read by register_model
-    for name in ZOO:
-        fn = _make_entrypoint(name)
-        setattr(mod, fn.__name__, fn)
-        if not is_model(fn.__name__):
-            register_model(fn)

@@ -345,3 +345,11 @@ def test_timm_deit_file_loads_with_qkv_permuted(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() < 1e-5
+
+
+def test_features_only_out_indices_prunes_later_stages():
+    f = timm.create_model("grafts_resnet2_deit6", img_size=64, grid=4, features_only=True, out_indices=(1,))
+    outs = f(torch.randn(1, 3, 64, 64))
+    assert [o.shape for o in outs] == [(1, 512, 8, 8)] and len(f.model.stages) == 0
+    f = timm.create_model("grafts_levit_128s", img_size=64, features_only=True, out_indices=(0, 1))
+    assert [o.shape[1] for o in f(torch.randn(1, 3, 64, 64))] == [128, 256] and len(f.model.stages) == 2
