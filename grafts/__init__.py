@@ -5,8 +5,15 @@ Importing registers every zoo entry in timm as ``grafts_<name>``.
 """
 from .build import GraftModel, LayerChoices, build, layer_choices, register_timm
 from .checkpoint import LoadReport, checkpoint_filter_fn, load_weights
-from .config import (GraftConfigError, ModelConfig, PrefixConfig, StageConfig, config_from_dict,
-                     config_to_dict, zoo_config)
+from .config import (
+    GraftConfigError,
+    ModelConfig,
+    PrefixConfig,
+    StageConfig,
+    config_from_dict,
+    config_to_dict,
+    zoo_config,
+)
 from .fuse import fuse
 from .measure import count_macs, count_macs_split, count_params
 from .timm_keymap import load_timm_levit, map_timm_levit_key, map_timm_levit_state_dict

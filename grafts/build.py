@@ -91,7 +91,7 @@ def _resolve_config(cfg: Union[ModelConfig, dict[str, Any], None], overrides: di
     """Config + timm-style keyword overrides -> (validated config, global_pool or None)."""
     base = config_to_dict(cfg) if isinstance(cfg, ModelConfig) else dict(cfg or {})
     over = dict(overrides)
-    for k, v in list(over.items()):
+    for k in list(over):
         if k in _TIMM_KWARGS:
             over[_TIMM_KWARGS[k]] = over.pop(k)
     global_pool = over.pop("global_pool", None)

@@ -46,7 +46,6 @@ def load_trained(path: Path, model_cfg: Optional[dict[str, Any]] = None):
     """(GraftModel in eval mode, its config dict) from a lab final.pt (which carries its config),
     or from any weights file with ``model_cfg``."""
     import grafts
-
     from lab.module import model_state_from_file
 
     cfg, sd = model_state_from_file(path)
@@ -96,8 +95,9 @@ def export_model(model, out_dir: Path, name: str = "model", formats: Sequence[st
     """Fuse ``model`` and write each format under ``out_dir``; every file is run back and compared
     with the unfused model's output (max |diff| <= tolerance * max |output| + 1e-6 to pass).
     ONNX failures raise; TorchScript / torch.export failures are reported (``ok=False``)."""
-    import grafts
     import torch
+
+    import grafts
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -95,7 +95,6 @@ def resolve_init_file(v, cl, uri: str, variants: list = ()) -> tuple[Path, str]:
 def apply_init(model, v, cl, uri: str, variants: list = ()) -> InitResult:
     """Load `v.init` into `model` (in place) and return what happened."""
     import grafts
-
     from lab.module import model_state_from_file
 
     path, source = resolve_init_file(v, cl, uri, variants)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import tiny_spec_dict
 
 import grafts
 from lab import cli, track
@@ -16,6 +15,8 @@ from lab import spec as S
 from lab.errors import SpecError
 from lab.export import export_model
 from lab.runner import order_variants, run_experiment
+
+from conftest import tiny_spec_dict
 
 
 def _expand(write_spec, doc):
