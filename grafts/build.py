@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -293,7 +293,7 @@ class GraftModel(nn.Module):
             if i in take:
                 out.append(f)
         idx = len(feats)
-        for stage in self.stages:
+        for stage in cast(list[Stage], list(self.stages)):
             if stop and idx > max_index:
                 break
             x, hw = stage(x, hw)
@@ -326,7 +326,7 @@ class GraftModel(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-        for s in self.stages:
+        for s in cast(list[Stage], list(self.stages)):
             s.grad_checkpointing = enable
 
     @torch.jit.ignore

@@ -126,7 +126,7 @@ def _rename(sd: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> d
     keys = list(sd)
     if is_timm_vit(keys) and model is not None:
         heads = next((m.heads for m in model.modules() if hasattr(m, "heads") and hasattr(m, "qkv")), None)
-        if heads is not None:
+        if isinstance(heads, int):
             return map_timm_vit_state_dict(sd, heads)
     if is_timm_levit(keys):
         return {nk: v for k, v in sd.items() if (nk := map_timm_levit_key(k)) is not None}
@@ -147,8 +147,9 @@ def _resize(sd: dict[str, torch.Tensor], model: nn.Module, resized: Optional[lis
             assert isinstance(mod, RelPosBias)
             sd[key] = resize_bias_table(v, _grid_of(v.shape[1], mod.resolution), mod.resolution)
         elif key == "pos_embed" and v.dim() == 3 and v.shape[2] == target.shape[2]:
-            n_extra = getattr(model, "n_extra", 0)
-            new = model.grid
+            n_extra = int(getattr(model, "n_extra", 0))
+            gh, gw = model.grid
+            new = (int(gh), int(gw))
             old = _grid_of(v.shape[1] - n_extra, new)
             sd[key] = resample_abs_pos_embed(v.detach(), list(new), list(old), num_prefix_tokens=n_extra)
         else:

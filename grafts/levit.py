@@ -135,7 +135,7 @@ class RelPosBias(nn.Module):
     def __init__(self, heads: int, resolution: Grid, stride: int = 1, n_extra: int = 0) -> None:
         super().__init__()
         self.n_extra = n_extra
-        self.resolution = tuple(resolution)
+        self.resolution: Grid = (int(resolution[0]), int(resolution[1]))
         self.stride = stride
         self.table = nn.Parameter(torch.zeros(heads, self.resolution[0] * self.resolution[1]))
         self.register_buffer("idx", _bias_index(self.resolution, stride), persistent=False)

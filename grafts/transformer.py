@@ -8,7 +8,7 @@ them from the config. Every module's forward takes the token grid ``hw`` (None: 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -121,7 +121,7 @@ class Stage(nn.Module):
 
     grad_checkpointing = False
 
-    def __init__(self, downsample: Optional[nn.Module], blocks: list[nn.Module]) -> None:
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(*blocks)

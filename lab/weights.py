@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from lab import track
 from lab.errors import LabError
@@ -76,7 +76,7 @@ def finished_variant_file(cl, uri: str, experiment: str, key: str, hash: Optiona
                    "(train it first; with another store set MLFLOW_TRACKING_URI)")
 
 
-def resolve_init_file(v, cl, uri: str, variants: list = ()) -> tuple[Path, str]:
+def resolve_init_file(v, cl, uri: str, variants: Sequence[Any] = ()) -> tuple[Path, str]:
     """(file, source description) of `v.init`."""
     init = v.init
     if init.checkpoint:
@@ -92,7 +92,7 @@ def resolve_init_file(v, cl, uri: str, variants: list = ()) -> tuple[Path, str]:
     return path, f"{exp}/{key} (run {run_id})"
 
 
-def apply_init(model, v, cl, uri: str, variants: list = ()) -> InitResult:
+def apply_init(model, v, cl, uri: str, variants: Sequence[Any] = ()) -> InitResult:
     """Load `v.init` into `model` (in place) and return what happened."""
     import grafts
     from lab.module import model_state_from_file
