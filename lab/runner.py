@@ -301,11 +301,6 @@ def build_variant(v, ctx: Context, *, calibrating: bool = False) -> Built:
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[_data_key(v)]
     model = grafts.build(v.model)
-    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
-        init = apply_init(model, v, ctx.cl, ctx.uri, ctx.variants)
-        ctx.say(f"[{v.key}] {init.line()}")
-        if ctx.rank_zero:
-            record_init(ctx.cl, run_id, init)
     params = grafts.count_params(model)
     macs = int(grafts.count_macs(v.model))
     world = _world_size(tr, accelerator)
@@ -356,6 +351,11 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
 
     tr = v.train
     b = build_variant(v, ctx)
+    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
+        init = apply_init(b.model, v, ctx.cl, ctx.uri, ctx.variants)
+        ctx.say(f"[{v.key}] {init.line()}")
+        if ctx.rank_zero:
+            record_init(ctx.cl, run_id, init)
     model, params, macs, world, global_batch = b.model, b.params, b.macs, b.world, b.global_batch
     train_size, steps_per_epoch, dm, device, make_module = b.train_size, b.steps_per_epoch, b.dm, b.device, b.make_module
     precision, trainer_kw = b.precision, b.trainer_kw
