@@ -434,11 +434,27 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         final_path = save_final(ckdir / "final.pt", module, v.model, variant=v.key, hash=v.hash, steps=steps)
         if v.tracking.log_checkpoint:
             track.log_artifact_file(ctx.cl, run_id, final_path, "checkpoint")
+        if v.tracking.inspect:
+            inspect_trained(v, ctx, run_id, module.eval_model, dm, steps)
     record.update(steps=steps, top1=final["final/val_top1"], best_top1=final["best/val_top1"],
                   train_seconds=timer.train_seconds, images_seen=use["budget/images_seen"])
     if v.bench.after_train and trainer.is_global_zero and ctx.rank_zero:
         record["imgs_per_s"] = bench_after_train(v, module.model, b.accelerator, ctx, run_id)
     return record
+
+
+def inspect_trained(v, ctx: Context, run_id: str, model, dm, step: int) -> None:
+    """Filters, attention-bias maps and mean attention distance of the trained model onto its run
+    (lab.inspection); a failure is tagged `lab.inspect_error` and never fails the trained run."""
+    from lab.inspection_plot import log_inspection
+
+    n = v.tracking.inspect_images
+    try:
+        batches = (x for x, _ in dm.val_dataloader())  # also tells grey (MNIST) from colour input
+        log_inspection(ctx.cl, run_id, model, batches, label=v.key, max_images=n, step=step)
+    except Exception as e:  # noqa: BLE001
+        track.set_tags(ctx.cl, run_id, {"lab.inspect_error": track.short_error(e)})
+        ctx.say(f"warning: {v.key}: inspection not recorded (the trained run stands): {track.short_error(e)}")
 
 
 def bench_after_train(v, model, accelerator: str, ctx: Context, run_id: str) -> Optional[float]:
