@@ -1,8 +1,8 @@
 """Named model configs (plain dicts, same schema as the ``model`` spec section): data only.
 
-``config.zoo_config(name)`` returns a validated copy; ``build.register_timm()`` registers every
-entry in timm as ``grafts_<name>`` so ``timm.create_model('grafts_levit_256')`` builds ours
-while timm's own ``levit_256`` stays timm's."""
+``config.zoo_config(name)`` returns a copy; ``build.register_timm()`` registers every entry in
+timm as ``grafts_<name>`` (through timm's ``build_model_with_cfg``, with a pretrained_cfg each)
+so ``timm.create_model('grafts_levit_256')`` builds ours while timm's own ``levit_256`` stays timm's."""
 from __future__ import annotations
 
 import copy

@@ -101,6 +101,14 @@ def preflight(variants: list, datamodules: dict) -> None:
         if d is not None and d.checkpoint and find_file(d.checkpoint, v.source) is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
                            path=f"variants.{v.key}.train.distill.checkpoint")
+        size = v.model.get("img_size")
+        if size is not None and not v.model.get("dynamic_img_size") and size != v.data.image_size:
+            raise LabError(f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
+                           "images); set them equal, or model.dynamic_img_size: true", file=v.source,
+                           path=f"variants.{v.key}.model.img_size")
+        if v.init is not None and v.init.checkpoint and find_file(v.init.checkpoint, v.source) is None:
+            raise LabError(f"init checkpoint not found: {v.init.checkpoint}", file=v.source,
+                           path=f"variants.{v.key}.model.init.checkpoint")
 
 
 def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Optional[Path]]:
@@ -218,6 +226,8 @@ def quiet_logs() -> None:
     import warnings
 
     import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading calibration.json back
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
                  "alembic", "alembic.runtime.migration"):

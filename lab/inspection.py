@@ -193,8 +193,11 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     cfg = getattr(model, "config", None)
     if cfg is None or not getattr(model, "has_transformer", True):
         return []
-    res = list(cfg.stage_resolutions())
-    stride0 = cfg.img_size / cfg.token_grid()
+    grids = list(cfg.stage_resolutions())  # (height, width) per stage
+    if any(h != w for h, w in grids):
+        raise ValueError(f"attention inspection needs square token grids, got {grids} (img_size {cfg.img_size})")
+    res = [h for h, _ in grids]
+    stride0 = cfg.img_hw[0] / cfg.token_grid()[0]
     halves = cfg.downsample != "none"
     n_extra = int(getattr(model, "n_extra", 0) or 0)
     sites: list[AttentionSite] = []
@@ -351,6 +354,7 @@ class Inspection:
     smoothness: torch.Tensor | None
     bias: list[dict[str, Any]] = field(default_factory=list)
     distances: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""  # why attention was not inspected (e.g. a non-square token grid)
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics: SMOOTHNESS_METRIC(_MEDIAN), DISTANCE_METRIC and `distance_metric(layer[, head])`."""
@@ -382,6 +386,7 @@ class Inspection:
                       "kind": b["site"].kind, "maps": [[[round(float(v), 5) for v in row] for row in head]
                                                        for head in b["maps"]]} for b in self.bias],
             "distances": [{k: v for k, v in r.items()} for r in self.distances],
+            "note": self.note,
         }
 
 
@@ -407,7 +412,14 @@ def inspect_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = Non
         fl: FirstLayer | None = first_layer(model, grey=bool(grey))
     except ValueError:
         fl = None
-    return Inspection(
-        filters=fl, smoothness=smoothness(fl.weight) if fl is not None else None, bias=bias_maps(model),
-        distances=attention_distances(model, batches, max_images) if batches is not None and max_images > 0 else [])
+    ins = Inspection(filters=fl, smoothness=smoothness(fl.weight) if fl is not None else None)
+    try:
+        attention_sites(model)
+    except ValueError as e:  # a non-square token grid: the filters still stand
+        ins.note = str(e)
+        return ins
+    ins.bias = bias_maps(model)
+    if batches is not None and max_images > 0:
+        ins.distances = attention_distances(model, batches, max_images)
+    return ins
 

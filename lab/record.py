@@ -83,6 +83,10 @@ FINAL_METRICS = (FINAL_VAL_TOP1, FINAL_VAL_TOP5, FINAL_VAL_LOSS, BEST_VAL_TOP1, 
                  BUDGET_TRAIN_SECONDS, BUDGET_TRAIN_FLOPS, BUDGET_PEAK_MEM_MB, PARAMS, MACS)
 
 
+def init_tag(field: str) -> str:
+    return INIT.format(field=field)
+
+
 def threads_tag(field: str = "") -> str:
     """lab.threads, or lab.threads.<field>."""
     return f"{THREADS}.{field}" if field else THREADS
@@ -141,6 +145,8 @@ CALIBRATION_REFERENCE = _add("tag", "lab.calibration.reference", "parent: the ca
 CALIBRATION_HOW = _add("tag", "lab.calibration.how", "parent: how the variants were calibrated")
 BENCH_ERROR = _add("tag", "lab.bench_error", "why the inference throughput after training is missing")
 INSPECT_ERROR = _add("tag", "lab.inspect_error", "why the inspection after training is missing")
+INIT = _add("tag", "lab.init.{field}", "a run started from weights (model.init): source, loaded, resized, random, "
+                                        "skipped")
 MATCH = _add("tag", "match.{field}",
              "runtime matching (spec `match:`): throughput_of, vary, value, device, target_imgs_per_s, imgs_per_s, "
              "miss_pct")
@@ -168,6 +174,7 @@ SPEC_PARAMS = _add("param", "<section>.<field>",
                    "the flattened resolved spec (data.*, model.*, train.*, budget.*, ...; lists as JSON)")
 SPEC_YAML = _add("artifact", "spec.yaml", "the resolved variant spec")
 ERROR_TXT = _add("artifact", "error.txt", "a failed run's traceback")
+INIT_REPORT = _add("artifact", "init_report.json", "model.init: the full lists of loaded, resized and skipped keys")
 CALIBRATION_FILE = _add("artifact", "calibration.json", "parent: the calibration of the variants (lab.calibration)")
 INSPECTION_FILE = _add("artifact", "inspect/inspection.json",
                        "the inspection's figures as data; figures inspect/filters, attention_bias, attention_distance "
@@ -245,6 +252,8 @@ class VariantResult:
         secs = f"{self.train_seconds:.1f}s" if isinstance(self.train_seconds, (int, float)) else "-"
         line = (f"{self.key:<22} params {num(self.params, 1e6, '.2f')}M  MACs {num(self.macs, 1e6, '.1f')}M  "
                 f"{self.budget:<24} {self.status or '-':<8} top-1 {top1:>7}  train {secs:>7}")
+        if isinstance(self.imgs_per_s, (int, float)):
+            line += f"  {self.imgs_per_s:.0f} img/s"
         if self.error:
             line += f"  error: {self.error}"
         return line

@@ -24,6 +24,7 @@ from lab.errors import LabError
 from lab.execute import Context, preflight, quiet_logs
 from lab.record import VariantResult
 from lab.run_calibration import calibrate_together
+from lab.weights import init_dependency
 
 LAUNCHERS = launch.LAUNCHERS
 
@@ -43,6 +44,9 @@ def order_variants(variants: list) -> list:
         d = v.train.distill
         if d is not None and d.variant and d.variant in by_key:
             visit(by_key[d.variant])
+        dep = init_dependency(v)  # model.init.variant: the weights come from that variant
+        if dep is not None and dep in by_key:
+            visit(by_key[dep])
         visiting.discard(v.key)
         seen.add(v.key)
         out.append(v)
@@ -58,10 +62,12 @@ def with_teachers(selected: list, variants: list) -> list:
     want = {v.key for v in selected}
     stack = list(selected)
     while stack:
-        d = stack.pop().train.distill
-        if d is not None and d.variant and d.variant not in want:
-            want.add(d.variant)
-            stack.append(by_key[d.variant])
+        cur = stack.pop()
+        d = cur.train.distill
+        for dep in (d.variant if d is not None else None, init_dependency(cur)):
+            if dep and dep not in want and dep in by_key:
+                want.add(dep)
+                stack.append(by_key[dep])
     return [v for v in variants if v.key in want]
 
 

@@ -413,8 +413,14 @@ def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[
 def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult) -> R.VariantResult:
     """Train, evaluate and log one variant into `run_id`: build, plan, fit, record; fills and returns `result`."""
     from lab import budget as B
+    from lab.weights import apply_init, record_init
 
     b = build_variant(v, ctx)
+    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
+        init = apply_init(b.model, v, ctx.cl, ctx.uri, ctx.variants)
+        ctx.say(f"[{v.key}] {init.line()}")
+        if ctx.rank_zero:
+            record_init(ctx.cl, run_id, init)
     result.update(params=b.params, macs=b.macs)
     B.reset_peak_memory(b.device)
     plan, calibrated_by = plan_budget(v, ctx, run_id, resume_ckpt, b)

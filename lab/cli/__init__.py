@@ -11,12 +11,12 @@ import argparse
 import sys
 
 import lab
-from lab.cli import bench, plot, run, show, table, validate
+from lab.cli import bench, export, plot, run, show, table, validate
 from lab.errors import LabError
 
 # Subcommand modules, in the order `--help` lists them. A new command: add lab/cli/<name>.py
 # with `register(sub)` and list it here.
-COMMANDS = (validate, show, run, bench, table, plot)
+COMMANDS = (validate, show, run, bench, table, plot, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
