@@ -62,7 +62,7 @@ def test_finetune_from_a_finished_variant_at_a_new_resolution(store, write_spec)
     spec2, vs2 = _expand(write_spec, doc2)
     res = run_experiment(spec2, vs2, progress=False)
     assert res[0].status == "finished", res[0].error
-    run = track.client(store).get_run(res[0]["run_id"])
+    run = track.client(store).get_run(res[0].run_id)
     t = run.data.tags
     assert t["lab.init.source"].startswith("pre/base (run ")
     assert t["lab.init.resized"] == "1" and t["lab.init.random"] == "0"
@@ -84,7 +84,7 @@ def test_init_from_timm_file_only_the_prefix(store, write_spec, tmp_path):
     spec, vs = _expand(write_spec, doc)
     res = run_experiment(spec, vs, progress=False)
     assert res[0].status == "finished", res[0].error
-    t = track.client(store).get_run(res[0]["run_id"]).data.tags
+    t = track.client(store).get_run(res[0].run_id).data.tags
     assert t["lab.init.source"] == str(f)
     n_prefix = len([k for k in grafts.build({k: v for k, v in doc["model"].items() if k != "init"}).state_dict()
                     if k.startswith("prefix.")])
