@@ -39,7 +39,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field of the spec before variants are expanded (repeatable), e.g. --set budget.steps=50")
     p.add_argument("--smoke", action="store_true",
-                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README)")
+                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README); "
+                        "its runs are tagged lab.smoke=true and left out of tables and plots")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="repeat each variant with N seeds (train.seed, +1, ...): the spec's `seeds: N`")
 
 
 # --smoke: same architectures and training recipe (augmentation, distillation, schedule shape),
@@ -57,6 +60,10 @@ def load_from_args(args: argparse.Namespace):
     from lab import spec as S
 
     over = S.parse_set(getattr(args, "set", None))
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            raise LabError(f"--seeds must be >= 1 (got {args.seeds})")
+        over = S.deep_merge(over, {"seeds": args.seeds})
     if getattr(args, "smoke", False):
         over = S.deep_merge(SMOKE, over)
     spec = S.load_spec(args.spec, over)
@@ -77,6 +84,7 @@ def smoke_variant(v):
     """Shrink a resolved variant's model to the smoke resolution (keeps its architecture)."""
     import grafts
     from lab import spec as S
+    from lab.track import SMOKE_TAG
 
     model = dict(v.model)
     model.update(img_size=32, num_classes=10)
@@ -84,7 +92,9 @@ def smoke_variant(v):
         model["grid"] = 2
     model = grafts.config_to_dict(grafts.config_from_dict(model))
     resolved = {s: S._plain(getattr(v, s)) for s in ("data", "train", "budget")} | {"model": model}
-    return v.model_copy(update={"model": model, "hash": S.content_hash(resolved)})
+    return v.model_copy(update={"model": model, "hash": S.content_hash(resolved),
+                                "config_hash": S.config_hash(resolved),
+                                "tags": {**v.tags, SMOKE_TAG: "true"}})
 
 
 # --------------------------------------------------------------------------- validate / show

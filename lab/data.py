@@ -341,6 +341,8 @@ class LabDataModule(pl.LightningDataModule):
         self.val_index: Optional[torch.Tensor] = None
         self.cache_info: dict[str, Any] = {}
         self._mixup: Any = None
+        # the training loader's shuffle seed; the runner sets it to train.seed (None: data.seed)
+        self.shuffle_seed: Optional[int] = None
         self.check()
 
     # ------------------------------------------------------------------ validation (fast, no decoding)
@@ -545,7 +547,8 @@ class LabDataModule(pl.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             drop_last=train, num_workers=w, pin_memory=self._pin(),
-            generator=torch.Generator().manual_seed(int(self.spec.seed)), **kw)
+            generator=torch.Generator().manual_seed(int(self.spec.seed if self.shuffle_seed is None
+                                                        else self.shuffle_seed)), **kw)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -61,41 +61,61 @@ class Context:
     launcher: str = "local"
 
 
+def _by_key(variants: list) -> dict[str, list]:
+    """Variant key -> its runs (one per seed), in spec order."""
+    out: dict[str, list] = {}
+    for v in variants:
+        out.setdefault(v.key, []).append(v)
+    return out
+
+
+def teacher_of(v, variants: list):
+    """The teacher run of a distilled variant: the teacher variant's run with the same seed, else
+    its first seed (None without distill.variant or when the teacher is not among `variants`)."""
+    d = v.train.distill
+    if d is None or not d.variant:
+        return None
+    runs = _by_key(variants).get(d.variant, [])
+    return next((t for t in runs if t.seed == v.seed), runs[0] if runs else None)
+
+
 def order_variants(variants: list) -> list:
-    """Teachers (train.distill.variant) before their students; otherwise the spec order."""
-    by_key = {v.key: v for v in variants}
+    """Teachers (train.distill.variant) before their students; otherwise the spec order
+    (all seeds of a variant together)."""
+    by_key = _by_key(variants)
     out, seen, visiting = [], set(), set()
 
-    def visit(v):
-        if v.key in seen:
+    def visit(key):
+        if key in seen:
             return
-        if v.key in visiting:
-            raise LabError(f"distillation cycle through variant '{v.key}'", file=v.source,
-                           path=f"variants.{v.key}.train.distill.variant")
-        visiting.add(v.key)
-        d = v.train.distill
-        if d is not None and d.variant and d.variant in by_key:
-            visit(by_key[d.variant])
-        visiting.discard(v.key)
-        seen.add(v.key)
-        out.append(v)
+        if key in visiting:
+            v = by_key[key][0]
+            raise LabError(f"distillation cycle through variant '{key}'", file=v.source,
+                           path=f"variants.{key}.train.distill.variant")
+        visiting.add(key)
+        for v in by_key[key]:
+            d = v.train.distill
+            if d is not None and d.variant and d.variant in by_key:
+                visit(d.variant)
+        visiting.discard(key)
+        seen.add(key)
+        out.extend(by_key[key])
 
-    for v in variants:
-        visit(v)
+    for key in by_key:
+        visit(key)
     return out
 
 
 def with_teachers(selected: list, variants: list) -> list:
     """`selected` plus the teacher variants they need (transitively), in spec order."""
-    by_key = {v.key: v for v in variants}
-    want = {v.key for v in selected}
+    want = {v.uid for v in selected}
     stack = list(selected)
     while stack:
-        d = stack.pop().train.distill
-        if d is not None and d.variant and d.variant not in want:
-            want.add(d.variant)
-            stack.append(by_key[d.variant])
-    return [v for v in variants if v.key in want]
+        t = teacher_of(stack.pop(), variants)
+        if t is not None and t.uid not in want:
+            want.add(t.uid)
+            stack.append(t)
+    return [v for v in variants if v.uid in want]
 
 
 def _data_key(v) -> str:
@@ -139,7 +159,7 @@ def load_teacher(v, ctx: Context):
     if d is None:
         return None
     if d.variant:
-        tv = next(x for x in ctx.variants if x.key == d.variant)
+        tv = teacher_of(v, ctx.variants)
         path = track.checkpoint_dir(tv, ctx.uri) / "final.pt"
         if not path.is_file():
             runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=tv.key, hash=tv.hash, statuses=["FINISHED"])
@@ -239,6 +259,9 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     accelerator = resolve_accelerator(tr)
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[_data_key(v)]
+    # train.seed: init, augmentation and the training data order; data.seed keeps the dataset and
+    # its train/val split fixed, so every seed of every variant is scored on the same images
+    dm.shuffle_seed = tr.seed
     model = grafts.build(v.model)
     params = grafts.count_params(model)
     macs = int(grafts.count_macs(v.model))
@@ -299,7 +322,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     if world > 1 and plan.max_seconds is not None:
         callbacks.insert(1, _sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
-        callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
+        callbacks.append(StepProgress(v.uid, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
     if tr.eval_every:
         val_kw = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
@@ -335,7 +358,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
 
 
 def new_record(v) -> dict[str, Any]:
-    return {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
+    return {"key": v.key, "uid": v.uid, "seed": v.seed, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
             "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None, "train_seconds": None,
             "wall_seconds": None, "error": None, "resumed": False}
 
@@ -457,7 +480,7 @@ def _fmt_line(r: dict) -> str:
 
     top1 = f"{r['top1']:.2f}%" if isinstance(r.get("top1"), (int, float)) else "-"
     secs = f"{r['train_seconds']:.1f}s" if isinstance(r.get("train_seconds"), (int, float)) else "-"
-    line = (f"{r['key']:<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
+    line = (f"{r.get('uid', r['key']):<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
             f"{r['budget']:<24} {r['status']:<8} top-1 {top1:>7}  train {secs:>7}")
     if r.get("error"):
         line += f"  error: {r['error']}"
@@ -515,7 +538,8 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     backend.start()
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-            "lab.variants": ",".join(v.key for v in ordered)[:5000], "lab.launcher": launcher,
+            "lab.variants": ",".join(dict.fromkeys(v.key for v in ordered))[:5000], "lab.launcher": launcher,
+            **({track.SMOKE_TAG: "true"} if any(v.tags.get(track.SMOKE_TAG) for v in variants) else {}),
             **{k: str(x) for k, x in (spec.tags or {}).items()}})
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
