@@ -92,16 +92,37 @@ def _parse_tag_filter(tags: dict[str, str] | Iterable[str] | None) -> dict[str, 
     return out
 
 
-def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
-              tags: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per variant: the latest FINISHED child run of each key, else its latest run.
+def _seed_of(t: dict, params: dict) -> Any:
+    from lab.track import SEED_TAG
 
-    `tags` keeps only runs whose tags match every key=value (a key the child lacks is looked up
-    on its parent run, so spec-level tags work either way). Columns: run_id, parent_run_id,
-    experiment, key, status, baseline, changes, hash, git_commit, device, error, start_time,
-    end_time, first_start (earliest run of that key: the spec order, roughly), n_runs, then
-    `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order.
+    raw = t.get(SEED_TAG, params.get("train.seed"))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
+              tags: dict[str, str] | None = None, *, include_smoke: bool = False, all_hashes: bool = False,
+              hash: str | None = None) -> pd.DataFrame:
+    """One row per variant and seed: for each variant key, the runs of one spec version (its
+    `config_hash`, the content hash without train.seed), and per seed the latest FINISHED run,
+    else the latest run of any status.
+
+    Which spec version: the one of the variant's latest FINISHED run, else of its latest run
+    (`hash`: the version whose config hash or run hash starts with it; `all_hashes`: every
+    version, each as its own variant `KEY@HASH7` where a key has several). Smoke runs
+    (`lab run --smoke`, tag lab.smoke) are left out unless `include_smoke`. `tags` keeps only runs
+    whose tags match every key=value (a key the child lacks is looked up on its parent run, so
+    spec-level tags work either way). Columns: run_id, parent_run_id, experiment, key, seed,
+    status, baseline, changes, hash, config_hash, smoke, git_commit, device, error, start_time,
+    end_time, first_start (earliest run of that key: the spec order, roughly), n_runs (runs of
+    the key, every version and seed), n_hashes (its spec versions), other_hashes, then
+    `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order, then seed.
+    `attrs`: tracking_uri, smoke_left_out (runs), notes (lines for people).
     """
+    from lab.track import CONFIG_HASH_TAG, SMOKE_TAG
+
     if isinstance(experiments, str):
         experiments = [experiments]
     if not experiments:
@@ -115,6 +136,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     by_id = {r.info.run_id: r for r in runs}
 
     rows: list[dict[str, Any]] = []
+    smoke_left_out = 0
     for r in runs:
         t = r.data.tags
         if t.get("lab.role") == "parent" or "lab.variant" not in t:
@@ -124,15 +146,22 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             ptags = parent.data.tags if parent is not None else {}
             if any(t.get(k, ptags.get(k)) != v for k, v in want.items()):
                 continue
+        smoke = str(t.get(SMOKE_TAG, "")).lower() == "true"
+        if smoke and not include_smoke:
+            smoke_left_out += 1
+            continue
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
             "parent_run_id": t.get("mlflow.parentRunId"),
             "experiment": t.get("lab.experiment") or id_to_name.get(r.info.experiment_id, ""),
             "key": t["lab.variant"],
+            "seed": _seed_of(t, r.data.params),
             "status": r.info.status,
             "baseline": str(t.get("lab.baseline", "")).lower() == "true",
             "changes": t.get("lab.changes", ""),
             "hash": t.get("lab.hash"),
+            "config_hash": t.get(CONFIG_HASH_TAG) or t.get("lab.hash"),
+            "smoke": smoke,
             "git_commit": t.get("lab.git_commit"),
             "device": t.get("lab.device"),
             "error": t.get("lab.error"),
@@ -144,11 +173,15 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
         row.update({f"tags.{k}": v for k, v in t.items()})
         rows.append(row)
 
-    base_cols = ["run_id", "parent_run_id", "experiment", "key", "status", "baseline", "changes", "hash",
-                 "git_commit", "device", "error", "start_time", "end_time", "first_start", "n_runs"]
+    base_cols = ["run_id", "parent_run_id", "experiment", "key", "seed", "status", "baseline", "changes", "hash",
+                 "config_hash", "smoke", "git_commit", "device", "error", "start_time", "end_time", "first_start",
+                 "n_runs", "n_hashes", "other_hashes"]
+    attrs = {"tracking_uri": uri, "smoke_left_out": smoke_left_out, "notes": []}
+    if smoke_left_out:
+        attrs["notes"].append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
     if not rows:
         df = pd.DataFrame(columns=base_cols)
-        df.attrs["tracking_uri"] = uri
+        df.attrs.update(attrs)
         return df
     all_runs = pd.DataFrame(rows)
     all_runs["_finished"] = all_runs["status"] == FINISHED
@@ -156,16 +189,40 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     grp = all_runs.groupby(["experiment", "key"], sort=False)
     all_runs["first_start"] = grp["start_time"].transform("min")
     all_runs["n_runs"] = grp["run_id"].transform("count")
-    chosen = (all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
-              .drop_duplicates(["experiment", "key"], keep="first"))
+    all_runs["n_hashes"] = grp["config_hash"].transform("nunique")
+    newest = all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
+    if hash:
+        hit = newest["config_hash"].fillna("").str.startswith(hash) | newest["hash"].fillna("").str.startswith(hash)
+        if not hit.any():
+            raise LabError(f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
+                           f"{', '.join(sorted(set(all_runs['config_hash'].dropna())))}")
+        newest = newest[hit]
+        all_hashes = True  # every matching version, named as such where a key has several
+    versions = {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
+                newest.groupby(["experiment", "key"], sort=False)}
+    if all_hashes:
+        chosen = newest.drop_duplicates(["experiment", "key", "config_hash", "seed"], keep="first").copy()
+        several = chosen.groupby(["experiment", "key"])["config_hash"].transform("nunique") > 1
+        chosen.loc[several, "key"] = chosen.loc[several, "key"] + "@" + chosen.loc[several, "config_hash"].str[:7]
+    else:
+        shown = newest.drop_duplicates(["experiment", "key"], keep="first")[["experiment", "key", "config_hash"]]
+        chosen = newest.merge(shown, on=["experiment", "key", "config_hash"], how="inner")
+        chosen = chosen.drop_duplicates(["experiment", "key", "seed"], keep="first")
+    chosen["other_hashes"] = [", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
+                              for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])]
+    for (e, k), hs in versions.items():
+        if len(hs) > 1 and not all_hashes:
+            attrs["notes"].append(
+                f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
+                f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one")
     order = {e: i for i, e in enumerate(experiments)}
     chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
-    chosen = chosen.sort_values(["_exp", "first_start", "key"], kind="stable")
+    chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
     chosen = chosen.drop(columns=["_finished", "_start", "_exp"]).reset_index(drop=True)
     # superseded runs may have logged keys the chosen ones lack: drop those all-empty columns
     extra = sorted(c for c in chosen.columns if c not in base_cols and chosen[c].notna().any())
     chosen = chosen[base_cols + extra]
-    chosen.attrs["tracking_uri"] = uri
+    chosen.attrs.update(attrs)
     return chosen
 
 
@@ -216,44 +273,46 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.Series(math.nan, index=df.index, dtype=float)
 
 
-def _baseline_index(df: pd.DataFrame, key: str | None) -> Any:
+def _baseline_key(df: pd.DataFrame, key: str | None) -> Any:
+    """Within one experiment's runs: `key` where present, else the key tagged lab.baseline, else the first."""
     if key is not None and (df["key"] == key).any():
-        return df.index[df["key"] == key][0]
-    flagged = df.index[df["baseline"].astype(bool)] if "baseline" in df.columns else []
-    return flagged[0] if len(flagged) else df.index[0]
+        return key
+    flagged = df.loc[df["baseline"].astype(bool), "key"] if "baseline" in df.columns else []
+    return flagged.iloc[0] if len(flagged) else df["key"].iloc[0]
 
 
-TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "changes", "params_m", "macs_m", "cpu_imgs_s",
-                 "gpu_imgs_s", "top1", "top1_best", "d_top1", "d_params_m", "d_macs_m", "cpu_speedup",
-                 "gpu_speedup", "steps", "images_seen", "train_s", "ref_top1", "ref_d_top1", "ref_params_m",
-                 "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs", "ref_source", "run_id"]
+TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", "changes", "params_m", "macs_m",
+                 "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_std", "top1_best", "top1_best_std", "d_top1",
+                 "delta_top1_ci", "verdict", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "steps",
+                 "images_seen", "train_s", "train_s_std", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
+                 "ref_d_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
+                 "ref_source", "top1_mean", "delta_top1", "ci_method", "p_value", "n_failed", "error", "hash",
+                 "other_hashes", "smoke", "run_id", "run_ids"]
+_STATUS_ORDER = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")  # what an unfinished variant's row says
 
 
-def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """One row per variant with deltas against its experiment's baseline row.
+def run_values(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (variant x seed) of `load_runs`: the numbers the table aggregates.
 
-    Baseline: `baseline` (a variant key) where that experiment has it, else the row tagged
-    lab.baseline=true, else the first row. Units: params and MACs in millions, throughput in
-    images/s, top-1 in %. d_* are differences (variant - baseline), *_speedup are throughput
-    ratios (variant / baseline). top1 is final/val_top1, or the last val/top1 of a run that has
-    not finished; top1_best likewise falls back to the best val/top1 logged so far.
+    top1 is final/val_top1, or the last val/top1 of a run that has not finished; top1_best
+    likewise falls back to the best val/top1 logged so far. Units: params and MACs in millions,
+    throughput in images/s, top-1 in %.
     """
-    if df.empty:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
-    if baseline is not None and not (df["key"] == baseline).any():
-        raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, df['key'])}; "
-                       f"variants: {', '.join(df['key'])}")
-    t = pd.DataFrame(index=df.index)
-    t["experiment"] = df["experiment"]
-    t["key"] = df["key"]
-    t["baseline"] = False
-    t["status"] = df["status"]
-    t["changes"] = df["changes"].fillna("") if "changes" in df.columns else ""
-    t["params_m"] = _col(df, "metrics.params") / 1e6
-    t["macs_m"] = _col(df, "metrics.macs") / 1e6
-    t["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
-    t["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
-    t["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
+    v = pd.DataFrame(index=df.index)
+    for c in ("experiment", "key", "status", "run_id"):
+        v[c] = df[c]
+    v["seed"] = df["seed"] if "seed" in df.columns else 0
+    v["baseline"] = df["baseline"].astype(bool) if "baseline" in df.columns else False
+    v["changes"] = df["changes"].fillna("") if "changes" in df.columns else ""
+    v["error"] = df["error"] if "error" in df.columns else None
+    v["hash"] = df["config_hash"] if "config_hash" in df.columns else df.get("hash")
+    v["other_hashes"] = df["other_hashes"] if "other_hashes" in df.columns else ""
+    v["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False
+    v["params_m"] = _col(df, "metrics.params") / 1e6
+    v["macs_m"] = _col(df, "metrics.macs") / 1e6
+    v["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
+    v["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
+    v["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
     best = _col(df, "metrics.best/val_top1")
     missing = best.isna() & _col(df, "metrics.val/top1").notna()
     if missing.any():  # partial runs: best so far from the history
@@ -261,36 +320,124 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
         for i in df.index[missing]:
             h = history([df.at[i, "run_id"]], "val/top1", x="step", tracking_uri=uri)
             best.at[i] = h["value"].max() if not h.empty else math.nan
-    t["top1_best"] = best
-    t["steps"] = _col(df, "metrics.budget/steps")
-    t["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
-    t["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
-    t["ref_top1"] = _col(df, "tags.ref.top1")
-    t["ref_params_m"] = _col(df, "tags.ref.params_m")
-    t["ref_macs_m"] = _col(df, "tags.ref.macs_m")
-    t["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
-    t["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
-    t["ref_epochs"] = _col(df, "tags.ref.epochs")
-    t["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
-    t["run_id"] = df["run_id"]
-    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1"):
+    v["top1_best"] = best
+    v["steps"] = _col(df, "metrics.budget/steps")
+    v["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
+    v["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
+    v["ref_top1"] = _col(df, "tags.ref.top1")
+    v["ref_params_m"] = _col(df, "tags.ref.params_m")
+    v["ref_macs_m"] = _col(df, "tags.ref.macs_m")
+    v["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
+    v["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
+    v["ref_epochs"] = _col(df, "tags.ref.epochs")
+    v["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
+    return v
+
+
+def _mean(s: pd.Series) -> float:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return float(s.mean()) if len(s) else math.nan
+
+
+def _std(s: pd.Series) -> float:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return float(s.std(ddof=1)) if len(s) > 1 else math.nan
+
+
+def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
+    """One variant's runs (its seeds) -> one row: statistics over the FINISHED seeds; a variant
+    with no finished seed shows the mean of what its runs logged so far (n_seeds 0)."""
+    fin = g[g["status"] == FINISHED]
+    use = fin if len(fin) else g
+    first = g.iloc[0]
+    statuses = set(g["status"])
+    status = FINISHED if statuses == {FINISHED} else next(
+        (st for st in _STATUS_ORDER if st in statuses), sorted(statuses - {FINISHED})[0])
+    row: dict[str, Any] = {
+        "experiment": first["experiment"], "key": first["key"], "status": status,
+        "n_seeds": len(fin), "seeds": sorted(int(x) for x in g["seed"]),
+        "changes": next((c for c in g["changes"] if c), ""),
+        "n_failed": int(g["status"].isin(["FAILED", "KILLED"]).sum()),
+        "error": next((e for e in g["error"] if isinstance(e, str) and e), None),
+        "hash": first["hash"], "other_hashes": first["other_hashes"] or "", "smoke": bool(g["smoke"].any()),
+        "run_id": first["run_id"], "run_ids": list(g["run_id"]),
+        "_top1_by_seed": dict(zip(fin["seed"], fin["top1"])),
+    }
+    for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_best", "steps", "images_seen",
+              "train_s"):
+        row[c] = _mean(use[c])
+    for c in ("top1", "top1_best", "train_s", "cpu_imgs_s", "gpu_imgs_s"):
+        row[f"{c}_std"] = _std(fin[c])
+    for c in ("ref_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
+              "ref_source"):
+        vals = [x for x in g[c] if x is not None and not (isinstance(x, float) and math.isnan(x))]
+        row[c] = math.nan if row["smoke"] or not vals else vals[0]  # never the paper beside a smoke run
+    row["top1_mean"] = row["top1"]
+    return row
+
+
+def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """One row per variant (its seeds aggregated) with deltas against its experiment's baseline.
+
+    Baseline: `baseline` (a variant key) where that experiment has it, else the variant tagged
+    lab.baseline=true, else the first. n_seeds counts FINISHED seeds; top1/top1_best (= top1_mean)
+    and the costs are means over them (*_std: sample std), or, for a variant with no finished
+    seed yet, over what its runs logged so far. d_* are differences of means (variant - baseline),
+    *_speedup throughput ratios. delta_top1 (= d_top1 when both have finished seeds),
+    delta_top1_ci ([low, high], 95%), ci_method and verdict come from `lab.stats.compare` over
+    the finished seeds (paired by seed when both have the same seeds, else Welch).
+    """
+    from lab import stats
+
+    if df.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    if baseline is not None and not (df["key"] == baseline).any():
+        keys = list(dict.fromkeys(df["key"]))
+        raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, keys)}; "
+                       f"variants: {', '.join(keys)}")
+    vals = run_values(df)
+    rows = []
+    for (_, key), g in vals.groupby(["experiment", "key"], sort=False):
+        rows.append(_aggregate(g))
+    t = pd.DataFrame(rows)
+    t["baseline"] = False
+    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1", "delta_top1",
+              "p_value"):
         t[c] = math.nan
-    for _, g in t.groupby("experiment", sort=False):
-        b = _baseline_index(df.loc[g.index], baseline)
+    t["delta_top1_ci"] = [[math.nan, math.nan] for _ in range(len(t))]
+    t["ci_method"] = None
+    t["verdict"] = None
+    for exp, g in t.groupby("experiment", sort=False):
+        bkey = _baseline_key(vals[vals["experiment"] == exp], baseline)
+        b = g.index[g["key"] == bkey][0]
         t.loc[b, "baseline"] = True
         for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"),
                        ("ref_d_top1", "ref_top1")):
             t.loc[g.index, c] = t.loc[g.index, src] - t.at[b, src]
         for c, src in (("cpu_speedup", "cpu_imgs_s"), ("gpu_speedup", "gpu_imgs_s")):
             t.loc[g.index, c] = t.loc[g.index, src] / t.at[b, src]
+        base_seeds = t.at[b, "_top1_by_seed"]
+        for i in g.index:
+            if i == b:
+                t.at[i, "verdict"] = stats.BASELINE
+                t.at[i, "delta_top1"] = 0.0 if base_seeds else math.nan
+                continue
+            c = stats.compare(t.at[i, "_top1_by_seed"], base_seeds)
+            t.at[i, "delta_top1"] = c.delta
+            t.at[i, "delta_top1_ci"] = [c.ci[0], c.ci[1]]
+            t.at[i, "ci_method"] = c.method
+            t.at[i, "p_value"] = c.p_value
+            t.at[i, "verdict"] = c.verdict
+    t.attrs.update(df.attrs)
     return t[TABLE_COLUMNS].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- rendering tables
 
-PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "changes": "changes",
+PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "n_seeds": "n", "changes": "changes",
           "params_m": "params (M)", "macs_m": "MACs (M)", "cpu_imgs_s": "CPU img/s", "gpu_imgs_s": "GPU img/s",
-          "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "d_params_m": "Δ params (M)",
+          "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "verdict": "verdict",
+          "d_params_m": "Δ params (M)",
           "d_macs_m": "Δ MACs (M)", "cpu_speedup": "CPU speed ×", "gpu_speedup": "GPU speed ×",
           "steps": "steps", "images_seen": "images seen", "train_s": "train s", "ref_top1": "paper top-1",
           "ref_d_top1": "paper Δ top-1", "ref_params_m": "paper params (M)", "ref_macs_m": "paper MACs (M)",
@@ -318,27 +465,59 @@ def _pct(v: float, signed: bool = False) -> str:
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _pm(mean: float, std: float, fmt=None) -> str:
+    """'72.13 ± 1.20' (just the mean without a spread)."""
+    fmt = fmt or _pct
+    if _isnan(mean):
+        return ""
+    return fmt(mean) if _isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _delta_ci(r: pd.Series) -> str:
+    if r["baseline"] or _isnan(r["d_top1"]):
+        return ""
+    ci = r.get("delta_top1_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(_isnan(x) for x in ci):
+        return f"{_pct(r['d_top1'], signed=True)} [{_pct(ci[0], signed=True)}, {_pct(ci[1], signed=True)}]"
+    return _pct(r["d_top1"], signed=True)
+
+
+def _status(r: pd.Series) -> str:
+    seeds = r.get("seeds")
+    total = len(seeds) if isinstance(seeds, (list, tuple)) else 1
+    if r["status"] != FINISHED and total > 1:
+        return f"{r['status']} ({int(r['n_seeds'])}/{total} done)"
+    return str(r["status"])
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Strings for people: rounded, units in headers, the baseline marked '*', empty columns dropped."""
+    """Strings for people: rounded, units in headers, the baseline marked '*', mean ± std over
+    seeds, Δ top-1 with its 95% interval, empty columns dropped."""
     rows = []
     multi = table["experiment"].nunique() > 1
     for _, r in table.iterrows():
         d: dict[str, str] = {}
         if multi:
             d["experiment"] = r["experiment"]
-        d["key"] = r["key"] + (" *" if r["baseline"] else "")
-        d["status"] = r["status"]
+        d["key"] = r["key"] + (" *" if r["baseline"] else "") + (" (smoke)" if r.get("smoke") is True else "")
+        d["status"] = _status(r)
+        d["n_seeds"] = "" if _isnan(r.get("n_seeds")) else str(int(r["n_seeds"]))
         for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s"):
             d[c] = _num(r[c])
-        for c in ("top1", "top1_best"):
-            d[c] = _pct(r[c])
-        d["d_top1"] = "" if r["baseline"] else _pct(r["d_top1"], signed=True)
+        d["top1"] = _pm(r["top1"], r.get("top1_std"))
+        d["top1_best"] = _pm(r["top1_best"], r.get("top1_best_std"))
+        d["d_top1"] = _delta_ci(r)
+        d["verdict"] = "" if _isnan(r.get("verdict")) or r["baseline"] else str(r["verdict"])
         for c in ("d_params_m", "d_macs_m"):
             d[c] = "" if r["baseline"] else _num(r[c], signed=True)
         for c in ("cpu_speedup", "gpu_speedup"):
             d[c] = "" if (r["baseline"] or pd.isna(r[c])) else f"{r[c]:.2f}x"
-        d["steps"] = "" if pd.isna(r["steps"]) else f"{int(r['steps'])}"
-        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(r['images_seen']):,}"
+        d["steps"] = "" if pd.isna(r["steps"]) else f"{int(round(r['steps']))}"
+        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(round(r['images_seen'])):,}"
         d["train_s"] = _num(r["train_s"])
         d["ref_top1"] = _pct(r["ref_top1"])
         d["ref_d_top1"] = "" if r["baseline"] else _pct(r["ref_d_top1"], signed=True)
@@ -356,7 +535,7 @@ def _markdown(disp: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "changes")]
+    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
     lines = ["| " + " | ".join(cell(c) for c in disp.columns) + " |",
              "|" + "|".join("---:" if c in numeric else ":---" for c in disp.columns) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in disp.itertuples(index=False)]
@@ -370,9 +549,9 @@ _LATEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#"
 def _latex(disp: pd.DataFrame) -> str:
     def esc(v: Any) -> str:
         s = "".join(_LATEX_ESC.get(ch, ch) for ch in str(v))
-        return s.replace("Δ", r"$\Delta$").replace("×", r"$\times$")
+        return s.replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("±", r"$\pm$")
 
-    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "changes")]
+    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
     spec = "".join("r" if c in numeric else "l" for c in disp.columns)
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
              " & ".join(esc(c) for c in disp.columns) + r" \\", r"\midrule"]
@@ -396,7 +575,7 @@ def format_table(table: pd.DataFrame, fmt: str = "terminal") -> str:
         return _markdown(disp)
     if fmt == "latex":
         return _latex(disp)
-    left = [c for c in ("experiment", "variant", "status", "changes") if c in disp.columns]
+    left = [c for c in ("experiment", "variant", "status", "verdict", "changes") if c in disp.columns]
     width = {c: max(len(c), *(len(str(v)) for v in disp[c])) for c in left}
     disp = disp.assign(**{c: disp[c].map(lambda v, w=width[c]: str(v).ljust(w)) for c in left})
     disp = disp.rename(columns={c: c.ljust(width[c]) for c in left})
