@@ -586,11 +586,23 @@ def format_table(table: pd.DataFrame, fmt: str = "terminal") -> str:
 # --------------------------------------------------------------------------- figure data
 
 
+def _variant_status(df: pd.DataFrame) -> pd.Series:
+    """Per row: its variant's status over all its seeds (FINISHED only when every seed finished)."""
+    def one(statuses: pd.Series) -> str:
+        st = set(statuses)
+        return FINISHED if st == {FINISHED} else next((x for x in _STATUS_ORDER if x in st),
+                                                      sorted(st - {FINISHED})[0])
+    return df.groupby(["experiment", "key"], sort=False)["status"].transform(one)
+
+
 def _label(df: pd.DataFrame) -> pd.Series:
+    """A variant's name in figures (one per variant, whatever its seeds): KEY, EXPERIMENT/KEY
+    when several experiments are shown, '(running)' etc. while not every seed has finished."""
     multi = df["experiment"].nunique() > 1
     lab = (df["experiment"] + "/" + df["key"]) if multi else df["key"].copy()
-    unfinished = df["status"] != FINISHED
-    return lab.where(~unfinished, lab + " (" + df["status"].str.lower() + ")")
+    status = _variant_status(df) if not df.empty else df["status"]
+    unfinished = status != FINISHED
+    return lab.where(~unfinished, lab + " (" + status.str.lower() + ")")
 
 
 def pick_device(df: pd.DataFrame) -> str:
@@ -608,24 +620,35 @@ def pareto_front(throughput: Sequence[float], top1: Sequence[float]) -> list[boo
 
 
 def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
-    """Top-1 vs inference throughput, ours and the paper's, with Pareto-front membership.
+    """Top-1 vs inference throughput per variant (means over its finished seeds), ours and the
+    paper's, with Pareto-front membership.
 
     Columns: experiment, key, label, source ('measured' | 'paper'), device, throughput (img/s),
-    top1 (%), on_front (within its source). Variants missing either number are left out.
+    top1 (%), throughput_std, top1_std (over seeds; NaN for one), n_seeds, baseline, on_front
+    (within its source). Variants missing either number are left out; no paper points when a
+    smoke run is among the variants (a smoke run is not comparable with the paper).
     """
-    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "on_front"]
+    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "throughput_std", "top1_std",
+            "n_seeds", "baseline", "on_front"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     device = device or pick_device(df)
     if device not in DEVICES:
         raise LabError(f"unknown device '{device}'; choose cpu or cuda")
-    top1 = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
-    ours = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": _label(df),
-                         "source": "measured", "device": device,
-                         "throughput": _col(df, "metrics." + BENCH_METRIC[device]), "top1": top1})
-    paper = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": df["key"] + " (paper)",
-                          "source": "paper", "device": device,
-                          "throughput": _col(df, "tags." + REF_THROUGHPUT[device]), "top1": _col(df, "tags.ref.top1")})
+    t = ablation_table(df)
+    labels = dict(zip(zip(df["experiment"], df["key"]), _label(df)))
+    dev = "cpu" if device == "cpu" else "gpu"
+    ours = pd.DataFrame({"experiment": t["experiment"], "key": t["key"],
+                         "label": [labels[(e, k)] for e, k in zip(t["experiment"], t["key"])],
+                         "source": "measured", "device": device, "throughput": t[f"{dev}_imgs_s"],
+                         "top1": t["top1"], "throughput_std": t[f"{dev}_imgs_s_std"], "top1_std": t["top1_std"],
+                         "n_seeds": t["n_seeds"], "baseline": t["baseline"]})
+    paper = pd.DataFrame({"experiment": t["experiment"], "key": t["key"], "label": t["key"] + " (paper)",
+                          "source": "paper", "device": device, "throughput": t[f"ref_{dev}_imgs_s"],
+                          "top1": t["ref_top1"], "throughput_std": math.nan, "top1_std": math.nan,
+                          "n_seeds": math.nan, "baseline": t["baseline"]})
+    if t["smoke"].astype(bool).any():
+        paper = paper.iloc[0:0]
     parts = []
     for part in (ours, paper):
         part = part.dropna(subset=["throughput", "top1"]).copy()
@@ -638,16 +661,31 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
 
 def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "val/top1",
                      tracking_uri: str | None = None) -> pd.DataFrame:
-    """Validation curves of the chosen runs: experiment, key, label, status, run_id, step, x, top1."""
-    cols = ["experiment", "key", "label", "status", "run_id", "step", "x", "top1"]
+    """Validation curves of the chosen runs (every seed): experiment, key, label (one per
+    variant), seed, status, run_id, step, x, top1."""
+    cols = ["experiment", "key", "label", "seed", "status", "run_id", "step", "x", "top1"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     h = history(df["run_id"].tolist(), metric=metric, x=x, tracking_uri=tracking_uri or df.attrs.get("tracking_uri"))
-    meta = df[["run_id", "experiment", "key", "status"]].assign(label=_label(df))
+    seed = df["seed"] if "seed" in df.columns else 0
+    meta = df[["run_id", "experiment", "key", "status"]].assign(label=_label(df), seed=seed)
     out = meta.merge(h, on="run_id", how="inner").rename(columns={"value": "top1"})
     out = out[cols].reset_index(drop=True)
     out.attrs.update(x=x, metric=metric)
     return out
+
+
+def seeds_data(df: pd.DataFrame) -> pd.DataFrame:
+    """Final top-1 of every finished seed: experiment, key, label, seed, top1, baseline."""
+    cols = ["experiment", "key", "label", "seed", "top1", "baseline"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    t = ablation_table(df)
+    base = set(zip(t.loc[t["baseline"], "experiment"], t.loc[t["baseline"], "key"]))
+    v = run_values(df).assign(label=_label(df))
+    v = v[(v["status"] == FINISHED) & v["top1"].notna()]
+    v = v.assign(baseline=[(e, k) in base for e, k in zip(v["experiment"], v["key"])])
+    return v[cols].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- plots
@@ -665,42 +703,103 @@ def _plt():
     return plt, sns
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "H", "8")
+
+
+def variant_styles(labels: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """label -> (colour, marker), distinct for every label: tab10 up to 10 variants, tab20 up to 20
+    (then husl), with the marker cycling on its own period so colour+marker pairs never repeat."""
+    import seaborn as sns
+
+    labels = list(dict.fromkeys(labels))
+    n = max(len(labels), 1)
+    colours = sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
+    return {lab: (colours[i], MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
+
+
+def _repel(ax, texts: list, max_iter: int = 200) -> None:
+    """Nudge annotation labels apart vertically until their boxes no longer overlap (a small
+    stand-in for adjustText): each overlapping pair moves away from each other by the overlap."""
+    if len(texts) < 2:
+        return
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    for _ in range(max_iter):
+        boxes = [t.get_window_extent(renderer).expanded(1.02, 1.15) for t in texts]
+        moved = False
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                if boxes[i].overlaps(boxes[j]):
+                    dy = (min(boxes[i].y1, boxes[j].y1) - max(boxes[i].y0, boxes[j].y0)) / 2 + 1
+                    up, down = (i, j) if boxes[i].y0 + boxes[i].y1 >= boxes[j].y0 + boxes[j].y1 else (j, i)
+                    for k, sign in ((up, 1), (down, -1)):
+                        x, y = texts[k].xyann
+                        texts[k].xyann = (x, y + sign * dy / px_per_pt)
+                    moved = True
+                    boxes = [t.get_window_extent(renderer).expanded(1.02, 1.15) for t in texts]
+        if not moved:
+            return
+
+
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
-    """Top-1 vs throughput (log x): measured points labelled, the Pareto front as a step line,
-    the paper's points as light open diamonds. Returns the matplotlib Figure."""
+    """Top-1 vs throughput (log x): one point per variant at its mean over seeds with error bars
+    (± 1 std) on both axes, a distinct colour and marker per variant, labels kept apart, the
+    baseline's top-1 as a dashed line, the Pareto front as a step line, the paper's points as
+    light open diamonds. Returns the matplotlib Figure."""
     if data.empty:
         raise LabError("nothing to plot: no variant has both a top-1 and a throughput for this device "
                        "(run `lab bench`, or try --device cpu/cuda)")
     plt, sns = _plt()
     device = data["device"].iloc[0]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 6))
     ours = data[data["source"] == "measured"]
     paper = data[data["source"] == "paper"]
-    palette = dict(zip(ours["label"], sns.color_palette("tab10", max(len(ours), 1))))
+    styles = variant_styles(ours["label"])
+    texts = []
     if not ours.empty:
-        sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", palette=palette, s=80, ax=ax,
+        xerr = ours["throughput_std"] if "throughput_std" in ours else None
+        yerr = ours["top1_std"] if "top1_std" in ours else None
+        if (xerr is not None and xerr.notna().any()) or (yerr is not None and yerr.notna().any()):
+            ax.errorbar(ours["throughput"], ours["top1"], xerr=None if xerr is None else xerr.fillna(0),
+                        yerr=None if yerr is None else yerr.fillna(0), fmt="none", ecolor="grey", elinewidth=1,
+                        capsize=3, alpha=0.8, zorder=2)
+        sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
+                        palette={k: c for k, (c, _) in styles.items()},
+                        markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
                         edgecolor="black", linewidth=0.6, zorder=3)
         front = ours[ours["on_front"]]
         ax.scatter(front["throughput"], front["top1"], s=230, facecolors="none", edgecolors="black",
                    linewidths=1.4, label="on Pareto front", zorder=4)
         _front_line(ax, ours, color="black", style="-", label="Pareto front")
+        base = ours[ours["baseline"].astype(bool)] if "baseline" in ours else ours.iloc[0:0]
+        if not base.empty:
+            ax.axhline(base["top1"].iloc[0], color="grey", linestyle="--", linewidth=1,
+                       label=f"baseline: {base['key'].iloc[0]}", zorder=1)
         for _, r in ours.iterrows():
-            ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            texts.append(ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(6, 4),
+                                     textcoords="offset points", fontsize=8,
+                                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4)))
     if not paper.empty:
         ax.scatter(paper["throughput"], paper["top1"], marker="D", s=50, facecolors="none", edgecolors="grey",
                    alpha=0.7, label="paper", zorder=2)
         _front_line(ax, paper, color="grey", style=":", label="paper front")
         for _, r in paper.iterrows():
-            ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(5, -10),
-                        textcoords="offset points", fontsize=7, color="grey")
+            texts.append(ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(6, -10),
+                                     textcoords="offset points", fontsize=7, color="grey",
+                                     arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0,
+                                                     shrinkB=4)))
     ax.set_xscale("log")
     _log_ticks(ax)
     ax.set_xlabel(f"{'GPU' if device == 'cuda' else 'CPU'} inference throughput (images/s, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    n = ours["n_seeds"].max() if "n_seeds" in ours and not ours.empty else math.nan
+    ax.set_ylabel("top-1 accuracy (%)" + (", mean ± std over seeds" if n and n > 1 else ""))
     exps = ", ".join(dict.fromkeys(data["experiment"]))
     ax.set_title(title or f"{exps}: accuracy vs {'GPU' if device == 'cuda' else 'CPU'} speed")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
     fig.tight_layout()
+    _repel(ax, texts)
     return fig
 
 
@@ -726,25 +825,67 @@ def _log_ticks(ax) -> None:
     ax.set_xlim(lo, hi)
 
 
-def plot_convergence(data: pd.DataFrame, title: str | None = None):
-    """Validation top-1 vs the chosen x, one line per variant (the LeViT paper's Figure 3 shape)."""
+def plot_convergence(data: pd.DataFrame, title: str | None = None, errorbar: Any = "sd"):
+    """Validation top-1 vs the chosen x, one line per variant (the LeViT paper's Figure 3 shape):
+    the mean over its seeds at each evaluation step (x: the seeds' mean x at that step) with a
+    band (`errorbar`, seaborn's: "sd" = ± 1 std, ("ci", 95), or None)."""
     if data.empty:
         raise LabError("nothing to plot: no run has logged val/top1 with that x yet")
     plt, sns = _plt()
     from matplotlib.ticker import EngFormatter
 
     x = data.attrs.get("x", "images_seen")
+    data = data.assign(x=data.groupby(["label", "step"])["x"].transform("mean"))
+    styles = variant_styles(data["label"])
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers=True, dashes=False,
-                 estimator=None, sort=True, ax=ax)
+    sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers={k: m for k, (_, m) in styles.items()},
+                 palette={k: c for k, (c, _) in styles.items()}, dashes=False, estimator="mean",
+                 errorbar=errorbar, sort=True, ax=ax)
     ax.set_xlabel(X_LABELS.get(x, x))
     if x == "images_seen":
         ax.xaxis.set_major_formatter(EngFormatter())
-    ax.set_ylabel("validation top-1 (%)")
+    several = "seed" in data and data.groupby("label")["seed"].nunique().max() > 1
+    ax.set_ylabel("validation top-1 (%)" + (" (mean ± std over seeds)" if several and errorbar == "sd" else ""))
     exps = ", ".join(dict.fromkeys(data["experiment"]))
     ax.set_title(title or f"{exps}: convergence (validation top-1 vs {X_LABELS.get(x, x).split(' (')[0]})")
     ax.legend(title="variant", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8,
               frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seeds(data: pd.DataFrame, title: str | None = None):
+    """Final top-1 of every seed per variant (a strip plot, one row per variant), each variant's
+    mean with its 95% t-interval as a black bar, the baseline's mean as a dashed line."""
+    if data.empty:
+        raise LabError("nothing to plot: no variant has a finished seed")
+    plt, sns = _plt()
+    from lab import stats
+
+    order = list(dict.fromkeys(data["label"]))
+    styles = variant_styles(order)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(order)))
+    sns.stripplot(data=data, x="top1", y="label", hue="label", order=order, hue_order=order,
+                  palette={k: c for k, (c, _) in styles.items()}, size=7, jitter=0.15, edgecolor="black",
+                  linewidth=0.5, legend=False, ax=ax, zorder=3)
+    from scipy import stats as sps
+
+    for i, lab in enumerate(order):
+        vals = data.loc[data["label"] == lab, "top1"]
+        sm = stats.summarize(vals.tolist())
+        ax.plot([sm.mean], [i], marker="|", markersize=18, color="black", zorder=4)
+        if sm.n > 1 and sm.std > 0:
+            half = float(sps.t.ppf(0.975, sm.n - 1)) * sm.std / math.sqrt(sm.n)
+            ax.plot([sm.mean - half, sm.mean + half], [i, i], color="black", linewidth=1.5, zorder=4)
+    base = data[data["baseline"].astype(bool)]
+    if not base.empty:
+        ax.axvline(base["top1"].mean(), color="grey", linestyle="--", linewidth=1,
+                   label=f"baseline mean: {base['key'].iloc[0]}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+    ax.set_xlabel("final validation top-1 (%), one point per seed; bar: mean and 95% CI")
+    ax.set_ylabel("")
+    exps = ", ".join(dict.fromkeys(data["experiment"]))
+    ax.set_title(title or f"{exps}: top-1 over seeds")
     fig.tight_layout()
     return fig
 
@@ -764,14 +905,54 @@ def save_figure(fig, stem: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- CLI
 
 
+def _load(args: argparse.Namespace) -> pd.DataFrame:
+    return load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag),
+                     include_smoke=args.include_smoke, all_hashes=getattr(args, "all_hashes", False),
+                     hash=getattr(args, "hash", None))
+
+
+PER_SEED_COLUMNS = ["experiment", "key", "seed", "status", "top1", "top1_best", "steps", "train_s", "params_m",
+                    "cpu_imgs_s", "gpu_imgs_s", "hash", "run_id", "error"]
+
+
+def per_seed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run shown (variant x seed), without aggregation."""
+    if df.empty:
+        return pd.DataFrame(columns=PER_SEED_COLUMNS)
+    v = run_values(df)
+    return v[PER_SEED_COLUMNS].reset_index(drop=True)
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
-    table = ablation_table(df, baseline=args.baseline)
-    text = format_table(table, args.format)
-    if args.format == "terminal" and not table.empty:
+    df = _load(args)
+    notes = list(df.attrs.get("notes", []))
+    if args.per_seed:
+        table = per_seed_table(df)
+        if args.format == "json":
+            text = table.to_json(orient="records", indent=2) + "\n"
+        elif args.format == "csv":
+            text = table.to_csv(index=False)
+        else:
+            with pd.option_context("display.max_columns", None, "display.width", 250):
+                text = table.to_string(index=False, na_rep="") + "\n" if not table.empty else "(no variant runs)\n"
+    else:
+        table = ablation_table(df, baseline=args.baseline)
+        text = format_table(table, args.format)
+        if not table.empty and table["smoke"].astype(bool).any():
+            notes.append("smoke runs shown (marked '(smoke)'): plumbing checks, not results; no paper figures beside them")
+    if args.format == "terminal" and not table.empty and not args.per_seed:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
-        text = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline\n" + text
+        seeds = table["n_seeds"].max()
+        head = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline"
+        if seeds > 1:
+            head += "; top-1 mean ± std over finished seeds (n), Δ top-1 [95% CI]"
+        text = head + "\n" + text
+    if args.format == "terminal":
+        text += "".join(f"note: {n}\n" for n in notes)
+    else:
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -792,15 +973,20 @@ def _out_stem(out: str | None, default_name: str) -> Path:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
+    df = _load(args)
     if df.empty:
         raise LabError(f"no variant runs in {', '.join(args.experiment)}" + (" matching the --tag filter" if args.tag else ""))
+    for n in df.attrs.get("notes", []):
+        print(f"note: {n}", file=sys.stderr)
     name = "_".join(args.experiment)
     if args.kind == "pareto":
         data = pareto_data(df, device=args.device)
         dev = data["device"].iloc[0] if not data.empty else (args.device or pick_device(df))
         fig = plot_pareto(data)
         stem = _out_stem(args.out, f"{name}_pareto_{dev}")
+    elif args.kind == "seeds":
+        fig = plot_seeds(seeds_data(df))
+        stem = _out_stem(args.out, f"{name}_seeds")
     else:
         data = convergence_data(df, x=args.x)
         fig = plot_convergence(data)
@@ -815,19 +1001,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="keep only runs with this tag (repeatable), e.g. --tag lab.device=cuda")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
+    p.add_argument("--include-smoke", action="store_true",
+                   help="also show `lab run --smoke` runs (left out by default; never beside the paper's figures)")
+    p.add_argument("--all-hashes", action="store_true",
+                   help="every spec version of a variant as its own row (KEY@HASH), not just the latest finished")
+    p.add_argument("--hash", help="show the spec version whose config hash (or run hash) starts with this")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("table", help="ablation table of an experiment's runs (partial results welcome)")
+    p = sub.add_parser("table", help="ablation table of an experiment's runs, seeds aggregated (partial results welcome)")
     _common(p)
     p.add_argument("--format", choices=FORMATS, default="terminal")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--baseline", help="variant key to compare against (default: the spec's baseline, else the first)")
+    p.add_argument("--per-seed", action="store_true", help="one row per run (variant x seed) instead of per variant")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput) or convergence plot, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput), convergence or per-seed plot, as PNG and SVG")
     _common(p)
-    p.add_argument("--kind", choices=["pareto", "convergence"], default="pareto")
+    p.add_argument("--kind", choices=["pareto", "convergence", "seeds"], default="pareto",
+                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI")
     p.add_argument("--x", choices=[k for k in X_KINDS], default="images_seen", help="convergence x-axis")
     p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
     p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")
