@@ -29,6 +29,7 @@ FORMATS = ("terminal", "markdown", "csv", "latex", "json")
 BENCH_METRIC = {"cpu": "bench/cpu_imgs_per_s", "cuda": "bench/cuda_imgs_per_s"}
 REF_THROUGHPUT = {"cpu": "ref.throughput_cpu", "cuda": "ref.throughput_gpu"}
 FINISHED = "FINISHED"
+SMOKE_SUFFIX = " (smoke)"
 
 # --------------------------------------------------------------------------- store access
 
@@ -116,7 +117,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     whose tags match every key=value (a key the child lacks is looked up on its parent run, so
     spec-level tags work either way). Columns: run_id, parent_run_id, experiment, key, seed,
     status, baseline, changes, hash, config_hash, smoke, git_commit, device, error, start_time,
-    end_time, first_start (earliest run of that key: the spec order, roughly), n_runs (runs of
+    end_time, first_start (earliest shown run of that key: the spec order, roughly), n_runs (runs of
     the key, every version and seed), n_hashes (its spec versions), other_hashes, then
     `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order, then seed.
     `attrs`: tracking_uri, smoke_left_out (runs), notes (lines for people).
@@ -154,7 +155,8 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             "run_id": r.info.run_id,
             "parent_run_id": t.get("mlflow.parentRunId"),
             "experiment": t.get("lab.experiment") or id_to_name.get(r.info.experiment_id, ""),
-            "key": t["lab.variant"],
+            # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
+            "key": t["lab.variant"] + (SMOKE_SUFFIX if smoke else ""),
             "seed": _seed_of(t, r.data.params),
             "status": r.info.status,
             "baseline": str(t.get("lab.baseline", "")).lower() == "true",
@@ -215,6 +217,8 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             attrs["notes"].append(
                 f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
                 f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one")
+    # the spec order, roughly: when the shown version of each variant first started
+    chosen["first_start"] = chosen.groupby(["experiment", "key"], sort=False)["start_time"].transform("min")
     order = {e: i for i, e in enumerate(experiments)}
     chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
     chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
@@ -277,8 +281,9 @@ def _baseline_key(df: pd.DataFrame, key: str | None) -> Any:
     """Within one experiment's runs: `key` where present, else the key tagged lab.baseline, else the first."""
     if key is not None and (df["key"] == key).any():
         return key
-    flagged = df.loc[df["baseline"].astype(bool), "key"] if "baseline" in df.columns else []
-    return flagged.iloc[0] if len(flagged) else df["key"].iloc[0]
+    flagged = df.loc[df["baseline"].astype(bool), "key"] if "baseline" in df.columns else pd.Series(dtype=str)
+    real = [k for k in flagged if not k.endswith(SMOKE_SUFFIX)]
+    return (real or list(flagged) or list(df["key"]))[0]
 
 
 TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", "changes", "params_m", "macs_m",
@@ -287,7 +292,8 @@ TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", 
                  "images_seen", "train_s", "train_s_std", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
                  "ref_d_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
                  "ref_source", "top1_mean", "delta_top1", "ci_method", "p_value", "n_failed", "error", "hash",
-                 "other_hashes", "smoke", "run_id", "run_ids"]
+                 "other_hashes", "smoke", "run_id", "run_ids", "cpu_imgs_s_lo", "cpu_imgs_s_hi", "gpu_imgs_s_lo",
+                 "gpu_imgs_s_hi"]
 _STATUS_ORDER = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")  # what an unfinished variant's row says
 
 
@@ -312,6 +318,9 @@ def run_values(df: pd.DataFrame) -> pd.DataFrame:
     v["macs_m"] = _col(df, "metrics.macs") / 1e6
     v["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
     v["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
+    for dev, d in (("cpu", "cpu"), ("gpu", "cuda")):  # the slowest / fastest of the bench repeats
+        v[f"{dev}_imgs_s_lo"] = _col(df, f"metrics.{BENCH_METRIC[d]}_min")
+        v[f"{dev}_imgs_s_hi"] = _col(df, f"metrics.{BENCH_METRIC[d]}_max")
     v["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
     best = _col(df, "metrics.best/val_top1")
     missing = best.isna() & _col(df, "metrics.val/top1").notna()
@@ -368,6 +377,10 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
         row[c] = _mean(use[c])
     for c in ("top1", "top1_best", "train_s", "cpu_imgs_s", "gpu_imgs_s"):
         row[f"{c}_std"] = _std(fin[c])
+    for dev in ("cpu", "gpu"):
+        lo, hi = pd.to_numeric(use[f"{dev}_imgs_s_lo"]).dropna(), pd.to_numeric(use[f"{dev}_imgs_s_hi"]).dropna()
+        row[f"{dev}_imgs_s_lo"] = float(lo.min()) if len(lo) else math.nan
+        row[f"{dev}_imgs_s_hi"] = float(hi.max()) if len(hi) else math.nan
     for c in ("ref_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
               "ref_source"):
         vals = [x for x in g[c] if x is not None and not (isinstance(x, float) and math.isnan(x))]
@@ -503,7 +516,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         d: dict[str, str] = {}
         if multi:
             d["experiment"] = r["experiment"]
-        d["key"] = r["key"] + (" *" if r["baseline"] else "") + (" (smoke)" if r.get("smoke") is True else "")
+        d["key"] = r["key"] + (" *" if r["baseline"] else "")
         d["status"] = _status(r)
         d["n_seeds"] = "" if _isnan(r.get("n_seeds")) else str(int(r["n_seeds"]))
         for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s"):
@@ -619,17 +632,26 @@ def pareto_front(throughput: Sequence[float], top1: Sequence[float]) -> list[boo
     return [not any((t2 >= t and a2 >= a) and (t2 > t or a2 > a) for t2, a2 in pts) for t, a in pts]
 
 
+def _spread(t: pd.DataFrame, dev: str, side: int) -> pd.Series:
+    """The throughput error bar's end: the slowest (side -1) / fastest (+1) of the bench repeats,
+    widened to mean -/+ std over seeds where that is wider."""
+    mean, std = t[f"{dev}_imgs_s"], t[f"{dev}_imgs_s_std"].fillna(0)
+    end = t[f"{dev}_imgs_s_lo" if side < 0 else f"{dev}_imgs_s_hi"].fillna(mean)
+    return end.combine(mean + side * std, min if side < 0 else max)
+
+
 def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     """Top-1 vs inference throughput per variant (means over its finished seeds), ours and the
     paper's, with Pareto-front membership.
 
     Columns: experiment, key, label, source ('measured' | 'paper'), device, throughput (img/s),
-    top1 (%), throughput_std, top1_std (over seeds; NaN for one), n_seeds, baseline, on_front
+    top1 (%), throughput_lo/_hi (slowest/fastest bench repeat, or mean -/+ std over seeds where
+    wider), top1_std (over seeds; NaN for one), n_seeds, baseline, on_front
     (within its source). Variants missing either number are left out; no paper points when a
     smoke run is among the variants (a smoke run is not comparable with the paper).
     """
-    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "throughput_std", "top1_std",
-            "n_seeds", "baseline", "on_front"]
+    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "throughput_lo", "throughput_hi",
+            "top1_std", "n_seeds", "baseline", "on_front"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     device = device or pick_device(df)
@@ -641,11 +663,13 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     ours = pd.DataFrame({"experiment": t["experiment"], "key": t["key"],
                          "label": [labels[(e, k)] for e, k in zip(t["experiment"], t["key"])],
                          "source": "measured", "device": device, "throughput": t[f"{dev}_imgs_s"],
-                         "top1": t["top1"], "throughput_std": t[f"{dev}_imgs_s_std"], "top1_std": t["top1_std"],
+                         "top1": t["top1"], "throughput_lo": _spread(t, dev, -1), "throughput_hi": _spread(t, dev, 1),
+                         "top1_std": t["top1_std"],
                          "n_seeds": t["n_seeds"], "baseline": t["baseline"]})
     paper = pd.DataFrame({"experiment": t["experiment"], "key": t["key"], "label": t["key"] + " (paper)",
                           "source": "paper", "device": device, "throughput": t[f"ref_{dev}_imgs_s"],
-                          "top1": t["ref_top1"], "throughput_std": math.nan, "top1_std": math.nan,
+                          "top1": t["ref_top1"], "throughput_lo": math.nan, "throughput_hi": math.nan,
+                          "top1_std": math.nan,
                           "n_seeds": math.nan, "baseline": t["baseline"]})
     if t["smoke"].astype(bool).any():
         paper = paper.iloc[0:0]
@@ -661,14 +685,17 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
 
 def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "val/top1",
                      tracking_uri: str | None = None) -> pd.DataFrame:
-    """Validation curves of the chosen runs (every seed): experiment, key, label (one per
-    variant), seed, status, run_id, step, x, top1."""
+    """Validation curves of the chosen runs (every finished seed; a variant with none: every run
+    as far as it got): experiment, key, label (one per variant), seed, status, run_id, step, x, top1."""
     cols = ["experiment", "key", "label", "seed", "status", "run_id", "step", "x", "top1"]
     if df.empty:
         return pd.DataFrame(columns=cols)
+    # a variant with finished seeds is drawn from those (as the table counts them); others as far as they got
+    done = (df["status"] == FINISHED).groupby([df["experiment"], df["key"]]).transform("any")
+    df = df.assign(_label=_label(df))[(df["status"] == FINISHED) | ~done]
     h = history(df["run_id"].tolist(), metric=metric, x=x, tracking_uri=tracking_uri or df.attrs.get("tracking_uri"))
     seed = df["seed"] if "seed" in df.columns else 0
-    meta = df[["run_id", "experiment", "key", "status"]].assign(label=_label(df), seed=seed)
+    meta = df[["run_id", "experiment", "key", "status"]].assign(label=df["_label"], seed=seed)
     out = meta.merge(h, on="run_id", how="inner").rename(columns={"value": "top1"})
     out = out[cols].reset_index(drop=True)
     out.attrs.update(x=x, metric=metric)
@@ -717,35 +744,52 @@ def variant_styles(labels: Sequence[str]) -> dict[str, tuple[Any, str]]:
     return {lab: (colours[i], MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
 
 
-def _repel(ax, texts: list, max_iter: int = 200) -> None:
-    """Nudge annotation labels apart vertically until their boxes no longer overlap (a small
-    stand-in for adjustText): each overlapping pair moves away from each other by the overlap."""
+def _repel(ax, texts: list, max_iter: int = 500, pad: float = 2.0) -> None:
+    """Move annotation labels apart until their boxes no longer overlap (a small stand-in for
+    adjustText): boxes are measured once, overlapping pairs are pushed apart along the axis of
+    least overlap in display space, and the result becomes each label's offset from its point."""
     if len(texts) < 2:
         return
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     px_per_pt = fig.dpi / 72.0
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]  # the text alone, not its leader line
+    cx = [(b.x0 + b.x1) / 2 for b in boxes]
+    cy = [(b.y0 + b.y1) / 2 for b in boxes]
+    hw = [b.width / 2 + pad for b in boxes]
+    hh = [b.height / 2 + pad for b in boxes]
+    x0, y0 = list(cx), list(cy)
+    n = len(texts)
     for _ in range(max_iter):
-        boxes = [t.get_window_extent(renderer).expanded(1.02, 1.15) for t in texts]
         moved = False
-        for i in range(len(texts)):
-            for j in range(i + 1, len(texts)):
-                if boxes[i].overlaps(boxes[j]):
-                    dy = (min(boxes[i].y1, boxes[j].y1) - max(boxes[i].y0, boxes[j].y0)) / 2 + 1
-                    up, down = (i, j) if boxes[i].y0 + boxes[i].y1 >= boxes[j].y0 + boxes[j].y1 else (j, i)
-                    for k, sign in ((up, 1), (down, -1)):
-                        x, y = texts[k].xyann
-                        texts[k].xyann = (x, y + sign * dy / px_per_pt)
-                    moved = True
-                    boxes = [t.get_window_extent(renderer).expanded(1.02, 1.15) for t in texts]
+        for i in range(n):
+            for j in range(i + 1, n):
+                ox = hw[i] + hw[j] - abs(cx[i] - cx[j])
+                oy = hh[i] + hh[j] - abs(cy[i] - cy[j])
+                if ox <= 0 or oy <= 0:
+                    continue
+                moved = True
+                if oy <= ox:  # cheaper to separate vertically
+                    d = (oy / 2 + 0.5) * (1 if cy[i] > cy[j] or (cy[i] == cy[j] and i < j) else -1)
+                    cy[i] += d
+                    cy[j] -= d
+                else:
+                    d = (ox / 2 + 0.5) * (1 if cx[i] > cx[j] or (cx[i] == cx[j] and i < j) else -1)
+                    cx[i] += d
+                    cx[j] -= d
         if not moved:
-            return
+            break
+    for t, a, b, c, d in zip(texts, x0, y0, cx, cy):
+        ox, oy = t.xyann
+        t.xyann = (ox + (c - a) / px_per_pt, oy + (d - b) / px_per_pt)
 
 
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
     """Top-1 vs throughput (log x): one point per variant at its mean over seeds with error bars
-    (± 1 std) on both axes, a distinct colour and marker per variant, labels kept apart, the
+    on both axes (top-1: ± 1 std over seeds; throughput: the slowest to fastest bench repeat), a distinct colour and marker per variant, labels kept apart, the
     baseline's top-1 as a dashed line, the Pareto front as a step line, the paper's points as
     light open diamonds. Returns the matplotlib Figure."""
     if data.empty:
@@ -759,12 +803,15 @@ def plot_pareto(data: pd.DataFrame, title: str | None = None):
     styles = variant_styles(ours["label"])
     texts = []
     if not ours.empty:
-        xerr = ours["throughput_std"] if "throughput_std" in ours else None
-        yerr = ours["top1_std"] if "top1_std" in ours else None
-        if (xerr is not None and xerr.notna().any()) or (yerr is not None and yerr.notna().any()):
-            ax.errorbar(ours["throughput"], ours["top1"], xerr=None if xerr is None else xerr.fillna(0),
-                        yerr=None if yerr is None else yerr.fillna(0), fmt="none", ecolor="grey", elinewidth=1,
-                        capsize=3, alpha=0.8, zorder=2)
+        xerr = None
+        if {"throughput_lo", "throughput_hi"} <= set(ours.columns):
+            xerr = [(ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
+                    (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist()]
+            xerr = xerr if any(x > 0 for side in xerr for x in side) else None
+        yerr = ours["top1_std"].fillna(0) if "top1_std" in ours and ours["top1_std"].notna().any() else None
+        if xerr is not None or yerr is not None:
+            ax.errorbar(ours["throughput"], ours["top1"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey",
+                        elinewidth=1, capsize=3, alpha=0.8, zorder=2)
         sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
                         palette={k: c for k, (c, _) in styles.items()},
                         markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
@@ -939,7 +986,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
         table = ablation_table(df, baseline=args.baseline)
         text = format_table(table, args.format)
         if not table.empty and table["smoke"].astype(bool).any():
-            notes.append("smoke runs shown (marked '(smoke)'): plumbing checks, not results; no paper figures beside them")
+            notes.append(f"smoke runs shown (marked '{SMOKE_SUFFIX.strip()}'): plumbing checks, not results; "
+                         f"no paper figures beside them")
     if args.format == "terminal" and not table.empty and not args.per_seed:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
