@@ -109,30 +109,30 @@ def test_runner_trains_each_seed_and_skips_finished_ones(store, tmp_path, capsys
 
     # seeds: 3 later: seeds 0 and 1 are skipped (same hash), only seed 2 trains
     spec3 = _load(tmp_path, {**doc, "seeds": 3})
-    recs = run_experiment(spec3, S.expand(spec3), progress=False, say=lambda s: None)
-    assert [r["status"] for r in recs] == ["skipped", "skipped", "finished"] * 2
+    recs = run_experiment(spec3, [v for v in S.expand(spec3) if v.key == "base"], progress=False, say=lambda s: None)
+    assert [r["status"] for r in recs] == ["skipped", "skipped", "finished"]
 
-    # a smoke run in the same store (same keys): tagged, and left out of the table by default
-    assert main(["run", str(tmp_path / "seeded.yaml"), "--smoke", "--set", "budget.steps=2", "--seeds", "1",
-                 "--variant", "base", "--no-progress"]) == 0
+    # a smoke run in the same store (same key): tagged, and left out of the table by default
+    assert main(["run", str(tmp_path / "seeded.yaml"), "--smoke", "--set", "budget.steps=2", "--set",
+                 "data.num_classes=null", "--seeds", "1", "--variant", "bias", "--no-progress"]) == 0
     smoke = [r for r in track.find_variant_runs(cl, "seeded") if r.data.tags.get("lab.smoke") == "true"]
-    assert len(smoke) == 1 and smoke[0].data.tags["lab.variant"] == "base"
+    assert len(smoke) == 1 and smoke[0].data.tags["lab.variant"] == "bias"
     capsys.readouterr()
     assert main(["table", "seeded", "--format", "json"]) == 0
     out = capsys.readouterr()
     rows = json.loads(out.out)
-    assert [(r["key"], r["n_seeds"], r["seeds"]) for r in rows] == [("base", 3, [0, 1, 2]), ("bias", 3, [0, 1, 2])]
+    assert [(r["key"], r["n_seeds"], r["seeds"]) for r in rows] == [("base", 3, [0, 1, 2]), ("bias", 2, [0, 1])]
     assert "1 smoke run(s) left out" in out.err
     assert rows[0]["ref_top1"] == 72.0
     b = rows[1]
     lo, hi = b["delta_top1_ci"]
-    assert lo <= b["delta_top1"] <= hi and b["verdict"] in ("better", "worse", "within noise")
+    assert b["ci_method"] == "welch" and lo <= b["delta_top1"] <= hi
+    assert b["verdict"] in ("better", "worse", "within noise")
     assert b["delta_top1"] == pytest.approx(b["top1_mean"] - rows[0]["top1_mean"])
     assert main(["table", "seeded", "--format", "json", "--include-smoke"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["key"] for r in rows] == ["base", "bias", "base (smoke)"]
-    assert rows[2]["smoke"] and rows[2]["ref_top1"] is None  # never the paper beside a smoke run
-    assert rows[0]["baseline"] and rows[0]["n_seeds"] == 3
+    assert [r["key"] for r in rows] == ["base", "bias", "bias (smoke)"]
+    assert rows[2]["smoke"] and rows[2]["n_seeds"] == 1 and rows[0]["baseline"]
     assert main(["table", "seeded", "--include-smoke"]) == 0
     assert "note: smoke runs shown" in capsys.readouterr().out
 
@@ -254,6 +254,12 @@ def test_which_version_is_shown_and_how_to_see_the_others(agg, capsys):
     assert main(["table", "agg", "--tracking-uri", agg["uri"]]) == 0
     out = capsys.readouterr().out
     assert "note: agg/noise: runs of 2 spec versions" in out and "note: 1 smoke run(s) left out" in out
+    with_smoke = R.load_runs("agg", tracking_uri=agg["uri"], include_smoke=True)
+    t = R.ablation_table(with_smoke).set_index("key")
+    assert t.at["base (smoke)", "smoke"] and math.isnan(t.at["base (smoke)", "ref_top1"])
+    assert bool(t.at["base", "baseline"]) and t.at["base", "n_seeds"] == 3  # the smoke run joins no real seeds
+    assert R.pareto_data(with_smoke, device="cpu")["source"].unique().tolist() == ["measured"]  # no paper beside smoke
+    assert "paper" in set(R.pareto_data(R.load_runs("agg", tracking_uri=agg["uri"]), device="cpu")["source"])
     assert main(["table", "agg", "--tracking-uri", agg["uri"], "--per-seed", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 33 and {r["seed"] for r in rows if r["key"] == "base"} == {0, 1, 2}
