@@ -46,14 +46,15 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 # --smoke: same architectures and training recipe (augmentation, distillation, schedule shape),
-# shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers, local launcher.
+# shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers, local launcher,
+# one seed.
 SMOKE = {"data": {"dataset": "embedded", "root": None, "image_size": 32, "batch_size": 32,
                   "eval_batch_size": 250, "num_workers": 0},
          "budget": {"epochs": None, "steps": 20, "images": None, "train_flops": None, "seconds": None,
                     "wall_clock": False},
          "train": {"eval_every": 10, "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
                    "precision": "auto", "compile": False},
-         "launch": {"launcher": "local"}}
+         "launch": {"launcher": "local"}, "seeds": None}  # one seed unless --seeds asks for more
 
 
 def load_from_args(args: argparse.Namespace):

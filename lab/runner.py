@@ -545,7 +545,9 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
                       force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
                       say=say, launcher=launcher)
-        say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
+        n_keys = len(dict.fromkeys(v.key for v in ordered))
+        runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
+        say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
             results = backend.run(ordered, ctx)
