@@ -109,7 +109,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         try:
             spec = S.load_spec(path, S.parse_set(args.set))
             variants = S.expand(spec)
-            print(f"ok   {path}: {spec.name}, {len(variants)} variant(s)")
+            n = len({v.key for v in variants})
+            print(f"ok   {path}: {spec.name}, {n} variant(s)" + (f", {len(variants)} runs" if len(variants) > n else ""))
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
@@ -121,8 +122,14 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     from lab import spec as S
 
     rows = []
+    seeds: dict[str, list[int]] = {}
     for v in variants:
-        row: dict[str, Any] = {"key": v.key, "hash": v.hash, "changes": v.changes}
+        seeds.setdefault(v.key, []).append(v.seed)
+    for v in variants:
+        if v.key in {r["key"] for r in rows}:
+            continue  # one row per variant, whatever its seeds
+        row: dict[str, Any] = {"key": v.key, "hash": v.config_hash if v.repeated else v.hash,
+                               "seeds": seeds[v.key], "changes": v.changes}
         if with_complexity:
             cfg = grafts.config_from_dict(v.model)
             row["params"] = int(grafts.count_params(grafts.build(cfg, device="meta")))
@@ -150,11 +157,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(rows)
         return 0
-    print(f"{spec.name}: {len(variants)} variant(s) from {args.spec}")
+    print(f"{spec.name}: {len(rows)} variant(s) from {args.spec}"
+          + (f", {len(variants)} runs with their seeds" if len(variants) > len(rows) else ""))
     table = []
     for r in rows:
         ref = r["reference"]
         t = {"key": r["key"], "hash": r["hash"]}
+        if len(r["seeds"]) > 1:
+            t["seeds"] = ",".join(map(str, r["seeds"]))
         if "params" in r:
             t["params (M)"] = f"{r['params'] / 1e6:.2f}"
             t["MACs (M)"] = f"{r['macs'] / 1e6:.0f}"

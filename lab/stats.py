@@ -18,8 +18,8 @@ delta itself. FAILED/KILLED/RUNNING seeds never enter the numbers (callers pass 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
 
 BETTER, WORSE, NOISE, CANNOT_TELL, BASELINE, NO_DATA = (
     "better", "worse", "within noise", "cannot tell (n=1)", "baseline", "no finished seed")
@@ -42,7 +42,7 @@ class Comparison:
 
     delta: float
     ci: tuple[float, float]
-    method: Optional[str]  # "paired" | "welch" | None (no interval)
+    method: str | None  # "paired" | "welch" | None (no interval)
     df: float
     p_value: float
     verdict: str

@@ -15,8 +15,7 @@ from conftest import tiny_spec_dict
 
 from lab import report as R
 from lab import spec as S
-from lab import stats
-from lab import track
+from lab import stats, track
 from lab.cli import main
 from lab.errors import SpecError
 
@@ -64,6 +63,16 @@ def test_seed_spec_errors(tmp_path):
     with pytest.raises(SpecError, match=r"grid\.train\.seed.*give the seeds once"):
         S.expand(_load(tmp_path, {**doc, "seeds": 2, "grid": {"train.seed": [0, 1]}}))
     assert main(["show", str(tmp_path / "s.yaml"), "--seeds", "0", "--no-complexity"]) == 2
+
+
+def test_show_lists_a_variant_once_with_its_seeds(tmp_path, capsys):
+    doc = tiny_spec_dict(name="s", variants={"base": {}, "bias": {"model": {"position": "attention_bias"}}})
+    _load(tmp_path, doc)
+    assert main(["show", str(tmp_path / "s.yaml"), "--seeds", "3", "--format", "json", "--no-complexity"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["key"], r["seeds"]) for r in rows] == [("base", [0, 1, 2]), ("bias", [0, 1, 2])]
+    assert main(["show", str(tmp_path / "s.yaml"), "--seeds", "3", "--no-complexity"]) == 0
+    assert "s: 2 variant(s) from" in capsys.readouterr().out
 
 
 def test_seed_changes_data_order_not_the_split():
