@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from lab.errors import LabError, close_matches
+from lab.figures import pyplot, save_figure
 
 X_KINDS = ("images_seen", "epoch", "train_seconds", "step")
 X_LABELS = {"images_seen": "images seen", "epoch": "epoch", "train_seconds": "training time (s)",
@@ -289,7 +290,7 @@ def _baseline_key(df: pd.DataFrame, key: str | None) -> Any:
 TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", "changes", "params_m", "macs_m",
                  "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_std", "top1_best", "top1_best_std", "d_top1",
                  "delta_top1_ci", "verdict", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "steps",
-                 "images_seen", "train_s", "train_s_std", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
+                 "images_seen", "train_s", "train_s_std", "budget_s", "cal_step_s", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
                  "ref_d_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
                  "ref_source", "top1_mean", "delta_top1", "ci_method", "p_value", "n_failed", "error", "hash",
                  "other_hashes", "smoke", "run_id", "run_ids", "cpu_imgs_s_lo", "cpu_imgs_s_hi", "gpu_imgs_s_lo",
@@ -333,6 +334,8 @@ def run_values(df: pd.DataFrame) -> pd.DataFrame:
     v["steps"] = _col(df, "metrics.budget/steps")
     v["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
     v["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
+    v["budget_s"] = _col(df, "metrics.budget/planned_seconds")  # seconds budgets: what train_s should be
+    v["cal_step_s"] = _col(df, "metrics.budget/calibration_step_seconds")
     v["ref_top1"] = _col(df, "tags.ref.top1")
     v["ref_params_m"] = _col(df, "tags.ref.params_m")
     v["ref_macs_m"] = _col(df, "tags.ref.macs_m")
@@ -373,7 +376,7 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
         "_top1_by_seed": dict(zip(fin["seed"], fin["top1"])),
     }
     for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_best", "steps", "images_seen",
-              "train_s"):
+              "train_s", "budget_s", "cal_step_s"):
         row[c] = _mean(use[c])
     for c in ("top1", "top1_best", "train_s", "cpu_imgs_s", "gpu_imgs_s"):
         row[f"{c}_std"] = _std(fin[c])
@@ -452,13 +455,13 @@ PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "n_s
           "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "verdict": "verdict",
           "d_params_m": "Δ params (M)",
           "d_macs_m": "Δ MACs (M)", "cpu_speedup": "CPU speed ×", "gpu_speedup": "GPU speed ×",
-          "steps": "steps", "images_seen": "images seen", "train_s": "train s", "ref_top1": "paper top-1",
+          "steps": "steps", "images_seen": "images seen", "train_s": "train s", "budget_s": "budget s", "ref_top1": "paper top-1",
           "ref_d_top1": "paper Δ top-1", "ref_params_m": "paper params (M)", "ref_macs_m": "paper MACs (M)",
           "ref_cpu_imgs_s": "paper CPU img/s", "ref_gpu_imgs_s": "paper GPU img/s"}
 # shown only where at least one row has a value ("throughput where measured", paper figures where given)
 OPTIONAL = {"cpu_imgs_s", "gpu_imgs_s", "cpu_speedup", "gpu_speedup", "ref_top1", "ref_d_top1", "ref_params_m",
             "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "params_m", "macs_m", "d_params_m", "d_macs_m",
-            "steps", "images_seen", "train_s", "top1_best"}
+            "steps", "images_seen", "train_s", "budget_s", "top1_best"}
 
 
 def _num(v: float, signed: bool = False) -> str:
@@ -532,6 +535,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         d["steps"] = "" if pd.isna(r["steps"]) else f"{int(round(r['steps']))}"
         d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(round(r['images_seen'])):,}"
         d["train_s"] = _num(r["train_s"])
+        d["budget_s"] = _num(r["budget_s"])
         d["ref_top1"] = _pct(r["ref_top1"])
         d["ref_d_top1"] = "" if r["baseline"] else _pct(r["ref_d_top1"], signed=True)
         for c in ("ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s"):
@@ -541,6 +545,29 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     keep = [c for c in out.columns if c not in OPTIONAL or (out[c] != "").any()]
     return out[keep].rename(columns=PRETTY)
+
+
+def run_table(df: pd.DataFrame) -> pd.DataFrame:
+    """`run_values` with each run named for people: KEY, or 'KEY seed N' where a variant has several."""
+    v = run_values(df)
+    several = v.groupby(["experiment", "key"])["seed"].transform("nunique") > 1
+    v["key"] = v["key"].where(~several, v["key"] + " seed " + v["seed"].astype(str))
+    return v
+
+
+def budget_warnings(table: pd.DataFrame) -> list[str]:
+    """lab.fidelity's warnings for each experiment of an ablation table (time budgets only)."""
+    from lab import fidelity as F
+
+    out = []
+    multi = table["experiment"].nunique() > 1 if not table.empty else False
+    for exp, g in table.groupby("experiment", sort=False):
+        rows = [{"key": r["key"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
+                 "planned_seconds": r["budget_s"], "train_seconds": r["train_s"], "steps": r["steps"],
+                 "calibrated_step_seconds": r["cal_step_s"]} for _, r in g.iterrows()
+                if r["status"] in (FINISHED, "RUNNING")]
+        out += [f"{exp}: {w}" if multi else w for w in F.budget_warnings(rows)]
+    return out
 
 
 def _markdown(disp: pd.DataFrame) -> str:
@@ -718,16 +745,7 @@ def seeds_data(df: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
+_plt = pyplot  # (pyplot, seaborn) with the lab theme (lab.figures)
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "H", "8")
@@ -937,18 +955,6 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
     return fig
 
 
-def save_figure(fig, stem: str | Path) -> list[Path]:
-    """Write STEM.png (150 dpi) and STEM.svg; returns both paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "svg"):
-        p = stem.with_name(stem.name + "." + ext)
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-        paths.append(p)
-    return paths
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -996,11 +1002,13 @@ def _cmd_table(args: argparse.Namespace) -> int:
         if seeds > 1:
             head += "; top-1 mean ± std over finished seeds (n), Δ top-1 [95% CI]"
         text = head + "\n" + text
+    warnings = [f"warning: {w}" for w in budget_warnings(run_table(df))] if not df.empty else []
+    extra = warnings + [f"note: {n}" for n in notes]
     if args.format == "terminal":
-        text += "".join(f"note: {n}\n" for n in notes)
+        text += "".join(f"{line}\n" for line in extra)
     else:
-        for n in notes:
-            print(f"note: {n}", file=sys.stderr)
+        for line in extra:
+            print(line, file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -1027,6 +1035,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for n in df.attrs.get("notes", []):
         print(f"note: {n}", file=sys.stderr)
     name = "_".join(args.experiment)
+    if args.kind in ("filters", "attention-bias"):  # lab.inspection: from the runs' final weights
+        from lab.inspection_plot import cmd_plot
+
+        stem = _out_stem(args.out, f"{name}_{args.kind.replace('-', '_')}")
+        for p in cmd_plot(df, args.kind, stem, max_images=args.images):
+            print(p)
+        return 0
     if args.kind == "pareto":
         data = pareto_data(df, device=args.device)
         dev = data["device"].iloc[0] if not data.empty else (args.device or pick_device(df))
@@ -1065,10 +1080,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-seed", action="store_true", help="one row per run (variant x seed) instead of per variant")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput), convergence or per-seed plot, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto, convergence, per-seed, first-layer filters or attention bias/distance, "
+                                    "as PNG and SVG")
     _common(p)
-    p.add_argument("--kind", choices=["pareto", "convergence", "seeds"], default="pareto",
-                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI")
+    p.add_argument("--kind", choices=["pareto", "convergence", "seeds", "filters", "attention-bias"], default="pareto",
+                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI; filters: first-layer "
+                        "filter grids; attention-bias: bias maps per head and the mean attention distance per layer "
+                        "(both from each finished run's final weights)")
+    p.add_argument("--images", type=int, default=64,
+                   help="attention-bias: validation images for runs that did not log their attention distance")
     p.add_argument("--x", choices=[k for k in X_KINDS], default="images_seen", help="convergence x-axis")
     p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
     p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")

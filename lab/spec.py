@@ -138,6 +138,8 @@ class BenchSpec(Strict):
     repeats: int = Field(3, ge=1)
     channels_last: bool = False
     compile: bool = False
+    after_train: bool = Field(True, description="lab run: measure inference throughput after training, on the "
+                                                "run's device (logged as bench/<device>_imgs_per_s)")
 
 
 class MatchSpec(Strict):
@@ -153,6 +155,10 @@ class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)")
     experiment: Optional[str] = Field(None, description="MLflow experiment name (default: the spec name)")
     log_checkpoint: bool = True
+    inspect: bool = Field(True, description="after training: first-layer filters, attention-bias maps and mean "
+                                            "attention distance as metrics and figures (lab.inspection)")
+    inspect_images: int = Field(64, ge=0, le=4096, description="validation images for the mean attention distance "
+                                                                "(0 = skip it; filters and biases need none)")
 
 
 class ReferenceFigures(Strict):
