@@ -118,7 +118,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     whose tags match every key=value (a key the child lacks is looked up on its parent run, so
     spec-level tags work either way). Columns: run_id, parent_run_id, experiment, key, seed,
     status, baseline, changes, hash, config_hash, smoke, git_commit, device, error, start_time,
-    end_time, first_start (earliest shown run of that key: the spec order, roughly), n_runs (runs of
+    end_time, first_start (earliest run of the shown version of that key: the spec order, roughly), n_runs (runs of
     the key, every version and seed), n_hashes (its spec versions), other_hashes, then
     `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order, then seed.
     `attrs`: tracking_uri, smoke_left_out (runs), notes (lines for people).
@@ -190,7 +190,6 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     all_runs["_finished"] = all_runs["status"] == FINISHED
     all_runs["_start"] = all_runs["start_time"].map(lambda x: x.value if x is not None else 0)
     grp = all_runs.groupby(["experiment", "key"], sort=False)
-    all_runs["first_start"] = grp["start_time"].transform("min")
     all_runs["n_runs"] = grp["run_id"].transform("count")
     all_runs["n_hashes"] = grp["config_hash"].transform("nunique")
     newest = all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
@@ -203,6 +202,10 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
         all_hashes = True  # every matching version, named as such where a key has several
     versions = {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
                 newest.groupby(["experiment", "key"], sort=False)}
+    # the spec order, roughly: when each version of each variant first started (any seed or status)
+    first = newest.groupby(["experiment", "key", "config_hash"])["start_time"].min().to_dict()
+    newest = newest.assign(first_start=[first[(e, k, c)] for e, k, c in
+                                        zip(newest["experiment"], newest["key"], newest["config_hash"])])
     if all_hashes:
         chosen = newest.drop_duplicates(["experiment", "key", "config_hash", "seed"], keep="first").copy()
         several = chosen.groupby(["experiment", "key"])["config_hash"].transform("nunique") > 1
@@ -218,8 +221,6 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             attrs["notes"].append(
                 f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
                 f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one")
-    # the spec order, roughly: when the shown version of each variant first started
-    chosen["first_start"] = chosen.groupby(["experiment", "key"], sort=False)["start_time"].transform("min")
     order = {e: i for i, e in enumerate(experiments)}
     chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
     chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
