@@ -347,6 +347,15 @@ def run_values(df: pd.DataFrame) -> pd.DataFrame:
     return v
 
 
+def overall_status(statuses: Iterable[str]) -> str:
+    """A variant's status over its seeds: FINISHED only when every seed finished, else the first
+    of RUNNING, FAILED, KILLED, SCHEDULED among them."""
+    st = set(statuses)
+    if st == {FINISHED}:
+        return FINISHED
+    return next((x for x in _STATUS_ORDER if x in st), min(st - {FINISHED}))
+
+
 def _mean(s: pd.Series) -> float:
     s = pd.to_numeric(s, errors="coerce").dropna()
     return float(s.mean()) if len(s) else math.nan
@@ -363,9 +372,7 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
     fin = g[g["status"] == FINISHED]
     use = fin if len(fin) else g
     first = g.iloc[0]
-    statuses = set(g["status"])
-    status = FINISHED if statuses == {FINISHED} else next(
-        (st for st in _STATUS_ORDER if st in statuses), sorted(statuses - {FINISHED})[0])
+    status = overall_status(g["status"])
     row: dict[str, Any] = {
         "experiment": first["experiment"], "key": first["key"], "status": status,
         "n_seeds": len(fin), "seeds": sorted(int(x) for x in g["seed"]),
@@ -533,8 +540,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             d[c] = "" if r["baseline"] else _num(r[c], signed=True)
         for c in ("cpu_speedup", "gpu_speedup"):
             d[c] = "" if (r["baseline"] or pd.isna(r[c])) else f"{r[c]:.2f}x"
-        d["steps"] = "" if pd.isna(r["steps"]) else f"{int(round(r['steps']))}"
-        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(round(r['images_seen'])):,}"
+        d["steps"] = "" if pd.isna(r["steps"]) else f"{round(r['steps'])}"
+        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{round(r['images_seen']):,}"
         d["train_s"] = _num(r["train_s"])
         d["budget_s"] = _num(r["budget_s"])
         d["ref_top1"] = _pct(r["ref_top1"])
@@ -629,11 +636,7 @@ def format_table(table: pd.DataFrame, fmt: str = "terminal") -> str:
 
 def _variant_status(df: pd.DataFrame) -> pd.Series:
     """Per row: its variant's status over all its seeds (FINISHED only when every seed finished)."""
-    def one(statuses: pd.Series) -> str:
-        st = set(statuses)
-        return FINISHED if st == {FINISHED} else next((x for x in _STATUS_ORDER if x in st),
-                                                      sorted(st - {FINISHED})[0])
-    return df.groupby(["experiment", "key"], sort=False)["status"].transform(one)
+    return df.groupby(["experiment", "key"], sort=False)["status"].transform(overall_status)
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
