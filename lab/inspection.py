@@ -191,8 +191,11 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     cfg = getattr(model, "config", None)
     if cfg is None or not getattr(model, "has_transformer", True):
         return []
-    res = list(cfg.stage_resolutions())
-    stride0 = cfg.img_size / cfg.token_grid()
+    grids = list(cfg.stage_resolutions())  # (height, width) per stage
+    if any(h != w for h, w in grids):
+        raise ValueError(f"attention inspection needs square token grids, got {grids} (img_size {cfg.img_size})")
+    res = [h for h, _ in grids]
+    stride0 = cfg.img_hw[0] / cfg.token_grid()[0]
     halves = cfg.downsample != "none"
     n_extra = int(getattr(model, "n_extra", 0) or 0)
     sites: list[AttentionSite] = []

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from lab import track
 from lab.errors import LabError, close_matches
+from lab.weights import apply_init, init_dependency, record_init
 
 LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
@@ -101,8 +102,10 @@ def order_variants(variants: list) -> list:
         visiting.add(key)
         for v in by_key[key]:
             d = v.train.distill
-            if d is not None and d.variant and d.variant in by_key:
-                visit(d.variant)
+            # the teacher (train.distill.variant) and model.init.variant (the weights come from there)
+            for dep in (d.variant if d is not None else None, init_dependency(v)):
+                if dep and dep in by_key:
+                    visit(dep)
         visiting.discard(key)
         seen.add(key)
         out.extend(by_key[key])
@@ -113,14 +116,18 @@ def order_variants(variants: list) -> list:
 
 
 def with_teachers(selected: list, variants: list) -> list:
-    """`selected` plus the teacher variants they need (transitively), in spec order."""
+    """`selected` plus the runs they need (transitively), in spec order: each one's teacher run
+    (same seed where it has one) and every seed of its model.init.variant."""
+    by_key = _by_key(variants)
     want = {v.uid for v in selected}
     stack = list(selected)
     while stack:
-        t = teacher_of(stack.pop(), variants)
-        if t is not None and t.uid not in want:
-            want.add(t.uid)
-            stack.append(t)
+        cur = stack.pop()
+        deps = [teacher_of(cur, variants), *by_key.get(init_dependency(cur) or "", [])]
+        for t in deps:
+            if t is not None and t.uid not in want:
+                want.add(t.uid)
+                stack.append(t)
     return [v for v in variants if v.uid in want]
 
 
@@ -148,6 +155,14 @@ def preflight(variants: list, datamodules: dict) -> None:
         if d is not None and d.checkpoint and _find_file(d.checkpoint, v.source) is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
                            path=f"variants.{v.key}.train.distill.checkpoint")
+        size = v.model.get("img_size")
+        if size is not None and not v.model.get("dynamic_img_size") and size != v.data.image_size:
+            raise LabError(f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
+                           "images); set them equal, or model.dynamic_img_size: true", file=v.source,
+                           path=f"variants.{v.key}.model.img_size")
+        if v.init is not None and v.init.checkpoint and _find_file(v.init.checkpoint, v.source) is None:
+            raise LabError(f"init checkpoint not found: {v.init.checkpoint}", file=v.source,
+                           path=f"variants.{v.key}.model.init.checkpoint")
 
 
 def _find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
@@ -360,6 +375,11 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
 
     tr = v.train
     b = build_variant(v, ctx)
+    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
+        init = apply_init(b.model, v, ctx.cl, ctx.uri, ctx.variants)
+        ctx.say(f"[{v.key}] {init.line()}")
+        if ctx.rank_zero:
+            record_init(ctx.cl, run_id, init)
     model, params, macs, world, global_batch = b.model, b.params, b.macs, b.world, b.global_batch
     train_size, steps_per_epoch, dm, device, make_module = b.train_size, b.steps_per_epoch, b.dm, b.device, b.make_module
     precision, trainer_kw = b.precision, b.trainer_kw
@@ -828,6 +848,8 @@ def _fmt_line(r: dict) -> str:
     secs = f"{r['train_seconds']:.1f}s" if isinstance(r.get("train_seconds"), (int, float)) else "-"
     line = (f"{r.get('uid', r['key']):<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
             f"{r['budget']:<24} {r['status']:<8} top-1 {top1:>7}  train {secs:>7}")
+    if isinstance(r.get("imgs_per_s"), (int, float)):
+        line += f"  {r['imgs_per_s']:.0f} img/s"
     if r.get("error"):
         line += f"  error: {r['error']}"
     return line
@@ -839,6 +861,8 @@ def quiet_logs() -> None:
     import warnings
 
     import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading calibration.json back
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
                  "alembic", "alembic.runtime.migration"):
