@@ -299,12 +299,20 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
         return None
     finished = [r for r in runs if r.info.status == "FINISHED"]
     run = (finished or runs)[0]
-    if run.data.tags.get(R.HASH) not in (None, variant.hash):
+    # a variant run with several seeds: the figures belong to the architecture, so every seed's
+    # latest finished run of this spec version gets them (the first one's id is returned)
+    config = getattr(variant, "config_hash", "")
+    same = [r for r in finished if config and r.data.tags.get(R.CONFIG_HASH) == config]
+    targets = list({r.data.tags.get(R.SEED): r for r in reversed(same)}.values()) if same else [run]
+    if same:
+        run = same[0]
+    if run.data.tags.get(R.HASH) not in (None, variant.hash) and not same:
         _stderr(f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get(R.HASH)}, "
                 f"the spec now resolves to {variant.hash}")
     metrics, tags = bench_record(result, timm, timm_name)
-    track.log_metrics(cl, run.info.run_id, metrics, 0)
-    track.set_tags(cl, run.info.run_id, tags)
+    for target in targets:
+        track.log_metrics(cl, target.info.run_id, metrics, 0)
+        track.set_tags(cl, target.info.run_id, tags)
     return run.info.run_id
 
 

@@ -523,6 +523,8 @@ class LabDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self._mixup: Any = None
+        # the training loader's shuffle seed; the runner sets it to train.seed (None: data.seed)
+        self.shuffle_seed: Optional[int] = None
         self.source = SOURCES[data.dataset](data, self._err)
         self.check()
 
@@ -634,7 +636,8 @@ class LabDataModule(pl.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             drop_last=train, num_workers=w, pin_memory=self._pin(),
-            generator=torch.Generator().manual_seed(int(self.spec.seed)), **kw)
+            generator=torch.Generator().manual_seed(int(self.spec.seed if self.shuffle_seed is None
+                                                        else self.shuffle_seed)), **kw)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

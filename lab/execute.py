@@ -180,7 +180,7 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
         if v.match is not None:
             from lab.match import resolve_match
 
-            v = ctx.resolved.get(v.key) or resolve_match(v, ctx.variants)
+            v = same_seed(ctx.resolved.get(v.key), v) or resolve_match(v, ctx.variants)
             if ctx.rank_zero:
                 prefix = R.match_tag("")
                 track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith(prefix)})
@@ -208,6 +208,16 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
                 pass
     rec.wall_seconds = time.time() - t0
     return rec
+
+
+def same_seed(resolved, v):
+    """A `match:`-resolved variant (resolved once per variant key) for this run's seed."""
+    if resolved is None or resolved.seed == v.seed:
+        return resolved
+    from lab.spec import content_hash
+
+    out = resolved.model_copy(update={"train": v.train, "seed": v.seed})
+    return out.model_copy(update={"hash": content_hash(out.resolved())})
 
 
 def run_variant(v, ctx: Context) -> VariantResult:

@@ -91,7 +91,7 @@ class VariantJob:
     """Everything a worker needs to train one variant into a prepared MLflow run (picklable)."""
 
     ctx: execute.Context  # portable: no client, callbacks or datamodules
-    key: str
+    key: str  # the variant's uid (key, plus -seedN when it repeats)
     run_id: str
     resume_ckpt: Optional[str]
     record: VariantResult
@@ -99,11 +99,11 @@ class VariantJob:
 
     @property
     def variant(self):
-        return next(v for v in self.ctx.variants if v.key == self.key)
+        return next(v for v in self.ctx.variants if v.uid == self.key)
 
 
 def make_job(v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
-    return VariantJob(ctx=ctx.portable(v.key, progress=progress), key=v.key, run_id=run_id,
+    return VariantJob(ctx=ctx.portable(v.key, progress=progress), key=v.uid, run_id=run_id,
                       resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec))
 
 
@@ -336,25 +336,25 @@ class _Parallel(Launcher):
                 for v in wave:
                     rec, run_id, resume = execute.prepare_variant(v, ctx)
                     if rec.status == "skipped" or run_id is None:
-                        results[v.key] = rec
+                        results[v.uid] = rec
                         ctx.say(rec.line())
                         continue
                     try:
                         handle = self.submit(v, make_job(v, ctx, rec, run_id, resume))
                     except Exception as e:  # noqa: BLE001 - a refused submission fails this variant only
-                        results[v.key] = finish_record(ctx, rec, e)
-                        ctx.say(results[v.key].line())
+                        results[v.uid] = finish_record(ctx, rec, e)
+                        ctx.say(results[v.uid].line())
                         continue
                     pending[id(handle)] = (handle, v, rec)
                 for handle, outcome in self.completed([h for h, _, _ in pending.values()]):
                     _, v, rec = pending.pop(id(handle))
-                    results[v.key] = finish_record(ctx, rec, outcome)
-                    ctx.say(results[v.key].line())
+                    results[v.uid] = finish_record(ctx, rec, outcome)
+                    ctx.say(results[v.uid].line())
             except KeyboardInterrupt:
                 self.cancel([h for h, _, _ in pending.values()])
                 _mark_killed(ctx, [rec.run_id for _, _, rec in pending.values() if rec.run_id])
                 raise
-        return [results[v.key] for v in ordered]
+        return [results[v.uid] for v in ordered]
 
 
 # --------------------------------------------------------------------------- ray
@@ -417,7 +417,7 @@ class RayLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         import ray
 
-        task = ray.remote(run_job).options(name=f"lab:{job.ctx.experiment}:{v.key}", max_retries=0,
+        task = ray.remote(run_job).options(name=f"lab:{job.ctx.experiment}:{v.uid}", max_retries=0,
                                            **self.resources(v))
         return task.remote(job)
 
@@ -485,7 +485,7 @@ class SlurmLauncher(_Parallel):
         devices = tr.devices if isinstance(tr.devices, int) else (o.slurm_gpus_per_node or 1)
         local = o.slurm_cluster != "slurm"
         p: dict[str, Any] = {
-            "name": f"lab-{v.experiment}-{v.key}"[:120],
+            "name": f"lab-{v.experiment}-{v.uid}"[:120],
             "timeout_min": int(o.slurm_time),
             "nodes": 1 if local else tr.num_nodes,
             "tasks_per_node": 1 if local else devices,

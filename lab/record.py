@@ -124,6 +124,9 @@ DEVICE = _add("tag", "lab.device", "`cpu` or `cuda:<GPU name>`")
 CHANGES = _add("tag", "lab.changes", "what differs from the baseline, e.g. model.position=attention_bias")
 BASELINE = _add("tag", "lab.baseline", "`true` on the experiment's baseline variant")
 BUDGET = _add("tag", "lab.budget", "the budget kind: steps, epochs, images, train_flops or seconds")
+SEED = _add("tag", "lab.seed", "train.seed of this run: one repeat of the variant (spec `seeds:`)")
+CONFIG_HASH = _add("tag", "lab.config_hash", "content hash without train.seed: the same for every seed of a variant")
+SMOKE = _add("tag", "lab.smoke", "`true` on `lab run --smoke` runs (and their parent): tables and plots leave them out")
 REF = _add("tag", "ref.{field}", "the spec's paper reference figures (top1, params_m, macs_m, throughput_cpu, ...)")
 ERROR = _add("tag", "lab.error", "a failed run's error, one line (traceback in error.txt)")
 PRECISION = _add("tag", "lab.precision", "Lightning precision used")
@@ -198,6 +201,8 @@ class VariantResult:
     key: str
     hash: str
     budget: str  # the budget kind, then the plan in words once planned
+    uid: str = ""  # the key, plus -seedN when the variant repeats with several seeds
+    seed: Optional[int] = None
     run_id: Optional[str] = None
     status: Optional[str] = None  # one of STATUSES
     params: Optional[float] = None
@@ -220,6 +225,7 @@ class VariantResult:
     def new(cls, variant: Any) -> VariantResult:
         b = variant.budget
         return cls(key=variant.key, hash=variant.hash, budget=b.kind, budget_kind=b.kind,
+                   uid=getattr(variant, "uid", variant.key), seed=getattr(variant, "seed", None),
                    planned_seconds=float(b.seconds) if b.kind == "seconds" else None)
 
     @classmethod
@@ -250,7 +256,7 @@ class VariantResult:
 
         top1 = f"{self.top1:.2f}%" if isinstance(self.top1, (int, float)) else "-"
         secs = f"{self.train_seconds:.1f}s" if isinstance(self.train_seconds, (int, float)) else "-"
-        line = (f"{self.key:<22} params {num(self.params, 1e6, '.2f')}M  MACs {num(self.macs, 1e6, '.1f')}M  "
+        line = (f"{self.uid or self.key:<22} params {num(self.params, 1e6, '.2f')}M  MACs {num(self.macs, 1e6, '.1f')}M  "
                 f"{self.budget:<24} {self.status or '-':<8} top-1 {top1:>7}  train {secs:>7}")
         if isinstance(self.imgs_per_s, (int, float)):
             line += f"  {self.imgs_per_s:.0f} img/s"

@@ -24,52 +24,55 @@ from lab.errors import LabError
 from lab.execute import Context, preflight, quiet_logs
 from lab.record import VariantResult
 from lab.run_calibration import calibrate_together
+from lab.train import runs_by_key, teacher_of
 from lab.weights import init_dependency
 
 LAUNCHERS = launch.LAUNCHERS
 
 
 def order_variants(variants: list) -> list:
-    """Teachers (train.distill.variant) before their students; otherwise the spec order."""
-    by_key = {v.key: v for v in variants}
+    """Teachers (train.distill.variant) before their students; otherwise the spec order
+    (all seeds of a variant together)."""
+    by_key = runs_by_key(variants)
     out, seen, visiting = [], set(), set()
 
-    def visit(v):
-        if v.key in seen:
+    def visit(key):
+        if key in seen:
             return
-        if v.key in visiting:
-            raise LabError(f"distillation cycle through variant '{v.key}'", file=v.source,
-                           path=f"variants.{v.key}.train.distill.variant")
-        visiting.add(v.key)
-        d = v.train.distill
-        if d is not None and d.variant and d.variant in by_key:
-            visit(by_key[d.variant])
-        dep = init_dependency(v)  # model.init.variant: the weights come from that variant
-        if dep is not None and dep in by_key:
-            visit(by_key[dep])
-        visiting.discard(v.key)
-        seen.add(v.key)
-        out.append(v)
+        if key in visiting:
+            v = by_key[key][0]
+            raise LabError(f"distillation cycle through variant '{key}'", file=v.source,
+                           path=f"variants.{key}.train.distill.variant")
+        visiting.add(key)
+        for v in by_key[key]:
+            d = v.train.distill
+            # the teacher (train.distill.variant) and model.init.variant (the weights come from there)
+            for dep in (d.variant if d is not None else None, init_dependency(v)):
+                if dep and dep in by_key:
+                    visit(dep)
+        visiting.discard(key)
+        seen.add(key)
+        out.extend(by_key[key])
 
-    for v in variants:
-        visit(v)
+    for key in by_key:
+        visit(key)
     return out
 
 
 def with_teachers(selected: list, variants: list) -> list:
-    """`selected` plus the teacher variants they need (transitively), in spec order."""
-    by_key = {v.key: v for v in variants}
-    want = {v.key for v in selected}
+    """`selected` plus the runs they need (transitively), in spec order: each one's teacher run
+    (same seed where it has one) and every seed of its model.init.variant."""
+    by_key = runs_by_key(variants)
+    want = {v.uid for v in selected}
     stack = list(selected)
     while stack:
         cur = stack.pop()
-        d = cur.train.distill
-        for dep in (d.variant if d is not None else None, init_dependency(cur)):
-            if dep and dep not in want and dep in by_key:
-                want.add(dep)
-                stack.append(by_key[dep])
-    return [v for v in variants if v.key in want]
-
+        deps = [teacher_of(cur, variants), *by_key.get(init_dependency(cur) or "", [])]
+        for t in deps:
+            if t is not None and t.uid not in want:
+                want.add(t.uid)
+                stack.append(t)
+    return [v for v in variants if v.uid in want]
 
 
 def run_experiment(spec, variants: list, *, force: bool = False, progress: bool = True,
@@ -106,13 +109,16 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     backend.start()
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-            R.VARIANTS: ",".join(v.key for v in ordered)[:5000], R.LAUNCHER: launcher,
+            R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000], R.LAUNCHER: launcher,
+            **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
             **{k: str(x) for k, x in (spec.tags or {}).items()}})
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
                       force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
                       say=say, launcher=launcher)
-        say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
+        n_keys = len(dict.fromkeys(v.key for v in ordered))
+        runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
+        say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
             policy = thread_policy(ordered)

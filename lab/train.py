@@ -40,6 +40,24 @@ def find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
     return next((c for c in cands if c.is_file()), None)
 
 
+def runs_by_key(variants: list) -> dict[str, list]:
+    """Variant key -> its runs (one per seed), in spec order."""
+    out: dict[str, list] = {}
+    for v in variants:
+        out.setdefault(v.key, []).append(v)
+    return out
+
+
+def teacher_of(v, variants: list):
+    """The teacher run of a distilled variant: the teacher variant's run with the same seed, else
+    its first seed (None without distill.variant or when the teacher is not among `variants`)."""
+    d = v.train.distill
+    if d is None or not d.variant:
+        return None
+    runs = runs_by_key(variants).get(d.variant, [])
+    return next((t for t in runs if t.seed == v.seed), runs[0] if runs else None)
+
+
 def load_teacher(v, ctx):
     """The frozen teacher of a distilled variant (None without distillation)."""
     import grafts
@@ -49,7 +67,7 @@ def load_teacher(v, ctx):
     if d is None:
         return None
     if d.variant:
-        tv = next(x for x in ctx.variants if x.key == d.variant)
+        tv = teacher_of(v, ctx.variants)
         path = track.checkpoint_dir(tv, ctx.uri) / "final.pt"
         if not path.is_file():
             runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=tv.key, hash=tv.hash, statuses=["FINISHED"])
@@ -229,6 +247,9 @@ def build_variant(v, ctx, *, calibrating: bool = False) -> Built:
     pl.seed_everything(tr.seed, workers=True, verbose=False)
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[data_key(v)]
+    # train.seed: init, augmentation and the training data order; data.seed keeps the dataset and
+    # its train/val split fixed, so every seed of every variant is scored on the same images
+    dm.shuffle_seed = tr.seed
     model = grafts.build(v.model)
     world = world_size(tr, accelerator)
     n_batches = len(dm.train_dataloader())
@@ -327,7 +348,7 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fit
     if b.world > 1 and plan.max_seconds is not None:
         callbacks.insert(1, sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
-        callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
+        callbacks.append(StepProgress(v.uid, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
     if tr.eval_every:
         val_kw: dict[str, Any] = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)

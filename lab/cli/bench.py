@@ -29,7 +29,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     items: list[BenchItem] = []
     if args.spec:
         _, variants = expand_from_args(args)
-        for v in select_variants(variants, args.variant, args.spec):
+        first: dict[str, Any] = {}
+        for v in select_variants(variants, args.variant, args.spec):  # one bench per variant, not per seed:
+            first.setdefault(v.key, v)                                # throughput belongs to the architecture
+        for v in first.values():
             if v.match is not None:
                 v = resolve_match(v, variants)
             items.append(BenchItem(label=v.key, cfg=v.model, bench=bench_settings(v.bench, flags), variant=v))

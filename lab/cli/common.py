@@ -31,14 +31,18 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="override a field of the spec before variants are expanded (repeatable), "
                         "e.g. --set budget.steps=50")
     p.add_argument("--smoke", action="store_true",
-                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README)")
+                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README); "
+                        "its runs are tagged lab.smoke=true and left out of tables and plots")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="repeat each variant with N seeds (train.seed, +1, ...): the spec's `seeds: N`")
 
 
 def expand_from_args(args: argparse.Namespace):
     """(spec, variants) of `args.spec` with its --set overrides and --smoke."""
     from lab.smoke import expand
 
-    return expand(args.spec, getattr(args, "set", None), smoke=getattr(args, "smoke", False))
+    return expand(args.spec, getattr(args, "set", None), smoke=getattr(args, "smoke", False),
+                  seeds=getattr(args, "seeds", None))
 
 
 def select_variants(variants: list, keys: list[str] | None, spec_file: str) -> list:

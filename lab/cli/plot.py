@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from lab.cli.table import add_store_args
+from lab.cli.table import add_store_args, load
 from lab.errors import LabError
 from lab.figures import save_figure
 from lab.report import DEVICES, X_KINDS
@@ -23,12 +23,16 @@ def out_stem(out: str | None, default_name: str) -> Path:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    import sys
+
     from lab import report
 
-    df = report.load_runs(args.experiment, args.tracking_uri, args.tag)
+    df = load(args)
     if df.empty:
         raise LabError(f"no variant runs in {', '.join(args.experiment)}"
                        + (" matching the --tag filter" if args.tag else ""))
+    for n in df.attrs.get("notes", []):
+        print(f"note: {n}", file=sys.stderr)
     name = "_".join(args.experiment)
     if args.kind in ("filters", "attention-bias"):  # lab.inspection: from the runs' final weights
         from lab.inspection_plot import cmd_plot as inspection_plots
@@ -42,6 +46,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         dev = data["device"].iloc[0] if not data.empty else (args.device or report.pick_device(df))
         fig = report.plot_pareto(data)
         stem = out_stem(args.out, f"{name}_pareto_{dev}")
+    elif args.kind == "seeds":
+        fig = report.plot_seeds(report.seeds_data(df))
+        stem = out_stem(args.out, f"{name}_seeds")
     else:
         data = report.convergence_data(df, x=args.x)
         fig = report.plot_convergence(data)
@@ -52,11 +59,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="Pareto, convergence, first-layer filters or attention bias/distance, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto, convergence, per-seed, first-layer filters or attention bias/distance, "
+                                    "as PNG and SVG")
     add_store_args(p)
-    p.add_argument("--kind", choices=["pareto", "convergence", "filters", "attention-bias"], default="pareto",
-                   help="filters: first-layer filter grids; attention-bias: bias maps per head and the mean attention "
-                        "distance per layer (both from each finished run's final weights)")
+    p.add_argument("--kind", choices=["pareto", "convergence", "seeds", "filters", "attention-bias"], default="pareto",
+                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI; filters: first-layer "
+                        "filter grids; attention-bias: bias maps per head and the mean attention distance per layer "
+                        "(both from each finished run's final weights)")
     p.add_argument("--images", type=int, default=64,
                    help="attention-bias: validation images for runs that did not log their attention distance")
     p.add_argument("--x", choices=list(X_KINDS), default="images_seen", help="convergence x-axis")

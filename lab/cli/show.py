@@ -11,9 +11,15 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     """key, hash, changes, params and MACs (grafts, on the meta device), paper reference figures."""
     import grafts
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    seeds: dict[str, list[int]] = {}
     for v in variants:
-        row: dict[str, Any] = {"key": v.key, "hash": v.hash, "changes": v.changes}
+        seeds.setdefault(v.key, []).append(v.seed)
+    for v in variants:
+        if v.key in {r["key"] for r in rows}:
+            continue  # one row per variant, whatever its seeds
+        row: dict[str, Any] = {"key": v.key, "hash": v.config_hash if v.repeated else v.hash,
+                               "seeds": seeds[v.key], "changes": v.changes}
         if with_complexity:
             cfg = grafts.config_from_dict(v.model)
             row["params"] = int(grafts.count_params(grafts.build(cfg, device="meta")))
@@ -36,11 +42,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(rows)
         return 0
-    print(f"{spec.name}: {len(variants)} variant(s) from {args.spec}")
+    print(f"{spec.name}: {len(rows)} variant(s) from {args.spec}"
+          + (f", {len(variants)} runs with their seeds" if len(variants) > len(rows) else ""))
     table = []
     for r in rows:
         ref = r["reference"]
         t = {"key": r["key"], "hash": r["hash"]}
+        if len(r["seeds"]) > 1:
+            t["seeds"] = ",".join(map(str, r["seeds"]))
         if "params" in r:
             t["params (M)"] = f"{r['params'] / 1e6:.2f}"
             t["MACs (M)"] = f"{r['macs'] / 1e6:.0f}"

@@ -15,7 +15,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             spec = S.load_spec(path, S.parse_set(args.set))
             variants = S.expand(spec)
-            print(f"ok   {path}: {spec.name}, {len(variants)} variant(s)")
+            n = len({v.key for v in variants})
+            print(f"ok   {path}: {spec.name}, {n} variant(s)" + (f", {len(variants)} runs" if len(variants) > n else ""))
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
