@@ -142,7 +142,7 @@ def _spec(root: Path, uri: str, doc: dict) -> tuple:
     return spec, {v.key: v for v in S.expand(spec)}
 
 
-def _outcome(top1=(), *, final=None, best=None, params=None, macs=None, seconds_per_step=0.5, **kw) -> dict:
+def run_outcome(top1=(), *, final=None, best=None, params=None, macs=None, seconds_per_step=0.5, **kw) -> dict:
     """log_variant_run's arguments for one variant: curves at EVAL_STEPS, train/loss every 5 steps,
     and, for a finished run, the final/budget metrics exactly as the runner assembles them."""
     steps = EVAL_STEPS[:len(top1)]
@@ -185,7 +185,7 @@ def _lab_run(spec, variants: dict, outcomes: dict[str, dict], parent_tags: dict 
     return ids
 
 
-def _bench(variant, **imgs_per_s: float) -> None:
+def fake_bench(variant, **imgs_per_s: float) -> None:
     """`lab bench SPEC --log`'s write, with made-up figures: {device: images/s}."""
     from lab.bench import ThroughputResult, log_bench
 
@@ -223,32 +223,32 @@ def build_store(root: Path, train: bool = True) -> Store:
     doc["reference"] = {"base": REF_BASE, "attn": REF_ATTN}
     spec, vs = specs["abl"] = _spec(root, uri, doc)
     first = _lab_run(spec, vs, {
-        "base": _outcome((20.0, 40.0, 50.0), final=50.0, best=50.0, params=5e6, macs=300e6),
-        "attn": _outcome((15.0, 30.0, 44.0), final=44.0, best=44.0, params=5.5e6, macs=320e6),
-        "graft": _outcome((30.0, 45.0, 55.0), final=54.0, best=55.0, params=8e6, macs=600e6, seconds_per_step=1.0),
-        "broken": _outcome((10.0, 20.0), params=4e6, macs=200e6, status="FAILED", error="RuntimeError: NaN loss"),
+        "base": run_outcome((20.0, 40.0, 50.0), final=50.0, best=50.0, params=5e6, macs=300e6),
+        "attn": run_outcome((15.0, 30.0, 44.0), final=44.0, best=44.0, params=5.5e6, macs=320e6),
+        "graft": run_outcome((30.0, 45.0, 55.0), final=54.0, best=55.0, params=8e6, macs=600e6, seconds_per_step=1.0),
+        "broken": run_outcome((10.0, 20.0), params=4e6, macs=200e6, status="FAILED", error="RuntimeError: NaN loss"),
     })
     ids.update(base=first["base"], attn_old=first["attn"], graft=first["graft"], broken=first["broken"])
     # a second `lab run` (a tag set on its parent only): attn finishes again, graft fails this time
     second = _lab_run(spec, vs, {
-        "attn": _outcome((18.0, 35.0, 47.0), final=47.0, best=47.5, params=5.5e6, macs=320e6),
-        "graft": _outcome((5.0,), status="FAILED", error="OOM"),
+        "attn": run_outcome((18.0, 35.0, 47.0), final=47.0, best=47.5, params=5.5e6, macs=320e6),
+        "graft": run_outcome((5.0,), status="FAILED", error="OOM"),
     }, parent_tags={"sweep": "rerun"})
     ids.update(attn=second["attn"], graft_failed=second["graft"])
-    _bench(vs["base"], cpu=100.0, cuda=1000.0)
-    _bench(vs["attn"], cpu=80.0, cuda=1250.0)     # onto the newer FINISHED attn
-    _bench(vs["graft"], cpu=50.0, cuda=1500.0)    # onto the older FINISHED graft
+    fake_bench(vs["base"], cpu=100.0, cuda=1000.0)
+    fake_bench(vs["attn"], cpu=80.0, cuda=1250.0)     # onto the newer FINISHED attn
+    fake_bench(vs["graft"], cpu=50.0, cuda=1500.0)    # onto the older FINISHED graft
 
     doc = tiny_spec_dict(name="fam")
     doc["grid"] = {"model.stages.0.depth": [1, 2]}
     spec, vs = specs["fam"] = _spec(root, uri, doc)
     run = _lab_run(spec, vs, {
-        "depth=1": _outcome((25.0, 35.0, 45.0), final=45.0, best=45.0, params=2e6, macs=100e6, device="cpu"),
-        "depth=2": _outcome((30.0, 52.0), params=20e6, macs=900e6, status="RUNNING", device="cuda"),
+        "depth=1": run_outcome((25.0, 35.0, 45.0), final=45.0, best=45.0, params=2e6, macs=100e6, device="cpu"),
+        "depth=2": run_outcome((30.0, 52.0), params=20e6, macs=900e6, status="RUNNING", device="cuda"),
     })
     ids.update(d1=run["depth=1"], d2=run["depth=2"])
-    _bench(vs["depth=1"], cpu=300.0)
-    _bench(vs["depth=2"], cpu=40.0)
+    fake_bench(vs["depth=1"], cpu=300.0)
+    fake_bench(vs["depth=2"], cpu=40.0)
 
     spec, vs = specs["empty"] = _spec(root, uri, tiny_spec_dict(name="empty"))
     _lab_run(spec, vs, {})
@@ -263,8 +263,8 @@ def build_store(root: Path, train: bool = True) -> Store:
         spec, vs = specs["tinyrun"] = _spec(root, uri, doc)
         trained = run_experiment(spec, list(vs.values()), progress=False, say=lambda s: None)
         assert [r.status for r in trained] == ["finished", "finished"], trained
-        _bench(vs["base"], cpu=2000.0)
-        _bench(vs["bias"], cpu=1500.0)
+        fake_bench(vs["base"], cpu=2000.0)
+        fake_bench(vs["bias"], cpu=1500.0)
     return Store(uri, ids, trained, specs)
 
 

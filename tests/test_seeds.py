@@ -167,7 +167,7 @@ SPEED = {"base": 300.0, "better": 120.0, "noise": 290.0, "worse": 500.0, "failed
 @pytest.fixture(scope="module")
 def agg(tmp_path_factory):
     """12 variants x up to 3 seeds, benchmarked, plus an older spec version of 'noise' and a smoke run."""
-    from test_report import _bench, _outcome
+    from conftest import fake_bench, run_outcome
 
     root = tmp_path_factory.mktemp("agg")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -183,22 +183,22 @@ def agg(tmp_path_factory):
     # an older version of 'noise' (another lr): a FINISHED run that must not mix with the current seeds
     old = _load(root, {**doc, "variants": {**doc["variants"], "noise": {"train": {"lr": 0.5}}}})
     old_noise = next(v for v in S.expand(old) if v.key == "noise" and v.seed == 0)
-    log_variant_run(old_noise, **_outcome((30.0, 40.0, 99.0), final=99.0, best=99.0, params=5e6, macs=3e8))
+    log_variant_run(old_noise, **run_outcome((30.0, 40.0, 99.0), final=99.0, best=99.0, params=5e6, macs=3e8))
     parent = track.start_parent_run(cl, exp_id, "agg")
     ids = {}
     for key, seeds in TOP1.items():
         for seed, top1 in seeds.items():
             v = by[(key, seed)]
             curve = (top1 - 20, top1 - 8, top1) if top1 is not None else (5.0, 10.0)
-            o = (_outcome(curve, final=top1, best=top1 + 0.5, params=5e6, macs=3e8) if top1 is not None else
-                 _outcome(curve, params=5e6, macs=3e8, status="FAILED", error="RuntimeError: boom"))
+            o = (run_outcome(curve, final=top1, best=top1 + 0.5, params=5e6, macs=3e8) if top1 is not None else
+                 run_outcome(curve, params=5e6, macs=3e8, status="FAILED", error="RuntimeError: boom"))
             ids[(key, seed)] = log_variant_run(v, parent_run_id=parent, baseline=(key == "base"), **o)
     cl.set_terminated(parent, status="FAILED")
     for key in TOP1:
-        _bench(by[(key, 0)], cpu=SPEED[key])  # lab bench SPEC --log: onto every seed of the variant
+        fake_bench(by[(key, 0)], cpu=SPEED[key])  # lab bench SPEC --log: onto every seed of the variant
     smoke = S.expand(_load(root, doc, {"data": {"image_size": 32}}))[0]
     smoke = smoke.model_copy(update={"tags": {**smoke.tags, track.SMOKE_TAG: "true"}})
-    log_variant_run(smoke, baseline=True, **_outcome((10.0,), final=10.0, best=10.0, params=5e6, macs=3e8))
+    log_variant_run(smoke, baseline=True, **run_outcome((10.0,), final=10.0, best=10.0, params=5e6, macs=3e8))
     return {"uri": uri, "ids": ids, "old_hash": old_noise.config_hash, "noise_hash": by[("noise", 0)].config_hash}
 
 
