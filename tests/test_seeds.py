@@ -17,6 +17,7 @@ from lab import spec as S
 from lab import stats, track
 from lab.cli import main
 from lab.errors import SpecError
+from lab.figures import save_figure
 
 from conftest import log_variant_run, tiny_spec_dict
 
@@ -336,7 +337,7 @@ def test_convergence_band_and_seeds_view(agg_runs, tmp_path):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == list(dict.fromkeys(s["label"]))
     assert sum(len(c.get_offsets()) for c in ax.collections) == 32
-    assert R.save_figure(fig, tmp_path / "seeds")[0].stat().st_size > 1000
+    assert save_figure(fig, tmp_path / "seeds")[0].stat().st_size > 1000
     plt.close(fig)
     assert main(["plot", "agg", "--tracking-uri", agg_runs.attrs["tracking_uri"], "--kind", "seeds",
                  "--out", str(tmp_path / "s.png")]) == 0
