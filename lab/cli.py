@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from typing import Any
 
@@ -188,16 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lab import signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals.install()  # SIGTERM like Ctrl-C: checkpoint, KILLED, exit 143 (130 for Ctrl-C)
     try:
         return int(args.func(args) or 0)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SystemExit) as e:
+        stop = signals.as_interrupted(e)
+        if stop is None:
+            raise
+        print(f"interrupted: {stop.reason}", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                try:
+                    signal.signal(s, h)
+                except ValueError:  # not the main thread
+                    pass
 
 
 if __name__ == "__main__":

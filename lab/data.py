@@ -341,6 +341,10 @@ class LabDataModule(pl.LightningDataModule):
         self.val_index: Optional[torch.Tensor] = None
         self.cache_info: dict[str, Any] = {}
         self._mixup: Any = None
+        from lab.resume import ResumePoint
+
+        self.resume_point = ResumePoint()  # set by lab.resume.ExactResume when a run resumes mid-epoch
+        self.sample_seed = 0  # train.seed of the variant being trained (set by the runner)
         self.check()
 
     # ------------------------------------------------------------------ validation (fast, no decoding)
@@ -549,7 +553,22 @@ class LabDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+        return self._resumable_loader(self.train_set)  # type: ignore[arg-type]
+
+    def _resumable_loader(self, ds: Dataset) -> DataLoader:
+        """Training batches that a resumed run replays exactly (lab.resume): order by (seed, epoch), each
+        sample's augmentation by (seed, epoch, index); `resume_point` skips what an interrupted epoch used."""
+        from lab import resume
+
+        w = int(self.spec.num_workers)
+        kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if w > 0 else {}
+        seed = resume._mix(int(self.spec.seed), int(self.sample_seed))
+        return DataLoader(resume.SeededSamples(ds, seed), batch_size=self.batch_size,
+                          sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
+                          drop_last=True, num_workers=w, pin_memory=self._pin(), **kw)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

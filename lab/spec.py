@@ -153,6 +153,9 @@ class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)")
     experiment: Optional[str] = Field(None, description="MLflow experiment name (default: the spec name)")
     log_checkpoint: bool = True
+    keep: Literal["final", "last", "all"] = Field(
+        "final", description="after FINISHED keep: final = the final weights once (resume checkpoints deleted; "
+                             "final.pt only in MLflow when log_checkpoint), last = also last.ckpt, all = everything")
 
 
 class ReferenceFigures(Strict):

@@ -81,9 +81,26 @@ def store_dir(uri: str) -> Path:
     return Path.cwd() / DEFAULT_DIR
 
 
+def local_store_dir(uri: str) -> Optional[Path]:
+    """The store's folder when the store is a local file (SQLite, file store), None for a server."""
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return store_dir(uri)
+    return None
+
+
 def checkpoint_dir(variant: Any, uri: Optional[str] = None) -> Path:
+    """`<store>/checkpoints/<experiment>-<h>/<variant>-<hash>` (lab.paths: sanitised, kept under checkpoints/),
+    keyed by the MLflow experiment (tracking.experiment, not just the spec name) and the variant hash."""
+    from lab import paths
+
     uri = uri or tracking_uri(variant)
-    return store_dir(uri) / "checkpoints" / variant.experiment / f"{variant.key}-{variant.hash}"
+    return paths.variant_checkpoint_dir(store_dir(uri), experiment_name(variant), variant.key, variant.hash)
+
+
+def checkpoint_root(uri: str) -> Path:
+    from lab import paths
+
+    return paths.checkpoint_root(store_dir(uri))
 
 
 def client(uri: str):
@@ -127,9 +144,9 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
         return []
     flt = ["tags.`lab.role` = 'variant'"]
     if key is not None:
-        flt.append(f"tags.`lab.variant` = '{key}'")
+        flt.append(f"tags.`lab.variant` = {_quote(key)}")
     if hash is not None:
-        flt.append(f"tags.`lab.hash` = '{hash}'")
+        flt.append(f"tags.`lab.hash` = {_quote(hash)}")
     runs, token = [], None
     while True:
         page = cl.search_runs([exp.experiment_id], filter_string=" and ".join(flt),
@@ -142,6 +159,16 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
         st = set(statuses)
         runs = [r for r in runs if r.info.status in st]
     return runs
+
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow filter (a key from grid values may hold quotes)."""
+    v = str(value)
+    if "'" not in v:
+        return f"'{v}'"
+    if '"' not in v:
+        return f'"{v}"'
+    raise ValueError(f"cannot search MLflow for a value with both quote kinds: {v!r}")
 
 
 def metric_history(cl, run_id: str, name: str) -> list[tuple[int, float]]:
@@ -296,6 +323,10 @@ def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: O
         cl.set_terminated(parent_run_id, status="FINISHED")
     run_id = start_variant_run(cl, exp_id, variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
     log_variant_spec(cl, run_id, variant)
+    if status == "RUNNING":  # held by this process, like a `lab run` in progress (lab.lease)
+        from lab import lease
+
+        set_tags(cl, run_id, lease.claim_tags())
     if extra_tags:
         set_tags(cl, run_id, extra_tags)
     by_step: dict[int, dict[str, float]] = {}  # one write per step, as the training callbacks do
