@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -188,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ENV_ERRORS = ("OSError", "OperationalError", "MlflowException", "ConnectionError", "Timeout")
+
+
+def _environment_error(e: BaseException) -> bool:
+    """Permission, disk, database and network trouble: one line and exit 2, not a traceback."""
+    return any(c.__name__ in ENV_ERRORS for c in type(e).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
     from lab import signals
 
@@ -199,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        if not _environment_error(e) or os.environ.get("LAB_DEBUG"):
+            raise
+        from lab.track import short_error
+
+        print(f"error: {short_error(e)} (LAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit) as e:
         stop = signals.as_interrupted(e)

@@ -443,6 +443,19 @@ class LabDataModule(pl.LightningDataModule):
         self.root = root
         self.classes = found["train"]
         self.num_classes = len(self.classes)
+        self.bad_files = self._verify_images(root) if d.verify_images else set()
+
+    def _verify_images(self, root: Path) -> set[str]:
+        """Every image header checked by Pillow (lab.images; parallel, cached by size and mtime): bad files
+        are a LabError listing them, or skipped with `data.skip_bad_files: true`."""
+        from lab import images
+
+        files = images.image_files(root / "train", _is_image) + images.image_files(root / "val", _is_image)
+        bad = images.verify_files(files, cache_dir=cache_dir(), root=root)
+        if bad and not self.spec.skip_bad_files:
+            raise self._err(f"{images.describe_bad(bad, root)}; fix or remove them, or set data.skip_bad_files: true "
+                            f"to train without them", "data.root")
+        return set(bad)
 
     @property
     def short_name(self) -> str:
@@ -499,8 +512,10 @@ class LabDataModule(pl.LightningDataModule):
         if d.dataset == "imagefolder":
             from torchvision.datasets import ImageFolder
 
-            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform())
-            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform())
+            bad = getattr(self, "bad_files", set())
+            ok = (lambda p: _is_image(os.path.basename(p)) and p not in bad) if bad else None
+            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform(), is_valid_file=ok)
+            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform(), is_valid_file=ok)
             if self.train_set.classes != self.val_set.classes:  # pragma: no cover - check() covers it
                 raise self._err("train/ and val/ class directories differ", "data.root")
             if len(self.train_set) < self.batch_size:

@@ -210,10 +210,8 @@ class Keeper:
                 continue
             try:
                 cl = cl or self._make_client()
-                from lab.track import set_tags
-
                 for rid in ids:
-                    set_tags(cl, rid, {HEARTBEAT: f"{time.time():.3f}"})
+                    cl.set_tag(rid, HEARTBEAT, f"{time.time():.3f}")
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried; the lease times out only after many
                 pass
 

@@ -284,7 +284,8 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         track.set_tags(ctx.cl, run_id, {"lab.precision": precision, "lab.world_size": world,
                                         "lab.budget_plan": plan.describe(), "lab.train_size": train_size,
                                         "lab.val_size": getattr(dm, "val_size", None),
-                                        "lab.steps_per_epoch": steps_per_epoch})
+                                        "lab.steps_per_epoch": steps_per_epoch,
+                                        "lab.data.skipped_files": len(getattr(dm, "bad_files", ())) or None})
 
     module = make_module(model, plan.total_steps)
     timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)

@@ -26,6 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from lab.errors import LabError
+
 # Metric names (explicit step = global optimizer step).
 TRAIN_METRICS = ("train/loss", "lr")
 EVAL_METRICS = ("val/top1", "val/top5", "val/loss", "epoch", "images_seen", "train_seconds")
@@ -103,15 +105,58 @@ def checkpoint_root(uri: str) -> Path:
     return paths.checkpoint_root(store_dir(uri))
 
 
+_CHECKED: set[str] = set()
+
+
 def client(uri: str):
-    """An MlflowClient; a SQLite store's folder (and its artifacts/ folder) is created."""
+    """An MlflowClient. A SQLite store's folder (and its artifacts/ folder) is created, its schema under a
+    file lock (two `lab run`s starting at once on a new store must not both create it). The first client
+    of a URI in a process checks the store: an unwritable folder, a read-only database or an unreachable
+    server is a LabError (one line, exit 2) naming the URI."""
     from mlflow.tracking import MlflowClient
 
     db = _sqlite_path(uri)
-    if db is not None:
+    if db is None:
+        if uri not in _CHECKED and uri.startswith(("http://", "https://")):
+            check_server(uri)
+            _CHECKED.add(uri)
+        return MlflowClient(tracking_uri=uri)
+    if uri in _CHECKED:
+        return MlflowClient(tracking_uri=uri)
+    from lab import lease
+
+    try:
         db.parent.mkdir(parents=True, exist_ok=True)
         (db.parent / "artifacts").mkdir(exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    except OSError as e:
+        raise LabError(f"cannot create the tracking store folder {db.parent} ({e.strerror or e}); "
+                       f"choose a writable place with tracking.uri or MLFLOW_TRACKING_URI") from None
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        raise LabError(f"the tracking store folder {db.parent} is not writable (tracking URI {uri})")
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise LabError(f"the tracking database {db} is read-only or unreadable for this user (tracking URI {uri})")
+    try:
+        with lease.store_lock(db.parent):  # MlflowClient creates or upgrades the schema: one process at a time
+            cl = MlflowClient(tracking_uri=uri)
+            cl.search_experiments(max_results=1)
+    except LabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken or foreign file, a full disk
+        raise LabError(f"cannot open the tracking store {uri}: {short_error(e)}") from None
+    _CHECKED.add(uri)
+    return cl
+
+
+def check_server(uri: str) -> None:
+    """A tracking server answers within $LAB_TRACKING_TIMEOUT seconds (default 10), else a LabError."""
+    import requests
+
+    timeout = float(os.environ.get("LAB_TRACKING_TIMEOUT", "10"))
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        raise LabError(f"the tracking server {uri} is unreachable ({type(e).__name__}, waited up to {timeout:g}s; "
+                       f"LAB_TRACKING_TIMEOUT sets the wait); is it running, and is the URI right?") from None
 
 
 def get_or_create_experiment(cl, name: str, uri: str) -> str:
