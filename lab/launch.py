@@ -541,7 +541,9 @@ class SlurmLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         ex = self._get_executor(self._ctx)
         ex.update_parameters(**self.params(v))
-        return ex.submit(run_job, job)
+        from lab.requeue import VariantTask  # preempted / timed-out jobs requeue and resume
+
+        return ex.submit(VariantTask(), job)
 
     def completed(self, handles: list):
         import submitit

@@ -210,3 +210,37 @@ def test_traversal_attempts_stay_in_the_store(store, tmp_path, monkeypatch):
     assert set(before) - set(after) == set() and (victim / "precious.txt").read_text() == "keep me"
     cks = tmp_path / "store" / "checkpoints"
     assert len(list(cks.glob("*/*/last.ckpt"))) == 3
+
+
+def test_preempted_slurm_job_requeues_and_resumes(store, tmp_path, undisturbed):
+    """submitit's LocalExecutor stands in for SLURM; SIGUSR2 is what submitit gets before a preemption."""
+    pytest.importorskip("submitit")
+    import threading
+
+    from lab import launch
+    from lab import spec as S
+    from lab.runner import run_experiment
+
+    spec = S.load_spec(_write(tmp_path, _long_doc("preempted"), "pre.yaml"))
+    vs = S.expand(spec)
+    opts = launch.LaunchOptions(slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"),
+                                slurm_time=10, poll_s=0.2)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(res=run_experiment(spec, vs, progress=False, launcher="slurm",
+                                                                      launch_options=opts)))
+    t.start()
+    cl = track.client(store)
+
+    class Alive:  # _wait_for_step polls a process; here the driver is a thread
+        def poll(self):
+            return None if t.is_alive() else 0
+
+    rid = _wait_for_step(cl, "preempted", 12, Alive())
+    os.kill(int(cl.get_run(rid).data.tags["lab.worker.pid"]), signal.SIGUSR2)
+    t.join(timeout=300)
+    assert [r["status"] for r in out["res"]] == ["finished"]
+    run = cl.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["lab.requeued"] == "1"
+    assert len(track.find_variant_runs(cl, "preempted")) == 1
+    _no_mixed_history(cl, rid)
+    _same(undisturbed[1], _final(store, "preempted")[1])
