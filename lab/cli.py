@@ -99,8 +99,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for path in args.spec:
         try:
             spec = S.load_spec(path, S.parse_set(args.set))
-            variants = S.expand(spec)
-            print(f"ok   {path}: {spec.name}, {len(variants)} variant(s)")
+            n = sum(1 for _ in S.iter_expand(spec))  # streamed: a large grid is never held in memory
+            print(f"ok   {path}: {spec.name}, {n} variant(s)")
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
@@ -123,7 +123,16 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     return rows
 
 
+STREAM_SHOW = 500  # `lab show` of more variants prints them as they are resolved
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
+    from lab import spec as S
+
+    if not args.variant:
+        spec = load_from_args(args)
+        if S.count_variants(spec) > STREAM_SHOW:
+            return _show_streaming(args, spec)
     spec, variants = expand_from_args(args)
     if args.variant:
         match = [v for v in variants if v.key == args.variant]
@@ -154,6 +163,26 @@ def _cmd_show(args: argparse.Namespace) -> int:
         t["changes"] = r["changes"]
         table.append(t)
     print_table(table)
+    return 0
+
+
+def _show_streaming(args: argparse.Namespace, spec) -> int:
+    """A large grid, one line (table) or one JSON object per line (json) per variant, as they are resolved."""
+    from lab import spec as S
+
+    smoke = getattr(args, "smoke", False)
+    n = S.count_variants(spec)
+    if args.format != "json":
+        print(f"{spec.name}: {n} variant(s) from {args.spec} (listed as they are resolved)")
+    for v in S.iter_expand(spec):
+        if smoke:
+            v = smoke_variant(v)
+        (row,) = variant_rows([v], with_complexity=not args.no_complexity)
+        if args.format == "json":
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        else:
+            cx = f"  {row['params'] / 1e6:8.2f}M params  {row['macs'] / 1e6:8.0f}M MACs" if "params" in row else ""
+            print(f"{row['key']}  {row['hash']}{cx}  {row['changes']}")
     return 0
 
 

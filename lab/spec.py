@@ -545,9 +545,22 @@ def _fmt_value(v: Any) -> str:
 
 def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
     """Variants (ablation rows) x grid (cartesian sweep) -> fully resolved, validated variants."""
+    return list(iter_expand(spec, check_models=check_models))
+
+
+def count_variants(spec: ExperimentSpec) -> int:
+    """How many variants `expand` makes (without building them)."""
+    n = max(1, len(spec.variants))
+    for values in spec.grid.values():
+        n *= len(values) if isinstance(values, list) and values else 1
+    return n
+
+
+def iter_expand(spec: ExperimentSpec, *, check_models: bool = True):
+    """`expand` one variant at a time: a large grid is validated or listed without holding it all."""
     file = getattr(spec, "_source", spec.name)
     base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
-    rows: list[tuple[str, dict[str, Any]]] = []
+    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     if len(spec.variants) > max_variants():
         raise SpecError(f"{len(spec.variants)} variants, more than the limit of {max_variants()}; raise "
                         f"LAB_MAX_VARIANTS if this is intended", file=file, path="variants")
@@ -557,48 +570,60 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
             raise SpecError("variant keys may use letters, digits and _ . - only", file=file, path=f"variants.{key}")
         _check_override_keys(over, file, f"variants.{key}")
         rows.append((key, over, deep_merge(base, over)))
+    paths = list(spec.grid)
     if spec.grid:
-        n = len(rows)
-        for p, values in spec.grid.items():
-            n *= max(1, len(values)) if isinstance(values, list) else 1
+        n = count_variants(spec)
         if n > max_variants():
             sizes = " x ".join(str(len(v)) for v in spec.grid.values())
             raise SpecError(f"the grid makes {n} variants ({len(rows)} row(s) x {sizes}), more than the limit of "
                             f"{max_variants()}; shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid")
-        gridded = []
-        paths = list(spec.grid)
         for p in paths:
             if p.split(".")[0] not in set(SECTIONS):
                 raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
             if not spec.grid[p]:
                 raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
+        resolved_rows = []
         for key, over, merged in rows:
             if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
                 # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
                 merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
                                                          if spec.variants else "model"))
+            resolved_rows.append((key, over, merged))
+        rows = resolved_rows
+
+    def grid_key(key: str, combo: tuple) -> str:
+        name = "-".join(f"{p.split('.')[-1]}={_fmt_value(v)}" for p, v in zip(paths, combo))
+        return f"{key}-{name}" if spec.variants else name
+
+    def all_rows():
+        if not spec.grid:
+            yield from rows
+            return
+        for key, over, merged in rows:
             for combo in itertools.product(*(spec.grid[p] for p in paths)):
                 o = copy.deepcopy(over)
                 m = copy.deepcopy(merged)
-                suffix = []
                 for p, v in zip(paths, combo):
                     _dotted_set(m, p, v, file, f"grid.{p}")
                     o[p] = v  # flat dotted key: describes the change, never re-applied
-                    suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
-                name = "-".join(suffix)
-                gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
-        rows = gridded
-    unknown_refs = set(spec.reference) - {k for k, *_ in rows}
+                yield grid_key(key, combo), o, m
+
+    if spec.grid:
+        keys = [grid_key(k, combo) for k, _, _ in rows for combo in itertools.product(*(spec.grid[p] for p in paths))]
+    else:
+        keys = [k for k, _, _ in rows]
+    unknown_refs = set(spec.reference) - set(keys)
     if unknown_refs:
         r = sorted(unknown_refs)[0]
-        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, *_ in rows])}", file=file, path=f"reference.{r}")
-    keys = [k for k, *_ in rows]
+        raise SpecError(f"no variant named '{r}'{close_matches(r, keys)}", file=file, path=f"reference.{r}")
     if spec.baseline and _resolve_baseline(spec.baseline, keys) is None:
         raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}",
                         file=file, path="baseline")
+    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else keys[0]
+    base_row = next(r for r in all_rows() if r[0] == base_key)
+    key_set = set(keys)
 
-    out: list[Variant] = []
-    for key, over, merged in rows:
+    for key, over, merged in all_rows():
         where = f"variants.{key}" if spec.variants else ""
         sections = {}
         for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
@@ -615,20 +640,16 @@ def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
             raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
                             path=f"{where}.model.num_classes".lstrip("."))
         resolved = {s: _plain(v) for s, v in sections.items()} | {"model": model}
-        out.append(Variant(
+        v = Variant(
             experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
             model=model, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
             source=file, **sections,
-        ))
-    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else out[0].key
-    base_row = next(r for r in rows if r[0] == base_key)
-    for (key, over, merged), v in zip(rows, out):
+        )
         v.changes = describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
-    for v in out:
-        if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
+        if v.train.distill and v.train.distill.variant and v.train.distill.variant not in key_set:
             raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
                             path=f"variants.{v.key}.train.distill.variant")
-    return out
+        yield v
 
 
 def _resolve_baseline(name: str, keys: list[str]) -> Optional[str]:
