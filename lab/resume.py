@@ -77,18 +77,27 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Any) -> Any:
-        if not isinstance(key, tuple):
-            return self.dataset[key]
-        epoch, index = key
-        s = _mix(self.seed, epoch, index)
-        py, npst = random.getstate(), np.random.get_state()
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch: global RNG states saved and restored once, each sample drawn under its own seeds."""
+        gen = torch.default_generator
+        st, py, npst = gen.get_state(), random.getstate(), np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+            out = []
+            for key in keys:
+                if not isinstance(key, tuple):
+                    out.append(self.dataset[key])
+                    continue
+                epoch, index = key
+                s = _mix(self.seed, epoch, index)
+                gen.manual_seed(s)
                 random.seed(s)
                 np.random.seed(s)
-                return self.dataset[index]
+                out.append(self.dataset[index])
+            return out
         finally:
+            gen.set_state(st)
             random.setstate(py)
             np.random.set_state(npst)
 
