@@ -5,9 +5,11 @@ Kinds (exactly one per spec, shared by every variant of an experiment):
   steps        steps
   images       steps = ceil(images / global_batch)
   train_flops  steps = ceil(train_flops / (3 * 2 * MACs/image * global_batch))   (fwd + bwd = 3 fwd)
-  seconds      calibration: `calibration_steps` timed training steps (after 2 warm-up steps,
-               on a throw-away copy of the model, not counted) give images/s, then
-               steps = round(seconds * images_per_s / global_batch)
+  seconds      calibration: the cost of a training step, measured on a throw-away copy of the
+               model before training, not counted: `lab run` measures all variants of an
+               invocation together, interleaved (lab/calibration.py); a distributed or remote
+               worker measures its variant alone (`calibrate`). Then
+               steps = round(seconds / step_seconds) = round(seconds * images_per_s / global_batch)
   seconds + wall_clock: no step count: training stops once the *training* time (see
                `TrainTimer`) reaches the budget, and the LR schedule follows elapsed time.
 
@@ -22,7 +24,6 @@ import contextlib
 import math
 import resource
 import signal
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -223,31 +224,57 @@ def fit(trainer: "pl.Trainer", module: "pl.LightningModule", **kwargs: Any) -> N
             signal.signal(signal.SIGINT, old)
 
 
+class LightningSteps:
+    """A calibration runner (lab.calibration): `steps(n)` trains `module` n steps with a fresh
+    Trainer and returns each step's training seconds as `TrainTimer` measures them (data loading
+    included). The module keeps its weights between calls; the first step of each call pays for
+    a new optimizer and data iterator, so the calibrator leaves it out (`rewarm`). On a GPU the
+    module goes back to the CPU between calls, so that several variants fit beside each other."""
+
+    def __init__(self, module: "pl.LightningModule", datamodule, trainer_kwargs: dict[str, Any],
+                 threads: Optional[int] = None):
+        self.module = module
+        self.datamodule = datamodule
+        self.threads = threads
+        kw = dict(trainer_kwargs)
+        kw.update(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, val_check_interval=None,
+                  check_val_every_n_epoch=None)
+        kw.pop("ckpt_path", None)
+        self.trainer_kwargs = kw
+        self.calls = 0
+
+    def __call__(self, n: int) -> list[float]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        timer = TrainTimer()
+        trainer = pl.Trainer(**self.trainer_kwargs, max_steps=int(n), callbacks=[timer])
+        fit(trainer, self.module, datamodule=self.datamodule)
+        self.calls += 1
+        if trainer.strategy.root_device.type == "cuda":
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+        return list(timer.step_times)
+
+
 def calibrate(make_module: Callable[[], "pl.LightningModule"], datamodule, trainer_kwargs: dict[str, Any],
-              steps: int, warmup: int = CALIBRATION_WARMUP) -> dict[str, float]:
-    """Time `steps` training steps after `warmup` untimed ones on a fresh module (thrown away).
+              steps: int, warmup: int = CALIBRATION_WARMUP, threads: Optional[int] = None) -> dict[str, float]:
+    """One variant alone (a distributed or remote worker): `warmup` untimed steps, then `steps` timed
+    ones on a fresh module (thrown away) with lab.calibration's statistics.
 
     `make_module()` must return a module whose weights are a copy (the real one stays untouched).
-    Returns images_per_s, step_seconds (median over the timed steps), seconds_spent (calibration wall time).
+    Returns images_per_s, step_seconds (median), spread, timed_steps, seconds_spent.
     """
-    t0 = time.perf_counter()
+    from lab.calibration import interleaved
+
     module = make_module()
-    timer = TrainTimer(skip_first=warmup)
-    kw = dict(trainer_kwargs)
-    kw.update(max_steps=warmup + steps, max_epochs=-1, callbacks=[timer], logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-              val_check_interval=None, check_val_every_n_epoch=None)
-    kw.pop("ckpt_path", None)
-    trainer = pl.Trainer(**kw)
-    fit(trainer, module, datamodule=datamodule)
+    runner = LightningSteps(module, datamodule, trainer_kwargs, threads=threads)
+    cal = interleaved({"v": runner}, steps=steps, warmup=warmup, rewarm=1)
+    c = cal.costs["v"]
     batch = module.global_batch
-    if timer.timed_steps == 0 or timer.train_seconds <= 0:
-        raise RuntimeError("calibration timed no training step (is the training set smaller than a batch?)")
-    # the median resists the odd multi-second hiccup of a shared machine
-    step_s = float(statistics.median(timer.step_times))
-    del module, trainer
-    return {"images_per_s": batch / step_s, "step_seconds": step_s, "timed_steps": float(timer.timed_steps),
-            "seconds_spent": time.perf_counter() - t0}
+    del module, runner
+    return {"images_per_s": batch / c.step_seconds, "step_seconds": c.step_seconds, "spread": c.spread,
+            "timed_steps": float(len(c.samples)), "seconds_spent": cal.seconds_spent}
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> float:
@@ -271,5 +298,5 @@ def usage(*, steps: int, global_batch: int, train_seconds: float, macs_per_image
             "budget/train_flops": 6.0 * macs_per_image * images, "budget/peak_mem_mb": peak_mem_mb}
 
 
-__all__ = ["BudgetPlan", "TrainTimer", "calibrate", "plan", "steps_for", "trainer_limits", "usage",
+__all__ = ["BudgetPlan", "LightningSteps", "TrainTimer", "calibrate", "plan", "steps_for", "trainer_limits", "usage",
            "peak_memory_mb", "reset_peak_memory"]

@@ -101,6 +101,8 @@ class VariantJob:
     cwd: str = field(default_factory=os.getcwd)
     progress: bool = False
     launcher: str = "local"
+    threads: Optional[dict] = None  # the driver's thread policy (local launcher only: same machine)
+    calibration: Optional[dict] = None  # this variant's entry of the driver's calibration, if any
 
     @property
     def variant(self):
@@ -112,7 +114,9 @@ def make_job(v, ctx, rec: dict, run_id: str, resume_ckpt: Optional[Path], progre
                       experiment=ctx.experiment, experiment_id=ctx.experiment_id,
                       parent_run_id=ctx.parent_run_id, baseline=ctx.baseline, run_id=run_id,
                       resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dict(rec),
-                      progress=progress, launcher=ctx.launcher)
+                      progress=progress, launcher=ctx.launcher,
+                      threads=ctx.threads if ctx.launcher == "local" else None,
+                      calibration=ctx.calibration.get(v.key))
 
 
 def execute(job: VariantJob, started: Optional[float] = None) -> dict:
@@ -131,7 +135,8 @@ def execute(job: VariantJob, started: Optional[float] = None) -> dict:
     ctx = runner.Context(spec=job.spec, variants=list(job.variants), uri=job.uri, cl=track.client(job.uri),
                          experiment=job.experiment, experiment_id=job.experiment_id,
                          parent_run_id=job.parent_run_id, baseline=job.baseline, progress=job.progress,
-                         rank_zero=rank_zero, launcher=job.launcher, say=lambda s: None)
+                         rank_zero=rank_zero, launcher=job.launcher, say=lambda s: None, threads=job.threads,
+                         calibration={job.key: job.calibration} if job.calibration else {})
     rec = dict(job.record)
     resume = Path(job.resume_ckpt) if job.resume_ckpt else None
     return runner.execute_variant(job.variant, ctx, rec, job.run_id, resume, started=started)

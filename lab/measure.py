@@ -616,6 +616,20 @@ def resolve_match(variant, variants: Iterable = (), *, measure_fn: Optional[Meas
 # --------------------------------------------------------------------------- MLflow
 
 
+def bench_record(result: ThroughputResult, timm: Optional[ThroughputResult] = None,
+                 timm_name: Optional[str] = None) -> tuple[dict[str, float], dict[str, str]]:
+    """The MLflow metrics (bench/<device>_imgs_per_s, _min, _max, ...) and tags (bench.<device>.*) of a result."""
+    d = result.device
+    metrics = {f"bench/{d}_imgs_per_s": result.images_per_s_median, f"bench/{d}_imgs_per_s_min": result.images_per_s_min,
+               f"bench/{d}_imgs_per_s_max": result.images_per_s_max}
+    tags = {f"bench.{d}.{k}": v for k, v in result.metadata().items()}
+    if timm is not None:
+        metrics[f"bench/{d}_timm_imgs_per_s"] = timm.images_per_s_median
+        metrics[f"bench/{d}_ratio_vs_timm"] = result.images_per_s_median / timm.images_per_s_median
+        tags[f"bench.{d}.timm_model"] = str(timm_name)
+    return metrics, tags
+
+
 def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult] = None,
               timm_name: Optional[str] = None) -> Optional[str]:
     """Write the figures onto the variant's latest FINISHED (else latest) child run; its run id or None."""
@@ -641,15 +655,8 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
     if run.data.tags.get("lab.hash") not in (None, variant.hash):
         _stderr(f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get('lab.hash')}, "
                 f"the spec now resolves to {variant.hash}")
-    d = result.device
     now = int(time.time() * 1000)
-    metrics = {f"bench/{d}_imgs_per_s": result.images_per_s_median, f"bench/{d}_imgs_per_s_min": result.images_per_s_min,
-               f"bench/{d}_imgs_per_s_max": result.images_per_s_max}
-    tags = {f"bench.{d}.{k}": v for k, v in result.metadata().items()}
-    if timm is not None:
-        metrics[f"bench/{d}_timm_imgs_per_s"] = timm.images_per_s_median
-        metrics[f"bench/{d}_ratio_vs_timm"] = result.images_per_s_median / timm.images_per_s_median
-        tags[f"bench.{d}.timm_model"] = str(timm_name)
+    metrics, tags = bench_record(result, timm, timm_name)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return run.info.run_id

@@ -226,7 +226,7 @@ def _baseline_index(df: pd.DataFrame, key: str | None) -> Any:
 
 TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "changes", "params_m", "macs_m", "cpu_imgs_s",
                  "gpu_imgs_s", "top1", "top1_best", "d_top1", "d_params_m", "d_macs_m", "cpu_speedup",
-                 "gpu_speedup", "steps", "images_seen", "train_s", "ref_top1", "ref_d_top1", "ref_params_m",
+                 "gpu_speedup", "steps", "images_seen", "train_s", "budget_s", "cal_step_s", "ref_top1", "ref_d_top1", "ref_params_m",
                  "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs", "ref_source", "run_id"]
 
 
@@ -266,6 +266,8 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
     t["steps"] = _col(df, "metrics.budget/steps")
     t["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
     t["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
+    t["budget_s"] = _col(df, "metrics.budget/planned_seconds")  # seconds budgets: what train_s should be
+    t["cal_step_s"] = _col(df, "metrics.budget/calibration_step_seconds")
     t["ref_top1"] = _col(df, "tags.ref.top1")
     t["ref_params_m"] = _col(df, "tags.ref.params_m")
     t["ref_macs_m"] = _col(df, "tags.ref.macs_m")
@@ -293,13 +295,13 @@ PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "cha
           "params_m": "params (M)", "macs_m": "MACs (M)", "cpu_imgs_s": "CPU img/s", "gpu_imgs_s": "GPU img/s",
           "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "d_params_m": "Δ params (M)",
           "d_macs_m": "Δ MACs (M)", "cpu_speedup": "CPU speed ×", "gpu_speedup": "GPU speed ×",
-          "steps": "steps", "images_seen": "images seen", "train_s": "train s", "ref_top1": "paper top-1",
+          "steps": "steps", "images_seen": "images seen", "train_s": "train s", "budget_s": "budget s", "ref_top1": "paper top-1",
           "ref_d_top1": "paper Δ top-1", "ref_params_m": "paper params (M)", "ref_macs_m": "paper MACs (M)",
           "ref_cpu_imgs_s": "paper CPU img/s", "ref_gpu_imgs_s": "paper GPU img/s"}
 # shown only where at least one row has a value ("throughput where measured", paper figures where given)
 OPTIONAL = {"cpu_imgs_s", "gpu_imgs_s", "cpu_speedup", "gpu_speedup", "ref_top1", "ref_d_top1", "ref_params_m",
             "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "params_m", "macs_m", "d_params_m", "d_macs_m",
-            "steps", "images_seen", "train_s", "top1_best"}
+            "steps", "images_seen", "train_s", "budget_s", "top1_best"}
 
 
 def _num(v: float, signed: bool = False) -> str:
@@ -341,6 +343,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         d["steps"] = "" if pd.isna(r["steps"]) else f"{int(r['steps'])}"
         d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(r['images_seen']):,}"
         d["train_s"] = _num(r["train_s"])
+        d["budget_s"] = _num(r["budget_s"])
         d["ref_top1"] = _pct(r["ref_top1"])
         d["ref_d_top1"] = "" if r["baseline"] else _pct(r["ref_d_top1"], signed=True)
         for c in ("ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s"):
@@ -350,6 +353,21 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     keep = [c for c in out.columns if c not in OPTIONAL or (out[c] != "").any()]
     return out[keep].rename(columns=PRETTY)
+
+
+def budget_warnings(table: pd.DataFrame) -> list[str]:
+    """lab.fidelity's warnings for each experiment of an ablation table (time budgets only)."""
+    from lab import fidelity as F
+
+    out = []
+    multi = table["experiment"].nunique() > 1 if not table.empty else False
+    for exp, g in table.groupby("experiment", sort=False):
+        rows = [{"key": r["key"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
+                 "planned_seconds": r["budget_s"], "train_seconds": r["train_s"], "steps": r["steps"],
+                 "calibrated_step_seconds": r["cal_step_s"]} for _, r in g.iterrows()
+                if r["status"] in (FINISHED, "RUNNING")]
+        out += [f"{exp}: {w}" if multi else w for w in F.budget_warnings(rows)]
+    return out
 
 
 def _markdown(disp: pd.DataFrame) -> str:
@@ -590,10 +608,15 @@ def _cmd_table(args: argparse.Namespace) -> int:
     df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
     table = ablation_table(df, baseline=args.baseline)
     text = format_table(table, args.format)
+    warnings = [f"warning: {w}" for w in budget_warnings(table)] if not table.empty else []
     if args.format == "terminal" and not table.empty:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
         text = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline\n" + text
+        text += "".join(w + "\n" for w in warnings)
+    elif warnings:
+        for w in warnings:
+            print(w, file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

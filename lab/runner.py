@@ -60,6 +60,12 @@ class Context:
     rank_zero: bool = True
     launcher: str = "local"
     keeper: Any = None  # lab.lease.Keeper of the driver: heartbeats of the runs it holds
+    # lab.threads.ThreadChoice.as_dict() of the policy decided once per invocation (None: decide here)
+    threads: Optional[dict] = None
+    # variant key -> its planned steps and calibrated cost, from the calibration of all variants of
+    # the invocation together (calibrate_together); a variant not in it calibrates alone
+    calibration: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict)  # variant key -> the variant with `match:` resolved
 
 
 def order_variants(variants: list) -> list:
@@ -223,36 +229,74 @@ def _planned_steps(cl, run_id: str) -> Optional[int]:
 # --------------------------------------------------------------------------- one variant
 
 
-def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], record: dict,
-                  ckdir: Optional[Path] = None) -> dict:
-    """Train, evaluate and log one variant into `run_id`; fills and returns `record`."""
+@dataclass
+class Built:
+    """A variant ready to train: its model, data, module factory and Trainer settings."""
+
+    model: Any
+    params: int
+    macs: int
+    world: int
+    global_batch: int
+    train_size: int
+    steps_per_epoch: int
+    dm: Any
+    accelerator: str
+    precision: Any
+    device: Any
+    threads: Any  # lab.threads.ThreadChoice
+    trainer_kw: dict
+    make_module: Callable[..., Any]
+
+
+def thread_choice(v, ctx: Context, accelerator: Optional[str] = None):
+    """train.threads, else the invocation's policy (lab.threads), split among this machine's ranks on CPU."""
+    from lab import threads as T
+    from lab.module import resolve_accelerator
+
+    if v.train.threads:
+        return T.decide(v.train.threads)
+    accelerator = accelerator or resolve_accelerator(v.train)
+    procs = 1
+    if accelerator == "cpu":
+        dev = v.train.devices
+        procs = max(1, int(dev)) if str(dev).isdigit() else 1
+    if ctx.threads:
+        c = T.ThreadChoice(**ctx.threads)
+        if procs > 1:
+            c = T.ThreadChoice(**{**ctx.threads, "threads": max(1, c.threads // procs),
+                                  "reason": f"{c.reason}, shared by {procs} training processes"})
+        return c
+    return T.decide(processes=procs)
+
+
+def build_variant(v, ctx: Context, *, calibrating: bool = False) -> Built:
+    """Model, data and Trainer settings of `v` (threads set); `calibrating`: a stand-in teacher
+    with the right architecture when the real one has not trained yet."""
     import grafts
     import lightning.pytorch as pl
     import torch
 
-    from lab import budget as B
-    from lab.module import (LabModule, LastCheckpoint, MlflowMetrics, StepProgress, resolve_accelerator,
-                            resolve_precision, save_final)
+    from lab import threads as T
+    from lab.module import LabModule, resolve_accelerator, resolve_precision
 
     tr = v.train
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    pl.seed_everything(tr.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(tr)
+    choice = thread_choice(v, ctx, accelerator)
+    T.apply(choice.threads)
+    pl.seed_everything(tr.seed, workers=True, verbose=False)
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[_data_key(v)]
     model = grafts.build(v.model)
     params = grafts.count_params(model)
     macs = int(grafts.count_macs(v.model))
-    record.update(params=params, macs=macs)
     world = _world_size(tr, accelerator)
     global_batch = v.data.batch_size * world
     train_size = int(dm.train_size)
     n_batches = len(dm.train_dataloader())
     steps_per_epoch = max(1, n_batches // world if world > 1 else n_batches)
-    teacher = load_teacher(v, ctx)
+    teacher = teacher_stand_in(v, ctx) if calibrating else load_teacher(v, ctx)
     device = torch.device("cuda") if accelerator == "gpu" else torch.device("cpu")
-    B.reset_peak_memory(device)
 
     def make_module(m, total_steps=None):
         return LabModule(m, tr, num_classes=int(v.model["num_classes"]), total_steps=total_steps,
@@ -263,29 +307,90 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
         precision=precision, gradient_clip_val=tr.grad_clip, logger=False, enable_model_summary=False,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_checkpointing=False)
+    return Built(model=model, params=params, macs=macs, world=world, global_batch=global_batch, train_size=train_size,
+                 steps_per_epoch=steps_per_epoch, dm=dm, accelerator=accelerator, precision=precision, device=device,
+                 threads=choice, trainer_kw=trainer_kw, make_module=make_module)
+
+
+def teacher_stand_in(v, ctx: Context):
+    """For calibration: the teacher's architecture (random weights: the cost is the same), or the
+    real teacher where its weights already exist."""
+    import grafts
+
+    d = v.train.distill
+    if d is None:
+        return None
+    if d.variant:
+        tv = next(x for x in ctx.variants if x.key == d.variant)
+        cfg = dict(tv.model) if not d.model else {"img_size": v.model.get("img_size"),
+                                                   "num_classes": v.model.get("num_classes"), **d.model}
+        return grafts.build(cfg).eval()
+    return load_teacher(v, ctx)
+
+
+def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], record: dict,
+                  ckdir: Optional[Path] = None) -> dict:
+    """Train, evaluate and log one variant into `run_id`; fills and returns `record`."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lab import budget as B
+    from lab.module import LastCheckpoint, MlflowMetrics, StepProgress, save_final
+
+    tr = v.train
+    b = build_variant(v, ctx)
+    model, params, macs, world, global_batch = b.model, b.params, b.macs, b.world, b.global_batch
+    train_size, steps_per_epoch, dm, device, make_module = b.train_size, b.steps_per_epoch, b.dm, b.device, b.make_module
+    precision, trainer_kw = b.precision, b.trainer_kw
+    record.update(params=params, macs=macs)
+    B.reset_peak_memory(device)
 
     planned = _planned_steps(ctx.cl, run_id) if resume_ckpt is not None else None
+    together = ctx.calibration.get(v.key)
+    calibrated_by = ""
     if v.budget.kind == "seconds" and not v.budget.wall_clock and planned is not None:
         plan = B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=global_batch,
                             steps_per_epoch=steps_per_epoch, macs_per_image=macs)
+        prev = track.metric_history(ctx.cl, run_id, "budget/calibration_step_seconds")
+        if prev:
+            plan.calibration["step_seconds"] = prev[-1][1]
+    elif v.budget.kind == "seconds" and not v.budget.wall_clock and together is not None:
+        plan = B.BudgetPlan(kind="seconds", total_steps=int(together["steps"]), global_batch=global_batch,
+                            steps_per_epoch=steps_per_epoch, macs_per_image=macs,
+                            calibration={"step_seconds": together["step_seconds"],
+                                         "images_per_s": global_batch / together["step_seconds"],
+                                         "relative": together["relative"], "spread": together["spread"],
+                                         "timed_steps": float(together["timed_steps"])})
+        calibrated_by = together["how"]
     else:
         plan = B.plan(v.budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch, macs_per_image=macs,
                       calibrate=lambda: _from_rank_zero(B.calibrate(lambda: make_module(copy.deepcopy(model)), dm,
-                                                                    trainer_kw, steps=v.budget.calibration_steps)))
+                                                                    trainer_kw, steps=v.budget.calibration_steps,
+                                                                    threads=b.threads.threads)))
+        if plan.calibration:
+            calibrated_by = ("alone, in its own worker" + (f" (rank 0's figure, {world} ranks)" if world > 1 else "")
+                             + ": not interleaved with the other variants")
         pl.seed_everything(tr.seed, workers=True, verbose=False)  # calibration consumed randomness
     record["budget"] = plan.describe()
+    record["budget_kind"] = v.budget.kind
+    record["planned_seconds"] = float(v.budget.seconds) if v.budget.kind == "seconds" else None
+    record["calibrated_step_seconds"] = plan.calibration.get("step_seconds")
     if resume_ckpt is None and ctx.rank_zero:
         first = {"params": params, "macs": macs}
         if plan.total_steps is not None:
             first["budget/planned_steps"] = plan.total_steps
+        if v.budget.kind == "seconds":
+            first["budget/planned_seconds"] = float(v.budget.seconds)
         for k, val in plan.calibration.items():
             first[f"budget/calibration_{k}"] = val
         track.log_metrics(ctx.cl, run_id, first, 0)
-        track.set_tags(ctx.cl, run_id, {"lab.precision": precision, "lab.world_size": world,
-                                        "lab.budget_plan": plan.describe(), "lab.train_size": train_size,
-                                        "lab.val_size": getattr(dm, "val_size", None),
-                                        "lab.steps_per_epoch": steps_per_epoch,
-                                        "lab.data.skipped_files": len(getattr(dm, "bad_files", ())) or None})
+        tags = {"lab.precision": precision, "lab.world_size": world, "lab.budget_plan": plan.describe(),
+                "lab.train_size": train_size, "lab.val_size": getattr(dm, "val_size", None),
+                "lab.steps_per_epoch": steps_per_epoch, **b.threads.tags(),
+                "lab.data.skipped_files": len(getattr(dm, "bad_files", ())) or None}
+        if calibrated_by:
+            tags["lab.calibration"] = calibrated_by
+        track.set_tags(ctx.cl, run_id, tags)
 
     module = make_module(model, plan.total_steps)
     timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
@@ -338,13 +443,39 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
             track.log_artifact_file(ctx.cl, run_id, final_path, "checkpoint")
     record.update(steps=steps, top1=final["final/val_top1"], best_top1=final["best/val_top1"],
                   train_seconds=timer.train_seconds, images_seen=use["budget/images_seen"])
+    if v.bench.after_train and trainer.is_global_zero and ctx.rank_zero:
+        record["imgs_per_s"] = bench_after_train(v, module.model, b.accelerator, ctx, run_id)
     return record
+
+
+def bench_after_train(v, model, accelerator: str, ctx: Context, run_id: str) -> Optional[float]:
+    """Inference images/s of the trained model with the bench protocol (lab.measure) on the run's
+    device, logged as `lab bench --log` does; a failure is a warning, not a failed variant."""
+    from lab.measure import bench_record, measure_throughput, model_img_size
+
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    b = v.bench
+    try:
+        res = measure_throughput(copy.deepcopy(model), img_size=model_img_size(model, int(v.model.get("img_size") or 224)),
+                                 device=device, batch=b.batch, dtype=b.dtype, threads=b.threads, warmup=b.warmup,
+                                 duration=b.duration, repeats=b.repeats, channels_last=b.channels_last,
+                                 compile=b.compile, max_batch=b.max_batch)
+    except Exception as e:  # noqa: BLE001 - the training result stands without it
+        track.set_tags(ctx.cl, run_id, {"lab.bench_error": track.short_error(e)})
+        ctx.say(f"warning: {v.key}: inference throughput not measured: {track.short_error(e)}")
+        return None
+    metrics, tags = bench_record(res)
+    track.log_metrics(ctx.cl, run_id, metrics, 0)
+    track.set_tags(ctx.cl, run_id, tags)
+    return res.images_per_s
 
 
 def new_record(v) -> dict[str, Any]:
     return {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
             "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None, "train_seconds": None,
-            "wall_seconds": None, "error": None, "resumed": False}
+            "wall_seconds": None, "error": None, "resumed": False, "budget_kind": v.budget.kind,
+            "planned_seconds": float(v.budget.seconds) if v.budget.kind == "seconds" else None,
+            "calibrated_step_seconds": None, "imgs_per_s": None}
 
 
 def prepare_variant(v, ctx: Context) -> tuple[dict, Optional[str], Optional[Path]]:
@@ -371,7 +502,8 @@ def prepare_variant(v, ctx: Context) -> tuple[dict, Optional[str], Optional[Path
             rec.update(run_id=r.info.run_id, status="skipped", params=m.get("params"), macs=m.get("macs"),
                        steps=m.get("budget/steps"), top1=m.get("final/val_top1"), best_top1=m.get("best/val_top1"),
                        train_seconds=m.get("budget/train_seconds"), wall_seconds=0.0,
-                       budget=r.data.tags.get("lab.budget_plan", v.budget.kind))
+                       budget=r.data.tags.get("lab.budget_plan", v.budget.kind),
+                       calibrated_step_seconds=m.get("budget/calibration_step_seconds"))
             return rec, None, None
         live = lease.first_live(runs)
         if live is not None:
@@ -479,7 +611,7 @@ def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Option
         if v.match is not None:
             from lab.measure import resolve_match
 
-            v = resolve_match(v, ctx.variants)
+            v = ctx.resolved.get(v.key) or resolve_match(v, ctx.variants)
             if ctx.rank_zero:
                 track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith("match.")})
                 track.set_tags(ctx.cl, run_id, {"lab.resolved_hash": v.hash})
@@ -539,6 +671,200 @@ def run_variant(v, ctx: Context) -> dict:
     if rec["status"] in NOT_TRAINED:
         return rec
     return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
+
+
+# --------------------------------------------------------------------------- calibration together
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def cost_group(v) -> str:
+    """Variants that differ only in train.seed cost the same per step: they share one measurement."""
+    import hashlib
+
+    train = v.train.model_dump(mode="json")
+    train.pop("seed", None)
+    doc = {"model": v.model, "data": v.data.model_dump(mode="json"), "train": train,
+           "match": v.match.model_dump(mode="json") if v.match is not None else None}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _will_train_fresh(v, ctx: Context) -> bool:
+    """Neither skipped (FINISHED with this hash, or being trained by another live process) nor resumed
+    from a checkpoint (which keeps its plan)."""
+    from lab import lease
+
+    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+    if lease.first_live(runs) is not None:
+        return False
+    if ctx.force:
+        return True
+    if any(r.info.status == "FINISHED" for r in runs):
+        return False
+    return not (track.checkpoint_dir(v, ctx.uri) / "last.ckpt").is_file()
+
+
+def calibrated_together(v, ctx: Context) -> bool:
+    """Whether `lab run` measures this variant in the driver beside the others: a calibrated
+    `seconds` budget, the local launcher, one process (a distributed variant, or one on a Ray/SLURM
+    worker, calibrates alone where it trains)."""
+    from lab.module import resolve_accelerator
+
+    return (v.budget.kind == "seconds" and not v.budget.wall_clock and ctx.launcher == "local"
+            and _world_size(v.train, resolve_accelerator(v.train)) == 1)
+
+
+def _stored_calibration(ctx: Context, exclude: set, threads: int):
+    """The latest calibration kept on an earlier parent run whose reference variant still exists
+    with the same hash, has a FINISHED run and is not retrained now; (calibration, parent id,
+    reference variant) or (None, None, None)."""
+    from lab import calibration as C
+    from lab.spec import Variant
+
+    try:
+        parents = ctx.cl.search_runs([ctx.experiment_id], filter_string="tags.`lab.role` = 'parent'",
+                                     order_by=["attributes.start_time DESC"], max_results=20)
+    except Exception:  # noqa: BLE001
+        return None, None, None
+    for r in parents:
+        if r.info.run_id == ctx.parent_run_id or r.data.tags.get("lab.calibration.reference") is None:
+            continue
+        try:
+            cal = C.Calibration.from_json(track.download_artifact(ctx.cl, r.info.run_id, CALIBRATION_FILE).read_text())
+        except Exception:  # noqa: BLE001 - an unreadable or older calibration: look further back
+            continue
+        ref = cal.reference
+        ref_hash = cal.context.get("hashes", {}).get(ref)
+        if ref in exclude or not ref_hash or cal.context.get("threads") != threads:
+            continue
+        if not track.find_variant_runs(ctx.cl, ctx.experiment, key=ref, hash=ref_hash, statuses=["FINISHED"]):
+            continue
+        rv = next((x for x in ctx.variants if x.key == ref and x.hash == ref_hash), None)
+        if rv is None and cal.context.get("reference_variant"):
+            try:
+                rv = Variant.model_validate(cal.context["reference_variant"])
+            except Exception:  # noqa: BLE001
+                rv = None
+        if rv is not None:
+            return cal, r.info.run_id, rv
+    return None, None, None
+
+
+def calibrate_together(ordered: list, ctx: Context) -> None:
+    """Measure the step cost of every variant that will train in this invocation (calibrated
+    `seconds` budget, see `calibrated_together`) before any of them trains, interleaved
+    (lab.calibration); fills `ctx.calibration` and keeps the calibration on the parent run.
+
+    A variant added to an experiment that already has a stored calibration is measured beside
+    that calibration's reference variant and scaled to it, so that its steps match the ones
+    the finished variants got."""
+    import lightning.pytorch as pl
+
+    from lab import budget as B
+    from lab import calibration as C
+
+    todo = [v for v in ordered if calibrated_together(v, ctx) and _will_train_fresh(v, ctx)]
+    if not todo:
+        return
+    for i, v in enumerate(todo):
+        if v.match is not None and v.key not in ctx.resolved:
+            from lab.measure import resolve_match
+
+            ctx.resolved[v.key] = resolve_match(v, ctx.variants)
+        todo[i] = ctx.resolved.get(v.key, v)
+    groups: dict[str, list] = {}
+    for v in todo:
+        groups.setdefault(cost_group(v), []).append(v)
+    reps = [vs[0] for vs in groups.values()]
+    threads = thread_choice(reps[0], ctx).threads
+    stored, stored_id, ref_variant = _stored_calibration(ctx, {v.key for v in todo}, threads)
+    measured = ([ref_variant] if stored is not None else []) + reps
+    if stored is not None:
+        reference = ref_variant.key
+    else:
+        reference = ctx.baseline if any(v.key == ctx.baseline for v in reps) else reps[0].key
+    runners: dict[str, Any] = {}
+    failing: list[str] = []
+
+    def guarded(key: str, run: Any):
+        def call(n: int):
+            failing.append(key)
+            out = run(n)
+            failing.pop()
+            return out
+        return call
+
+    for v in measured:
+        try:
+            if _data_key(v) not in ctx.datamodules:
+                preflight([v], ctx.datamodules)
+            b = build_variant(v, ctx, calibrating=True)
+            runners[v.key] = guarded(v.key, B.LightningSteps(b.make_module(copy.deepcopy(b.model)), b.dm,
+                                                              b.trainer_kw, threads=b.threads.threads))
+        except Exception as e:  # noqa: BLE001 - that variant fails where it trains; the others go on
+            ctx.say(f"warning: calibration: cannot build '{v.key}' ({track.short_error(e)}); it calibrates alone")
+    steps = max(v.budget.calibration_steps for v in measured)
+    cal = None
+    while runners and reference in runners:
+        ctx.say(f"calibrating {', '.join(runners)} together ({steps} timed steps each, interleaved"
+                + (f"; reference '{reference}' from parent run {stored_id}" if stored is not None else "") + ")")
+        try:
+            cal = C.interleaved(runners, steps=steps, warmup=B.CALIBRATION_WARMUP, rewarm=1, reference=reference,
+                                progress=ctx.say if ctx.progress else None)
+            break
+        except Exception as e:  # noqa: BLE001
+            bad = failing[-1] if failing else reference
+            failing.clear()
+            ctx.say(f"warning: calibration: '{bad}' failed ({track.short_error(e)}); it calibrates alone")
+            runners.pop(bad, None)
+    if cal is None:
+        return
+    todo = [v for v in todo if groups[cost_group(v)][0].key in runners]
+    names = list(runners)
+    if not todo:
+        return
+    del runners
+    cal.context = {"threads": threads, "hashes": {v.key: v.hash for v in measured},
+                   "reference_variant": next(v for v in measured if v.key == reference).model_dump(mode="json"),
+                   "device": track.device_name(), "parent_run_id": ctx.parent_run_id}
+    if stored is not None:
+        hashes = {**stored.context.get("hashes", {}), **cal.context["hashes"]}
+        cal = C.rescale(cal, stored, stored_id)
+        cal.context.update(threads=threads, hashes=hashes, parent_run_id=ctx.parent_run_id,
+                           reference_variant=stored.context.get("reference_variant"))
+        how = (f"beside reference '{reference}', scaled to its cost in parent run {stored_id} "
+               f"({stored.costs[reference].step_seconds:.3f} s/step then)")
+    else:
+        how = f"together with {', '.join(names)}, interleaved (reference '{reference}')"
+    for v in todo:
+        rep = groups[cost_group(v)][0]
+        c = cal.costs[rep.key]
+        ctx.calibration[v.key] = {"steps": c.steps_for(float(v.budget.seconds)), "step_seconds": c.step_seconds,
+                                  "relative": c.relative, "spread": c.spread, "timed_steps": len(c.samples),
+                                  "how": how}
+    rel = ", ".join(f"{k} {c.step_seconds * 1000:.0f} ms ({c.relative:.2f}x)" for k, c in cal.costs.items()
+                    if k in names)
+    ctx.say(f"calibrated in {cal.seconds_spent:.1f}s: {rel}; steps: "
+            + ", ".join(f"{v.key} {ctx.calibration[v.key]['steps']}" for v in todo))
+    if ctx.rank_zero:
+        track.log_text(ctx.cl, ctx.parent_run_id, cal.to_json(), CALIBRATION_FILE)
+        track.set_tags(ctx.cl, ctx.parent_run_id, {"lab.calibration.reference": reference,
+                                                   "lab.calibration.how": how})
+        track.log_metrics(ctx.cl, ctx.parent_run_id, {"calibration/seconds_spent": cal.seconds_spent}, 0)
+    pl.seed_everything(todo[0].train.seed, workers=True, verbose=False)
+
+
+def budget_summary(results: list[dict]) -> list[str]:
+    """What `lab run` says after training: the budget used and the fidelity warnings (lab.fidelity)."""
+    from lab import fidelity as F
+
+    rows = [r for r in results if r.get("status") in ("finished", "skipped")]
+    out = []
+    used = F.used_line(rows)
+    if used:
+        out.append(used)
+    out += [f"warning: {w}" for w in F.budget_warnings(rows)]
+    return out
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -623,6 +949,14 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
+            policy = thread_policy(ordered)
+            ctx.threads = policy.as_dict()
+            track.set_tags(cl, parent, policy.tags())
+            if any(v.budget.kind == "seconds" for v in ordered):
+                say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
+                    + (" where train.threads does not say otherwise"
+                       if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
+            calibrate_together(ordered, ctx)
             results = backend.run(ordered, ctx)
         except KeyboardInterrupt as e:
             from lab import signals
@@ -643,6 +977,8 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
         backend.close()
     ok = all(r["status"] in ("finished", *NOT_TRAINED) for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    for line in budget_summary(results):
+        say(line)
     return results
 
 
@@ -663,6 +999,17 @@ def _end_stale_parents(cl, exp_id: str) -> None:
                 cl.set_terminated(r.info.run_id, status="KILLED")
             except Exception:  # noqa: BLE001
                 pass
+
+
+def thread_policy(variants: list):
+    """The invocation's CPU thread policy (lab.threads), decided once in the driver (the spec's
+    train.threads when every variant sets the same)."""
+    from lab import threads as T
+
+    given = {v.train.threads for v in variants}
+    if len(given) == 1 and None not in given:
+        return T.decide(given.pop())
+    return T.decide()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -141,6 +141,8 @@ class BenchSpec(Strict):
     repeats: int = Field(3, ge=1)
     channels_last: bool = False
     compile: bool = False
+    after_train: bool = Field(True, description="lab run: measure inference throughput after training, on the "
+                                                "run's device (logged as bench/<device>_imgs_per_s)")
 
 
 class MatchSpec(Strict):

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lab  # noqa: F401 - first, so that OMP_WAIT_POLICY=PASSIVE is set before torch loads OpenMP
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
@@ -29,6 +31,8 @@ def tiny_spec_dict(name: str = "tiny", **sections) -> dict:
         "model": dict(TINY_MODEL),
         "train": {"lr": 3e-3, "log_every": 2, "eval_every": 5, "threads": 2, "warmup": 0.1},
         "budget": {"steps": 12},
+        # inference throughput after training costs seconds per variant: on only where a test asks
+        "bench": {"after_train": False},
     }
     for k, v in sections.items():
         doc[k] = v

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import yaml
 from conftest import tiny_spec_dict
 
 from lab import cli

@@ -72,7 +72,7 @@ def test_every_kind_stops_where_it_should(store, write_spec):
 
 
 def test_matched_seconds_budget_gives_every_variant_the_same_time(store, write_spec):
-    doc = tiny_spec_dict(budget={"seconds": 2.0, "calibration_steps": 4})
+    doc = tiny_spec_dict(budget={"seconds": 2.0, "calibration_steps": 12})
     doc["train"]["eval_every"] = 1000
     doc["variants"] = {"small": {}, "wide": {"model": {"stages": [{"dim": 96, "depth": 2, "heads": 4}]}}}
     spec = S.load_spec(write_spec(doc))
@@ -87,8 +87,11 @@ def test_matched_seconds_budget_gives_every_variant_the_same_time(store, write_s
         # calibrated steps x calibrated step time = the budget, up to rounding to whole steps
         assert abs(steps * step_s - 2.0) <= step_s / 2 + 1e-6
         assert m["budget/calibration_images_per_s"] == pytest.approx(16 / step_s)
-        assert m["budget/train_seconds"] > 0
+        assert m["budget/train_seconds"] > 0 and m["budget/planned_seconds"] == 2.0
         planned[key] = steps
+        tags = track.find_variant_runs(track.client(store), "tiny", key=key)[0].data.tags
+        assert tags["lab.calibration"].startswith("together with small, wide, interleaved")
+        assert tags["lab.threads"] == "2" and tags["lab.threads.source"] == "spec"
     assert planned["small"] > planned["wide"]  # the wider model is slower: fewer steps, same seconds
 
 
