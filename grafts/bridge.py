@@ -8,32 +8,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .levit import ConvNorm, PatchConv, act_layer
+from .levit import ConvNorm, Grid, LayerType, PatchConv
 
-__all__ = ["PoolBridge", "ProjBridge", "VitPatch", "make_patch"]
+__all__ = ["PoolBridge", "ProjBridge", "VitPatch", "PatchConv"]
 
 
 class PoolBridge(nn.Module):
-    """Paper's grafting bridge: adaptive average-pool the prefix map to grid x grid,
-    then a 1x1 projection to the transformer width (BN-foldable when norm=batchnorm)."""
+    """Paper's grafting bridge: average-pool the prefix map to the token grid, then a 1x1
+    projection + ``norm_layer`` to the transformer width (BN-foldable).
 
-    def __init__(self, in_chs: int, dim: int, grid: int, use_bn: bool) -> None:
+    Built for a prefix map ``map_size`` pooled to ``grid``. Another map size (dynamic input
+    size) is pooled by the same factor per axis, so the aspect ratio is kept: a 224x320 input
+    to a 224 model with grid 14 gives 14x20 tokens (never a square grid from a non-square image).
+    """
+
+    def __init__(self, in_chs: int, dim: int, grid: Grid, map_size: Grid,
+                 norm_layer: LayerType = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.grid = grid
-        self.proj = ConvNorm(in_chs, dim, 1, use_bn=use_bn)
+        self.grid, self.map_size = tuple(grid), tuple(map_size)
+        self.proj = ConvNorm(in_chs, dim, 1, norm_layer=norm_layer)
+
+    def out_grid(self, h: int, w: int) -> Grid:
+        """Token grid for a (h, w) prefix map."""
+        if (h, w) == self.map_size:
+            return self.grid
+        return (max(round(h * self.grid[0] / self.map_size[0]), 1),
+                max(round(w * self.grid[1] / self.map_size[1]), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
-            x = F.adaptive_avg_pool2d(x, self.grid)
+        g = self.out_grid(x.shape[-2], x.shape[-1])
+        if (x.shape[-2], x.shape[-1]) != g:
+            x = F.adaptive_avg_pool2d(x, g)
         return self.proj(x)
 
 
 class ProjBridge(nn.Module):
     """timm-hybrid bridge: 1x1 projection at the prefix's native resolution (no pooling)."""
 
-    def __init__(self, in_chs: int, dim: int, use_bn: bool) -> None:
+    def __init__(self, in_chs: int, dim: int, norm_layer: LayerType = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.proj = ConvNorm(in_chs, dim, 1, use_bn=use_bn)
+        self.proj = ConvNorm(in_chs, dim, 1, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -48,10 +62,3 @@ class VitPatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-def make_patch(kind: str, in_chans: int, dim: int, patch_size: int, act: str) -> nn.Module:
-    """Patch embedding used when there is no conv prefix."""
-    if kind == "vit":
-        return VitPatch(in_chans, dim, patch_size)
-    return PatchConv(in_chans, dim, act_layer(act))

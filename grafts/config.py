@@ -8,12 +8,22 @@ from __future__ import annotations
 import copy
 import difflib
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
+
+from .zoo import ZOO
 
 __all__ = [
     "GraftConfigError", "PrefixConfig", "StageConfig", "ModelConfig",
-    "config_from_dict", "config_to_dict", "ENUMS", "PREFIX_STRIDES",
+    "config_from_dict", "config_to_dict", "zoo_config", "ENUMS", "PREFIX_STRIDES", "PREFIX_CHANNELS", "to_hw",
 ]
+
+Size = Union[int, tuple[int, int]]
+
+
+def to_hw(size: Size) -> tuple[int, int]:
+    """(height, width) of an int (square) or a (height, width) pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
 
 
 class GraftConfigError(ValueError):
@@ -75,14 +85,15 @@ _LEVIT_128S_STAGES = (
 class ModelConfig:
     """The ``model`` section of an experiment spec (defaults = a LeViT-128S-like model)."""
     zoo: Optional[str] = None
-    img_size: int = 224
+    img_size: Size = 224             # int (square) or (height, width)
+    dynamic_img_size: bool = False   # accept other input sizes at run time (see README)
     in_chans: int = 3
     num_classes: int = 1000
     drop_path: float = 0.0
     drop_rate: float = 0.0
     prefix: Optional[PrefixConfig] = None
     bridge: str = "pool"
-    grid: Optional[int] = None
+    grid: Optional[Size] = None      # pool-bridge token grid at img_size; int or (height, width)
     patch: str = "levit_conv"
     patch_size: int = 16
     stages: tuple[StageConfig, ...] = _LEVIT_128S_STAGES
@@ -108,22 +119,48 @@ class ModelConfig:
     def has_transformer(self) -> bool:
         return not (len(self.stages) == 1 and self.stages[0].depth == 0)
 
-    def token_grid(self) -> int:
-        """Side of the token grid entering the first transformer stage."""
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """(height, width) of the configured input."""
+        return to_hw(self.img_size)
+
+    @property
+    def token_stride(self) -> tuple[int, int]:
+        """Input pixels per first-stage token along (height, width) at ``img_size``."""
         k = self.prefix_stages
         if k == 0:
-            return self.img_size // (self.patch_size if self.patch == "vit" else 16)
-        if self.bridge == "proj":
-            return self.img_size // PREFIX_STRIDES[k]
-        return self.grid if self.grid is not None else self.img_size // 16
+            s = self.patch_size if self.patch == "vit" else 16
+            return s, s
+        if self.bridge == "proj" or not self.has_transformer:
+            return PREFIX_STRIDES[k], PREFIX_STRIDES[k]
+        (h, w), (gh, gw) = self.img_hw, self.token_grid()
+        return max(h // gh, 1), max(w // gw, 1)
 
-    def stage_resolutions(self) -> list[int]:
-        """Token-grid side of each stage (stride-2 downsampling between stages, ceil)."""
-        r = self.token_grid()
+    def token_grid(self, img_hw: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        """(height, width) of the token grid entering the first transformer stage, for the
+        configured input (or ``img_hw``: the grid a dynamic-size model uses for that input)."""
+        k = self.prefix_stages
+        h, w = img_hw if img_hw is not None else self.img_hw
+        if k == 0:
+            s = self.patch_size if self.patch == "vit" else 16
+            return h // s, w // s
+        if self.bridge == "proj" or not self.has_transformer:
+            return h // PREFIX_STRIDES[k], w // PREFIX_STRIDES[k]
+        ch, cw = self.img_hw
+        gh, gw = to_hw(self.grid) if self.grid is not None else (ch // 16, cw // 16)
+        if img_hw is None:
+            return gh, gw
+        # the pool bridge keeps its configured pooling factor per axis (aspect ratio kept)
+        s = PREFIX_STRIDES[k]
+        return (max(round((h // s) * gh / (ch // s)), 1), max(round((w // s) * gw / (cw // s)), 1))
+
+    def stage_resolutions(self, img_hw: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+        """Token grid (height, width) of each stage (stride-2 downsampling between stages, ceil)."""
+        r = self.token_grid(img_hw)
         out = []
         for i in range(len(self.stages)):
             if i > 0 and self.downsample != "none":
-                r = (r - 1) // 2 + 1
+                r = ((r[0] - 1) // 2 + 1, (r[1] - 1) // 2 + 1)
             out.append(r)
         return out
 
@@ -141,8 +178,8 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- parsing
 
 _FIELD_TYPES: dict[str, Any] = {
-    "zoo": (str, type(None)), "img_size": int, "in_chans": int, "num_classes": int,
-    "drop_path": float, "drop_rate": float, "bridge": str, "grid": (int, type(None)),
+    "zoo": (str, type(None)), "in_chans": int, "num_classes": int, "dynamic_img_size": bool,
+    "drop_path": float, "drop_rate": float, "bridge": str,
     "patch": str, "patch_size": int, "downsample": str, "downsample_attn_ratio": float,
     "downsample_mlp_ratio": float, "position": str, "norm": str, "act": str,
     "attn_act": bool, "qkv_bias": bool, "zero_init_residual": bool, "pool": str,
@@ -208,6 +245,23 @@ def _parse_stage(d: Any, path: str) -> StageConfig:
     return StageConfig(**kw)
 
 
+def _parse_size(v: Any, path: str) -> Optional[Size]:
+    """An int, or a [height, width] pair of ints (a square pair becomes an int); grid may be null."""
+    if v is None and path == "grid":
+        return None
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise GraftConfigError(path, f"must be an int or a list [height, width] of 2 ints, got {len(v)} values")
+        h, w = (_coerce(x, int, f"{path}.{i}") for i, x in enumerate(v))
+        return h if h == w else (h, w)
+    try:
+        return _coerce(v, (int, type(None)) if path == "grid" else int, path)
+    except GraftConfigError:
+        nul = "null, " if path == "grid" else ""
+        raise GraftConfigError(path, f"must be {nul}an int or a list [height, width] of ints, "
+                                     f"got {type(v).__name__} {v!r}") from None
+
+
 def _parse_prefix(d: Any) -> Optional[PrefixConfig]:
     if d is None:
         return None
@@ -234,7 +288,6 @@ def config_from_dict(d: Any) -> ModelConfig:
     d = dict(d)
     zoo = d.get("zoo")
     if zoo is not None:
-        from .zoo import ZOO  # local import: zoo imports this module
         if not isinstance(zoo, str) or zoo not in ZOO:
             m = difflib.get_close_matches(str(zoo), list(ZOO), n=3, cutoff=0.5)
             hint = f" did you mean {', '.join(repr(x) for x in m)}?" if m else ""
@@ -253,6 +306,8 @@ def config_from_dict(d: Any) -> ModelConfig:
             if not isinstance(v, list) or not v:
                 raise GraftConfigError("stages", "must be a non-empty list of {dim, depth, heads, key_dim, attn_ratio, mlp_ratio}")
             kw[k] = tuple(_parse_stage(s, f"stages.{i}") for i, s in enumerate(v))
+        elif k in ("img_size", "grid"):
+            kw[k] = _parse_size(v, k)
         elif k == "downsample_heads":
             if isinstance(v, (list, tuple)):
                 kw[k] = tuple(_coerce(x, int, f"downsample_heads.{i}") for i, x in enumerate(v))
@@ -277,7 +332,7 @@ def config_to_dict(cfg: ModelConfig) -> dict:
             v = None if v is None else asdict(v)
         elif f.name == "stages":
             v = [asdict(s) for s in v]
-        elif f.name == "downsample_heads" and isinstance(v, tuple):
+        elif f.name in ("downsample_heads", "img_size", "grid") and isinstance(v, tuple):
             v = list(v)
         out[f.name] = v
     return out  # every key explicit; ``zoo`` kept as provenance (overrides then re-apply to it)
@@ -294,14 +349,17 @@ def _positive(value: Optional[float], path: str, allow_zero: bool = False) -> No
 
 def validate(cfg: ModelConfig) -> None:
     """Cross-field checks; raises GraftConfigError naming the field."""
-    for name in ("img_size", "in_chans", "patch_size", "downsample_attn_ratio", "downsample_mlp_ratio"):
+    for name in ("in_chans", "patch_size", "downsample_attn_ratio", "downsample_mlp_ratio"):
         _positive(getattr(cfg, name), name)
+    for v in cfg.img_hw:
+        _positive(v, "img_size")
     _positive(cfg.num_classes, "num_classes", allow_zero=True)
     for name in ("drop_path", "drop_rate"):
         v = getattr(cfg, name)
         if not 0.0 <= v < 1.0:
             raise GraftConfigError(name, f"must be in [0, 1), got {v}")
-    _positive(cfg.grid, "grid")
+    for i, v in enumerate(to_hw(cfg.grid) if cfg.grid is not None else ()):
+        _positive(v, "grid" if isinstance(cfg.grid, int) else f"grid.{i}")
     k = cfg.prefix_stages
     n = len(cfg.stages)
     for i, s in enumerate(cfg.stages):
@@ -319,20 +377,21 @@ def validate(cfg: ModelConfig) -> None:
             raise GraftConfigError(f"{p}.attn_ratio", f"attn_ratio * key_dim must be an integer value dim, got {s.attn_ratio * s.kd}")
         if s.depth == 0 and not (n == 1 and k == 4):
             raise GraftConfigError(f"{p}.depth", "depth 0 is allowed only for a single stage after a 4-stage prefix (pure ResNet-50)")
-    # token geometry
+    # token geometry (every axis)
+    size = "x".join(map(str, cfg.img_hw))
     if k == 0:
         stride = cfg.patch_size if cfg.patch == "vit" else 16
-        if cfg.img_size % stride:
-            raise GraftConfigError("img_size", f"{cfg.img_size} is not divisible by the patch stride {stride}")
+        if any(v % stride for v in cfg.img_hw):
+            raise GraftConfigError("img_size", f"{size} is not divisible by the patch stride {stride}")
     else:
         stride = PREFIX_STRIDES[k]
-        if cfg.img_size % stride:
-            raise GraftConfigError("img_size", f"{cfg.img_size} is not divisible by the ResNet-50 prefix stride {stride} (k={k})")
-        if cfg.bridge == "pool" and cfg.grid is None and cfg.img_size % 16:
-            raise GraftConfigError("img_size", f"{cfg.img_size} is not divisible by 16 (grid null -> img_size // 16); set grid")
+        if any(v % stride for v in cfg.img_hw):
+            raise GraftConfigError("img_size", f"{size} is not divisible by the ResNet-50 prefix stride {stride} (k={k})")
+        if cfg.bridge == "pool" and cfg.grid is None and any(v % 16 for v in cfg.img_hw):
+            raise GraftConfigError("img_size", f"{size} is not divisible by 16 (grid null -> img_size // 16); set grid")
     if not cfg.has_transformer:
         return
-    if cfg.token_grid() < 1:
+    if min(cfg.token_grid()) < 1:
         raise GraftConfigError("img_size", "token grid is empty")
     if n > 1:
         if cfg.pool == "cls":
@@ -352,3 +411,10 @@ def validate(cfg: ModelConfig) -> None:
                 kd = cfg.stages[i - 1].kd
                 if float(cfg.downsample_attn_ratio * kd) != int(cfg.downsample_attn_ratio * kd):
                     raise GraftConfigError("downsample_attn_ratio", "downsample_attn_ratio * key_dim must be an integer")
+
+
+def zoo_config(name: str) -> dict[str, Any]:
+    """A copy of the zoo entry's plain dict (raises GraftConfigError for unknown names)."""
+    if name not in ZOO:
+        config_from_dict({"zoo": name})  # raises with close matches
+    return copy.deepcopy(ZOO[name])

@@ -16,7 +16,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _meta_model(model_or_cfg: Any, img_size: Optional[int]) -> tuple[nn.Module, int, int]:
+Size = Union[int, tuple[int, int]]
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _meta_model(model_or_cfg: Any, img_size: Optional[Size]) -> tuple[nn.Module, tuple[int, int], int]:
     """Build on the meta device from a config (fast even for big models)."""
     from .build import GraftModel
     from .config import config_from_dict, config_to_dict
@@ -27,7 +34,7 @@ def _meta_model(model_or_cfg: Any, img_size: Optional[int]) -> tuple[nn.Module, 
     cfg = config_from_dict(d)
     with torch.device("meta"):
         m = GraftModel(cfg)
-    return m.eval(), cfg.img_size, cfg.in_chans
+    return m.eval(), cfg.img_hw, cfg.in_chans
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> FlopCounterMode:
@@ -37,27 +44,27 @@ def _flops(model: nn.Module, x: torch.Tensor) -> FlopCounterMode:
     return counter
 
 
-def count_macs(model_or_cfg: Union[nn.Module, dict, Any], img_size: Optional[int] = None) -> int:
+def count_macs(model_or_cfg: Union[nn.Module, dict, Any], img_size: Optional[Size] = None) -> int:
     """Multiply-adds per image (batch 1, fp32, eval). GraftModels and configs are rebuilt on
     the meta device (no memory, no compute); any other module runs on CPU."""
     from .build import GraftModel
     if isinstance(model_or_cfg, nn.Module) and not isinstance(model_or_cfg, GraftModel):
-        size = img_size or 224
+        h, w = _hw(img_size or 224)
         m = copy.deepcopy(model_or_cfg).eval()
         in_chans = getattr(m, "in_chans", 3)
         dev = next(m.parameters()).device if any(True for _ in m.parameters()) else "cpu"
-        x = torch.zeros(1, in_chans, size, size, device=dev)
+        x = torch.zeros(1, in_chans, h, w, device=dev)
     else:
-        m, size, in_chans = _meta_model(model_or_cfg, img_size)
-        x = torch.zeros(1, in_chans, size, size, device="meta")
+        m, (h, w), in_chans = _meta_model(model_or_cfg, img_size)
+        x = torch.zeros(1, in_chans, h, w, device="meta")
     return _flops(m, x).get_total_flops() // 2
 
 
-def count_macs_split(model_or_cfg: Any, img_size: Optional[int] = None) -> dict[str, int]:
+def count_macs_split(model_or_cfg: Any, img_size: Optional[Size] = None) -> dict[str, int]:
     """MACs split into the conv part (prefix / patch embedding / bridge) and the rest
     (transformer + head), as in the paper's grafting table."""
-    m, size, in_chans = _meta_model(model_or_cfg, img_size)
-    x = torch.zeros(1, in_chans, size, size, device="meta")
+    m, (h, w), in_chans = _meta_model(model_or_cfg, img_size)
+    x = torch.zeros(1, in_chans, h, w, device="meta")
     counter = _flops(m, x)
     per_mod = counter.get_flop_counts()
     total = counter.get_total_flops()

@@ -5,6 +5,8 @@ layer1..layer_k, so a k-stage prefix is bit-for-bit timm's architecture and init
 """
 from __future__ import annotations
 
+from typing import Union
+
 import timm
 import torch
 import torch.nn as nn
@@ -31,7 +33,22 @@ class ResNetPrefix(nn.Module):
         for i in range(1, stages + 1):
             self.add_module(f"layer{i}", getattr(full, f"layer{i}"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.children():
+    @staticmethod
+    def channels(stages: int) -> int:
+        """Output channels after ``stages`` stages."""
+        return PREFIX_CHANNELS[stages]
+
+    def feature_info(self) -> list[dict]:
+        """timm feature_info of the kept stages (``prefix.layerI``: channels, reduction)."""
+        return [dict(num_chs=PREFIX_CHANNELS[i], reduction=PREFIX_STRIDES[i], module=f"prefix.layer{i}")
+                for i in range(1, self.stages + 1)]
+
+    def forward(self, x: torch.Tensor, intermediates: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Output map; with ``intermediates`` (output, [output of layer1..layer_k])."""
+        feats = []
+        for name, m in self.named_children():
             x = m(x)
-        return x
+            if intermediates and name.startswith("layer"):
+                feats.append(x)
+        return (x, feats) if intermediates else x

@@ -1,20 +1,22 @@
 """Transformer blocks and stages shared by DeiT-style and LeViT-style models.
 
-One Block class covers both: ``norm='layernorm'`` gives DeiT pre-norm blocks (timm Mlp,
-biased linears); ``norm='batchnorm'`` gives LeViT blocks (no LayerNorm, BN after every
-linear). The downsampling between pyramid stages is a separate module.
+Blocks take their layers as classes (or ``functools.partial`` of them), the timm way:
+``attn_layer`` (Attention / SubsampleAttention / PoolProject), ``mlp_layer`` (NormMlp for
+LeViT, DeitMlp for DeiT), ``norm_layer`` (the pre-norm of each residual branch: LayerNorm for
+DeiT, None for LeViT, whose BatchNorms sit inside the BN-linears). ``grafts.build`` picks
+them from the config. Every module's forward takes the token grid ``hw`` (None: as built).
 """
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from .levit import Attention, LinearNorm, NormMlp, SubsampleAttention
+from .levit import Grid, LayerType, LinearNorm
 
-__all__ = ["Block", "Downsample", "Stage", "make_mlp", "residual_add"]
+__all__ = ["Block", "Downsample", "Stage", "PoolProject", "DeitMlp", "residual_add"]
 
 
 def residual_add(x: torch.Tensor, branch: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -27,100 +29,109 @@ def residual_add(x: torch.Tensor, branch: torch.Tensor, inplace: bool = False) -
     return branch.add_(x)
 
 
-def make_mlp(dim: int, ratio: float, norm: str, act: Type[nn.Module], zero_init: bool,
-             drop: float) -> nn.Module:
-    """MLP for a residual branch: timm Mlp (layernorm) or LeViT BN MLP (batchnorm)."""
-    hidden = int(dim * ratio)
-    if norm == "batchnorm":
-        return NormMlp(dim, hidden, act, zero_init, drop)
-    mlp = Mlp(dim, hidden, act_layer=act, drop=drop)
-    for m in (mlp.fc1, mlp.fc2):
-        trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    if zero_init:
-        nn.init.zeros_(mlp.fc2.weight)
-    return mlp
+class DeitMlp(Mlp):
+    """timm's Mlp (biased linears; keys ``fc1``/``fc2``) with DeiT's init; ``zero_init`` zeroes
+    the output projection (a residual branch that starts as identity)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, *, act_layer: Callable[..., nn.Module] = nn.GELU,
+                 zero_init: bool = False, drop: float = 0.0) -> None:
+        super().__init__(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        for m in (self.fc1, self.fc2):
+            trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        if zero_init:
+            nn.init.zeros_(self.fc2.weight)
 
 
-def _norm(norm: str, dim: int) -> nn.Module:
-    """Pre-norm of a residual branch: LayerNorm for DeiT, nothing for LeViT (BN is inside)."""
-    return nn.LayerNorm(dim, eps=1e-6) if norm == "layernorm" else nn.Identity()
+def _norm(norm_layer: LayerType, dim: int) -> nn.Module:
+    return norm_layer(dim) if norm_layer is not None else nn.Identity()
 
 
 class Block(nn.Module):
-    """Residual attention + residual MLP."""
+    """Residual attention + residual MLP: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``.
+
+    ``attn_layer(dim, resolution)`` and ``mlp_layer(dim)`` build the branches (partials carry
+    their other arguments); ``norm_layer`` is the pre-norm (None: none, LeViT)."""
 
     inplace = False  # in-place residual adds (inference copies made by grafts.fuse)
 
-    def __init__(self, dim: int, key_dim: int, heads: int, attn_ratio: float, mlp_ratio: float,
-                 resolution: int, norm: str, act: Type[nn.Module],
-                 attn_act: Optional[Type[nn.Module]], qkv_bias: bool, position_bias: bool,
-                 zero_init: bool, drop_path: float, drop: float, n_extra: int = 0) -> None:
+    def __init__(self, dim: int, resolution: Grid, *, attn_layer: Callable[..., nn.Module],
+                 mlp_layer: Callable[..., nn.Module], norm_layer: LayerType = None,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = _norm(norm, dim)
-        self.attn = Attention(dim, key_dim, heads, attn_ratio, resolution, norm == "batchnorm",
-                              attn_act, qkv_bias, position_bias, zero_init, n_extra)
+        self.norm1 = _norm(norm_layer, dim)
+        self.attn = attn_layer(dim, resolution)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = _norm(norm, dim)
-        self.mlp = make_mlp(dim, mlp_ratio, norm, act, zero_init, drop)
+        self.norm2 = _norm(norm_layer, dim)
+        self.mlp = mlp_layer(dim)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = residual_add(x, self.drop_path1(self.attn(self.norm1(x))), self.inplace)
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        x = residual_add(x, self.drop_path1(self.attn(self.norm1(x), hw)), self.inplace)
         return residual_add(x, self.drop_path2(self.mlp(self.norm2(x))), self.inplace)
 
 
 class PoolProject(nn.Module):
-    """2x2 average pooling of the token grid (ceil) then a linear/BN projection to ``out_dim``."""
+    """2x2 average pooling of the token grid (ceil) then a linear + ``norm_layer`` to ``out_dim``."""
 
-    def __init__(self, in_dim: int, out_dim: int, resolution: int, use_bn: bool) -> None:
+    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *,
+                 norm_layer: LayerType = nn.BatchNorm1d) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution = tuple(resolution)
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
-        self.proj = LinearNorm(in_dim, out_dim, use_bn, bias=True)
+        self.proj = LinearNorm(in_dim, out_dim, norm_layer, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, N, C = x.shape
-        r = self.resolution
-        # pool the (B, r, r, C) token grid as a channels-last NCHW view: no copy in, and the
+        rh, rw = hw if hw is not None else self.resolution
+        # pool the (B, rh, rw, C) token grid as a channels-last NCHW view: no copy in, and the
         # channels-last result flattens back to contiguous (B, N', C) tokens for free
-        x = self.pool(x.reshape(B, r, r, C).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        x = self.pool(x.reshape(B, rh, rw, C).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
         return self.proj(x)
 
 
 class Downsample(nn.Module):
-    """Between-stage transition: shrink attention or pool+projection, then a residual MLP."""
+    """Between-stage transition: ``attn_layer(in_dim, out_dim, resolution)`` (shrink attention
+    or pool + projection), then a residual MLP at ``out_dim``."""
 
     inplace = False  # in-place residual add (inference copies made by grafts.fuse)
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, key_dim: int, heads: int,
-                 attn_ratio: float, mlp_ratio: float, resolution: int, norm: str,
-                 act: Type[nn.Module], attn_act: Optional[Type[nn.Module]], qkv_bias: bool,
-                 position_bias: bool, zero_init: bool, drop_path: float, drop: float) -> None:
+    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *,
+                 attn_layer: Callable[..., nn.Module], mlp_layer: Callable[..., nn.Module],
+                 norm_layer: LayerType = None, drop_path: float = 0.0) -> None:
         super().__init__()
-        use_bn = norm == "batchnorm"
-        self.norm1 = _norm(norm, in_dim)
-        if kind == "shrink_attention":
-            self.attn = SubsampleAttention(in_dim, out_dim, key_dim, heads, attn_ratio, resolution,
-                                           use_bn, attn_act, qkv_bias, position_bias)
-        else:
-            self.attn = PoolProject(in_dim, out_dim, resolution, use_bn)
-        self.norm2 = _norm(norm, out_dim)
-        self.mlp = make_mlp(out_dim, mlp_ratio, norm, act, zero_init, drop)
+        self.norm1 = _norm(norm_layer, in_dim)
+        self.attn = attn_layer(in_dim, out_dim, resolution)
+        self.norm2 = _norm(norm_layer, out_dim)
+        self.mlp = mlp_layer(out_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        x = self.attn(self.norm1(x), hw)
         return residual_add(x, self.drop_path(self.mlp(self.norm2(x))), self.inplace)
 
 
-class Stage(nn.Module):
-    """Optional downsample (stages >= 1) then ``depth`` blocks."""
+def _half(hw: Grid) -> Grid:
+    return (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
 
-    def __init__(self, downsample: Optional[nn.Module], blocks: list[nn.Module]) -> None:
+
+class Stage(nn.Module):
+    """Optional downsample (stages >= 1) then ``depth`` blocks. ``forward(x, hw)`` takes the
+    input token grid and returns (tokens, output grid)."""
+
+    grad_checkpointing = False
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+    def forward(self, x: torch.Tensor, hw: Grid) -> tuple[torch.Tensor, Grid]:
+        if not isinstance(self.downsample, nn.Identity):
+            x, hw = self.downsample(x, hw), _half(hw)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+        return x, hw

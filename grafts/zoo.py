@@ -1,13 +1,14 @@
-"""Named model configs (plain dicts, same schema as the ``model`` spec section), also
-registered in timm as ``grafts_<name>`` so ``timm.create_model('grafts_levit_256')``
-builds ours while timm's own ``levit_256`` stays timm's."""
+"""Named model configs (plain dicts, same schema as the ``model`` spec section): data only.
+
+``config.zoo_config(name)`` returns a copy; ``build.register_timm()`` registers every entry in
+timm as ``grafts_<name>`` (through timm's ``build_model_with_cfg``, with a pretrained_cfg each)
+so ``timm.create_model('grafts_levit_256')`` builds ours while timm's own ``levit_256`` stays timm's."""
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any
 
-__all__ = ["ZOO", "zoo_names", "zoo_config", "register_timm"]
+__all__ = ["ZOO", "zoo_names"]
 
 
 def _levit(dims, key_dim, heads, depths, drop_path=0.0) -> dict:
@@ -84,41 +85,3 @@ for _n, _over in _ablations.items():
 def zoo_names() -> list[str]:
     """All zoo entry names."""
     return list(ZOO)
-
-
-def zoo_config(name: str) -> dict[str, Any]:
-    """A copy of the zoo entry's plain dict (raises GraftConfigError for unknown names)."""
-    if name not in ZOO:
-        from .config import config_from_dict
-        config_from_dict({"zoo": name})  # raises with close matches
-    return copy.deepcopy(ZOO[name])
-
-
-_TIMM_IGNORED = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "checkpoint_path")
-
-
-def _make_entrypoint(name: str):
-    def fn(pretrained: bool = False, **kwargs: Any):
-        if pretrained:
-            raise ValueError(f"grafts_{name}: no pretrained weights (use load_timm_levit for LeViT)")
-        from .build import build
-        over = {k: v for k, v in kwargs.items() if k not in _TIMM_IGNORED}
-        if "drop_path_rate" in over:
-            over["drop_path"] = over.pop("drop_path_rate")
-        return build({"zoo": name, **over})
-    fn.__name__ = f"grafts_{name}"
-    fn.__qualname__ = fn.__name__
-    fn.__module__ = __name__
-    fn.__doc__ = f"grafts zoo entry {name!r} (see grafts/README.md)."
-    return fn
-
-
-def register_timm() -> None:
-    """Register every zoo entry as ``grafts_<name>`` in timm (idempotent)."""
-    from timm.models import is_model, register_model
-    mod = sys.modules[__name__]
-    for name in ZOO:
-        fn = _make_entrypoint(name)
-        setattr(mod, fn.__name__, fn)
-        if not is_model(fn.__name__):
-            register_model(fn)

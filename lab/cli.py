@@ -16,7 +16,7 @@ from typing import Any
 from lab.errors import LabError
 
 # Modules that contribute subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ("lab.cli", "lab.runner", "lab.measure", "lab.report")
+COMMAND_MODULES = ("lab.cli", "lab.runner", "lab.measure", "lab.report", "lab.export_command")
 
 
 def emit_json(obj: Any) -> None:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from lab import lease
 from lab.errors import LabError, close_matches
+from lab.figures import pyplot, save_figure
 
 X_KINDS = ("images_seen", "epoch", "train_seconds", "step")
 X_LABELS = {"images_seen": "images seen", "epoch": "epoch", "train_seconds": "training time (s)",
@@ -493,16 +494,7 @@ def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "va
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
+_plt = pyplot  # (pyplot, seaborn) with the lab theme (lab.figures)
 
 
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
@@ -589,18 +581,6 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None):
     return fig
 
 
-def save_figure(fig, stem: str | Path) -> list[Path]:
-    """Write STEM.png (150 dpi) and STEM.svg; returns both paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "svg"):
-        p = stem.with_name(stem.name + "." + ext)
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-        paths.append(p)
-    return paths
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -645,6 +625,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if df.empty:
         raise LabError(f"no variant runs in {', '.join(args.experiment)}" + (" matching the --tag filter" if args.tag else ""))
     name = "_".join(args.experiment)
+    if args.kind in ("filters", "attention-bias"):  # lab.inspection: from the runs' final weights
+        from lab.inspection_plot import cmd_plot
+
+        stem = _out_stem(args.out, f"{name}_{args.kind.replace('-', '_')}")
+        for p in cmd_plot(df, args.kind, stem, max_images=args.images):
+            print(p)
+        return 0
     if args.kind == "pareto":
         data = pareto_data(df, device=args.device)
         dev = data["device"].iloc[0] if not data.empty else (args.device or pick_device(df))
@@ -674,9 +661,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="variant key to compare against (default: the spec's baseline, else the first)")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("plot", help="Pareto (top-1 vs throughput) or convergence plot, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto, convergence, first-layer filters or attention bias/distance, as PNG and SVG")
     _common(p)
-    p.add_argument("--kind", choices=["pareto", "convergence"], default="pareto")
+    p.add_argument("--kind", choices=["pareto", "convergence", "filters", "attention-bias"], default="pareto",
+                   help="filters: first-layer filter grids; attention-bias: bias maps per head and the mean attention "
+                        "distance per layer (both from each finished run's final weights)")
+    p.add_argument("--images", type=int, default=64,
+                   help="attention-bias: validation images for runs that did not log their attention distance")
     p.add_argument("--x", choices=[k for k in X_KINDS], default="images_seen", help="convergence x-axis")
     p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
     p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")

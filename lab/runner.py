@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from lab import paths, track
 from lab.errors import LabError, close_matches
+from lab.weights import apply_init, init_dependency, record_init
 
 LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
@@ -83,6 +84,9 @@ def order_variants(variants: list) -> list:
         d = v.train.distill
         if d is not None and d.variant and d.variant in by_key:
             visit(by_key[d.variant])
+        dep = init_dependency(v)  # model.init.variant: the weights come from that variant
+        if dep is not None and dep in by_key:
+            visit(by_key[dep])
         visiting.discard(v.key)
         seen.add(v.key)
         out.append(v)
@@ -98,10 +102,12 @@ def with_teachers(selected: list, variants: list) -> list:
     want = {v.key for v in selected}
     stack = list(selected)
     while stack:
-        d = stack.pop().train.distill
-        if d is not None and d.variant and d.variant not in want:
-            want.add(d.variant)
-            stack.append(by_key[d.variant])
+        cur = stack.pop()
+        d = cur.train.distill
+        for dep in (d.variant if d is not None else None, init_dependency(cur)):
+            if dep and dep not in want and dep in by_key:
+                want.add(dep)
+                stack.append(by_key[dep])
     return [v for v in variants if v.key in want]
 
 
@@ -129,6 +135,14 @@ def preflight(variants: list, datamodules: dict) -> None:
         if d is not None and d.checkpoint and _find_file(d.checkpoint, v.source) is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
                            path=f"variants.{v.key}.train.distill.checkpoint")
+        size = v.model.get("img_size")
+        if size is not None and not v.model.get("dynamic_img_size") and size != v.data.image_size:
+            raise LabError(f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
+                           "images); set them equal, or model.dynamic_img_size: true", file=v.source,
+                           path=f"variants.{v.key}.model.img_size")
+        if v.init is not None and v.init.checkpoint and _find_file(v.init.checkpoint, v.source) is None:
+            raise LabError(f"init checkpoint not found: {v.init.checkpoint}", file=v.source,
+                           path=f"variants.{v.key}.model.init.checkpoint")
 
 
 def _find_file(path: str, spec_file: Optional[str]) -> Optional[Path]:
@@ -339,6 +353,11 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
 
     tr = v.train
     b = build_variant(v, ctx)
+    if v.init is not None and resume_ckpt is None:  # model.init (a resumed run restores its own weights)
+        init = apply_init(b.model, v, ctx.cl, ctx.uri, ctx.variants)
+        ctx.say(f"[{v.key}] {init.line()}")
+        if ctx.rank_zero:
+            record_init(ctx.cl, run_id, init)
     model, params, macs, world, global_batch = b.model, b.params, b.macs, b.world, b.global_batch
     train_size, steps_per_epoch, dm, device, make_module = b.train_size, b.steps_per_epoch, b.dm, b.device, b.make_module
     precision, trainer_kw = b.precision, b.trainer_kw
@@ -441,11 +460,27 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         final_path = save_final(ckdir / "final.pt", module, v.model, variant=v.key, hash=v.hash, steps=steps)
         if v.tracking.log_checkpoint:
             track.log_artifact_file(ctx.cl, run_id, final_path, "checkpoint")
+        if v.tracking.inspect:
+            inspect_trained(v, ctx, run_id, module.eval_model, dm, steps)
     record.update(steps=steps, top1=final["final/val_top1"], best_top1=final["best/val_top1"],
                   train_seconds=timer.train_seconds, images_seen=use["budget/images_seen"])
     if v.bench.after_train and trainer.is_global_zero and ctx.rank_zero:
         record["imgs_per_s"] = bench_after_train(v, module.model, b.accelerator, ctx, run_id)
     return record
+
+
+def inspect_trained(v, ctx: Context, run_id: str, model, dm, step: int) -> None:
+    """Filters, attention-bias maps and mean attention distance of the trained model onto its run
+    (lab.inspection); a failure is tagged `lab.inspect_error` and never fails the trained run."""
+    from lab.inspection_plot import log_inspection
+
+    n = v.tracking.inspect_images
+    try:
+        batches = (x for x, _ in dm.val_dataloader())  # also tells grey (MNIST) from colour input
+        log_inspection(ctx.cl, run_id, model, batches, label=v.key, max_images=n, step=step)
+    except Exception as e:  # noqa: BLE001
+        track.set_tags(ctx.cl, run_id, {"lab.inspect_error": track.short_error(e)})
+        ctx.say(f"warning: {v.key}: inspection not recorded (the trained run stands): {track.short_error(e)}")
 
 
 def bench_after_train(v, model, accelerator: str, ctx: Context, run_id: str) -> Optional[float]:

@@ -82,6 +82,25 @@ class TeacherSpec(Strict):
         return self
 
 
+class InitSpec(Strict):
+    """`model.init`: start a variant from weights instead of a random init (fine-tuning)."""
+
+    checkpoint: Optional[str] = Field(None, description="a weights file: a lab final.pt, a Lightning .ckpt, a "
+                                      "state dict, or a timm levit_*/resnet50 state dict saved locally")
+    variant: Optional[str] = Field(None, description="a finished variant: 'KEY' (this experiment, trained "
+                                   "first) or 'EXPERIMENT/KEY' (newest finished run in the same store)")
+    include: Optional[list[str]] = Field(None, description="only keys starting with one of these, e.g. ['prefix.']")
+    exclude: list[str] = Field(default_factory=list, description="never keys starting with one of these, e.g. ['head']")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.variant is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of model.init.checkpoint or model.init.variant")
+        if self.variant is not None and not re.fullmatch(r"(?:[A-Za-z0-9_.\-]+/)?[A-Za-z0-9_.\-=]+", self.variant):
+            raise ValueError("model.init.variant is 'KEY' or 'EXPERIMENT/KEY' (letters, digits, _ . - =)")
+        return self
+
+
 class TrainSpec(Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -161,6 +180,10 @@ class TrackingSpec(Strict):
     keep: Literal["final", "last", "all"] = Field(
         "final", description="after FINISHED keep: final = the final weights once (resume checkpoints deleted; "
                              "final.pt only in MLflow when log_checkpoint), last = also last.ckpt, all = everything")
+    inspect: bool = Field(True, description="after training: first-layer filters, attention-bias maps and mean "
+                                            "attention distance as metrics and figures (lab.inspection)")
+    inspect_images: int = Field(64, ge=0, le=4096, description="validation images for the mean attention distance "
+                                                                "(0 = skip it; filters and biases need none)")
 
 
 class ReferenceFigures(Strict):
@@ -246,11 +269,15 @@ class Variant(BaseModel):
     reference: Optional[ReferenceFigures] = None
     tags: dict[str, str] = Field(default_factory=dict)
     source: str = ""
+    init: Optional[InitSpec] = Field(None, description="model.init: where the starting weights come from")
     changes: str = Field("", description="what this variant changes vs the experiment's baseline, in words")
 
     def resolved(self) -> dict[str, Any]:
         """The variant as one plain dict (what is logged and hashed)."""
-        return {"experiment": self.experiment, "key": self.key, **{s: _plain(getattr(self, s)) for s in SECTIONS}}
+        out = {"experiment": self.experiment, "key": self.key, **{s: _plain(getattr(self, s)) for s in SECTIONS}}
+        if self.init is not None:
+            out["model"] = {**out["model"], "init": _plain(self.init)}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({**self.resolved(), "hash": self.hash, "overrides": self.overrides}, sort_keys=False)
@@ -484,11 +511,17 @@ def _validate(cls: type[BaseModel], raw: dict, file: str, prefix: str = "") -> A
 
 
 def _check_model(model: dict[str, Any], file: str, prefix: str) -> dict[str, Any]:
-    """Validate and resolve the model section with grafts (zoo base + overrides)."""
+    """Validate and resolve the model section with grafts (zoo base + overrides); a `model.init`
+    entry is validated by InitSpec and kept (as a plain dict) beside the grafts keys."""
     import grafts
 
+    model = dict(model)
+    init = model.pop("init", None)
     try:
-        return grafts.config_to_dict(grafts.config_from_dict(model))
+        out = grafts.config_to_dict(grafts.config_from_dict(model))
+        if init is not None:
+            out["init"] = _validate(InitSpec, init, file, f"{prefix}.init").model_dump(mode="json")
+        return out
     except grafts.GraftConfigError as e:
         raise SpecError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
                         file=file, path=f"{prefix}.{e.path}" if e.path else prefix) from None
@@ -641,16 +674,27 @@ def iter_expand(spec: ExperimentSpec, *, check_models: bool = True):
         if isinstance(nc, bool) or (nc is not None and (not isinstance(nc, int) or nc < 2)):
             raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
                             path=f"{where}.model.num_classes".lstrip("."))
-        resolved = {s: _plain(v) for s, v in sections.items()} | {"model": model}
+        resolved = {s: _plain(v) for s, v in sections.items()} | {"model": model}  # init hashed with the model
+        init = None
+        if isinstance(model.get("init"), dict):
+            model = dict(model)
+            init = _validate(InitSpec, model.pop("init"), file, f"{where}.model.init".lstrip("."))
         v = Variant(
             experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
-            model=model, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
+            model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
             source=file, **sections,
         )
         v.changes = describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
         if v.train.distill and v.train.distill.variant and v.train.distill.variant not in key_set:
             raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
                             path=f"variants.{v.key}.train.distill.variant")
+        if v.init and v.init.variant and "/" not in v.init.variant and v.init.variant not in key_set:
+            raise SpecError(f"no variant named '{v.init.variant}'{close_matches(v.init.variant, keys)}"
+                            " (another experiment's: 'EXPERIMENT/KEY')", file=file,
+                            path=f"variants.{v.key}.model.init.variant".replace("variants.base.", ""))
+        if v.init and v.init.variant == v.key:
+            raise SpecError("a variant cannot start from its own weights", file=file,
+                            path=f"variants.{v.key}.model.init.variant")
         yield v
 
 

@@ -188,7 +188,7 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
     if exp is None:
         return []
     flt = ["tags.`lab.role` = 'variant'"]
-    if key is not None:
+    if key is not None and not ("'" in key and '"' in key):  # else filtered below (no MLflow literal for it)
         flt.append(f"tags.`lab.variant` = {_quote(key)}")
     if hash is not None:
         flt.append(f"tags.`lab.hash` = {_quote(hash)}")
@@ -200,6 +200,8 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
         token = page.token
         if not token:
             break
+    if key is not None:
+        runs = [r for r in runs if r.data.tags.get("lab.variant") == key]
     if statuses is not None:
         st = set(statuses)
         runs = [r for r in runs if r.info.status in st]

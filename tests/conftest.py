@@ -31,6 +31,9 @@ def tiny_spec_dict(name: str = "tiny", **sections) -> dict:
         "model": dict(TINY_MODEL),
         "train": {"lr": 3e-3, "log_every": 2, "eval_every": 5, "threads": 2, "warmup": 0.1},
         "budget": {"steps": 12},
+        # the after-training inspection (figures) costs ~1-2 s per variant: tests/test_inspection.py
+        # turns it on where it is the subject
+        "tracking": {"inspect": False},
         # inference throughput after training costs seconds per variant: on only where a test asks
         "bench": {"after_train": False},
     }

@@ -133,9 +133,9 @@ def test_ablation_rows(name):
 
 def _bias_entries(cfg: grafts.ModelConfig) -> int:
     res = cfg.stage_resolutions()
-    n = sum(s.depth * s.heads * res[i] ** 2 for i, s in enumerate(cfg.stages))
+    n = sum(s.depth * s.heads * res[i][0] * res[i][1] for i, s in enumerate(cfg.stages))
     if cfg.downsample == "shrink_attention":
-        n += sum(cfg.downsample_heads_for(i) * res[i - 1] ** 2 for i in range(1, len(cfg.stages)))
+        n += sum(cfg.downsample_heads_for(i) * res[i - 1][0] * res[i - 1][1] for i in range(1, len(cfg.stages)))
     return n
 
 

@@ -7,10 +7,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from test_inspection import inspected_store
 from test_report import shared_store
 
 ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb"]
+NOTEBOOKS = ["convergence.ipynb", "ablation.ipynb", "inspection.ipynb"]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,19 @@ def test_notebook_executes(name, experiments, images, store_uri, monkeypatch):
         assert r"\begin{tabular}" in text
     else:  # a RUNNING grid variant and the really trained runs are plotted too
         assert "fam/depth=2 (running)" in text and "tinyrun/bias" in text
+
+
+@pytest.mark.slow
+def test_inspection_notebook_executes(tmp_path_factory, monkeypatch):
+    """analysis/inspection.ipynb on really trained runs (tests/test_inspection.py's store): curves,
+    filters, one bias figure (the one variant with attention bias), distances, the summary table."""
+    uri, _ = inspected_store(tmp_path_factory)
+    monkeypatch.setenv("LAB_EXPERIMENT", "tinyinspect")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    nb = nbformat.read(ANALYSIS / "inspection.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=180,
+                   resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    text, n_images = _outputs(nb)
+    assert n_images == 4
+    assert "vit_patch" in text and "resnet_stem" in text and "distance first (px)" in text
+    assert "old: attention distance computed now" in text  # the run without logged distances

@@ -44,7 +44,7 @@ class Store:
 
 
 def _spec(root: Path, uri: str, doc: dict) -> tuple:
-    doc = {**doc, "tracking": {"uri": uri, "log_checkpoint": False}}
+    doc = {**doc, "tracking": {"uri": uri, "log_checkpoint": False, "inspect": False}}
     path = root / f"{doc['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     spec = S.load_spec(path)
