@@ -352,6 +352,7 @@ class Inspection:
     smoothness: torch.Tensor | None
     bias: list[dict[str, Any]] = field(default_factory=list)
     distances: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""  # why attention was not inspected (e.g. a non-square token grid)
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics: SMOOTHNESS_METRIC(_MEDIAN), DISTANCE_METRIC and `distance_metric(layer[, head])`."""
@@ -383,6 +384,7 @@ class Inspection:
                       "kind": b["site"].kind, "maps": [[[round(float(v), 5) for v in row] for row in head]
                                                        for head in b["maps"]]} for b in self.bias],
             "distances": [{k: v for k, v in r.items()} for r in self.distances],
+            "note": self.note,
         }
 
 
@@ -408,7 +410,14 @@ def inspect_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = Non
         fl: FirstLayer | None = first_layer(model, grey=bool(grey))
     except ValueError:
         fl = None
-    return Inspection(
-        filters=fl, smoothness=smoothness(fl.weight) if fl is not None else None, bias=bias_maps(model),
-        distances=attention_distances(model, batches, max_images) if batches is not None and max_images > 0 else [])
+    ins = Inspection(filters=fl, smoothness=smoothness(fl.weight) if fl is not None else None)
+    try:
+        attention_sites(model)
+    except ValueError as e:  # a non-square token grid: the filters still stand
+        ins.note = str(e)
+        return ins
+    ins.bias = bias_maps(model)
+    if batches is not None and max_images > 0:
+        ins.distances = attention_distances(model, batches, max_images)
+    return ins
 

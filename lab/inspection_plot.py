@@ -354,7 +354,13 @@ def collect(df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 
             filters = {"kind": fl.kind, "weight": fl.weight, "smoothness": smoothness(fl.weight)}
         except ValueError:
             filters = None
-        bias = _bias_layers(bias_maps(model))
+        try:
+            bias = _bias_layers(bias_maps(model))
+        except ValueError as e:  # a non-square token grid: filters only
+            say(f"{row['key']}: attention not inspected ({e})")
+            out.append(RunInspection(row=row, label=label, filters=filters, bias=[],
+                                     distances=distance_frame(label, row["run_id"], []), note=str(e)))
+            continue
         dist = _logged_distances(row, label) if want_distances else distance_frame(label, row["run_id"], [])
         note = ""
         if want_distances and dist.empty and getattr(model, "has_transformer", False):

@@ -913,6 +913,8 @@ def _fmt_line(r: dict) -> str:
     secs = f"{r['train_seconds']:.1f}s" if isinstance(r.get("train_seconds"), (int, float)) else "-"
     line = (f"{r['key']:<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
             f"{r['budget']:<24} {r['status']:<8} top-1 {top1:>7}  train {secs:>7}")
+    if isinstance(r.get("imgs_per_s"), (int, float)):
+        line += f"  {r['imgs_per_s']:.0f} img/s"
     if r.get("error"):
         line += f"  error: {r['error']}"
     return line
@@ -924,6 +926,8 @@ def quiet_logs() -> None:
     import warnings
 
     import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: import first, then lower
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading calibration.json back
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
                  "alembic", "alembic.runtime.migration"):

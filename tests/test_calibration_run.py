@@ -128,3 +128,18 @@ def test_thread_choice_policy_spec_and_cpu_ranks(write_spec):
     assert c.threads == 3 and c.source == "spec"
     c = thread_choice(vs["ddp"], ctx)  # two CPU ranks on this machine share the policy's threads
     assert c.threads == 3 and "shared by 2 training processes" in c.reason
+
+
+@pytest.mark.slow
+def test_a_variant_failing_in_calibration_does_not_stop_the_others(store, write_spec):
+    doc = tiny_spec_dict(budget={"seconds": 0.5, "calibration_steps": 6})
+    doc["train"]["eval_every"] = 1000
+    doc["variants"] = {"ok": {}, "diverges": {"train": {"lr": 1.0e30, "grad_clip": None, "warmup": 0.0}}}
+    spec = S.load_spec(write_spec(doc))
+    said: list[str] = []
+    res = run_experiment(spec, S.expand(spec), progress=False, say=said.append)
+    by = {r["key"]: r for r in res}
+    assert by["ok"]["status"] == "finished" and by["diverges"]["status"] == "failed"
+    assert any("calibration: 'diverges' failed" in s for s in said)
+    ok = track.find_variant_runs(track.client(store), "tiny", key="ok")[0]
+    assert ok.data.tags["lab.calibration"].startswith("together with ok, interleaved")

@@ -202,6 +202,13 @@ def test_bias_maps_layout():
     assert I.bias_maps(_build(VIT)) == []
 
 
+def test_non_square_model_keeps_its_filters():
+    m = _build(dict(VIT_BIAS, img_size=[32, 48]))
+    ins = I.inspect_model(m, [torch.randn(2, 3, 32, 48)], max_images=2)
+    assert ins.filters.kind == "vit_patch" and ins.bias == [] and ins.distances == []
+    assert "square" in ins.note and set(ins.metrics()) == {I.SMOOTHNESS_METRIC, I.SMOOTHNESS_MEDIAN_METRIC}
+
+
 def test_inspect_model_metrics():
     ins = I.inspect_model(_build(LEVIT), [torch.randn(2, 3, 64, 64)], max_images=2)
     met = ins.metrics()
