@@ -41,24 +41,32 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field of the spec before variants are expanded (repeatable), e.g. --set budget.steps=50")
     p.add_argument("--smoke", action="store_true",
-                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README)")
+                   help="shrink to a smoke run: embedded data at 32px, 20 steps, tiny eval (see README); "
+                        "its runs are tagged lab.smoke=true and left out of tables and plots")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="repeat each variant with N seeds (train.seed, +1, ...): the spec's `seeds: N`")
 
 
 # --smoke: same architectures and training recipe (augmentation, distillation, schedule shape),
-# shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers, local launcher.
+# shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers, local launcher,
+# one seed.
 SMOKE = {"data": {"dataset": "embedded", "root": None, "image_size": 32, "batch_size": 32,
                   "eval_batch_size": 250, "num_workers": 0},
          "budget": {"epochs": None, "steps": 20, "images": None, "train_flops": None, "seconds": None,
                     "wall_clock": False},
          "train": {"eval_every": 10, "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
                    "precision": "auto", "compile": False},
-         "launch": {"launcher": "local"}}
+         "launch": {"launcher": "local"}, "seeds": None}  # one seed unless --seeds asks for more
 
 
 def load_from_args(args: argparse.Namespace):
     from lab import spec as S
 
     over = S.parse_set(getattr(args, "set", None))
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            raise LabError(f"--seeds must be >= 1 (got {args.seeds})")
+        over = S.deep_merge(over, {"seeds": args.seeds})
     if getattr(args, "smoke", False):
         over = S.deep_merge(SMOKE, over)
     spec = S.load_spec(args.spec, over)
@@ -79,6 +87,7 @@ def smoke_variant(v):
     """Shrink a resolved variant's model to the smoke resolution (keeps its architecture)."""
     import grafts
     from lab import spec as S
+    from lab.track import SMOKE_TAG
 
     model = dict(v.model)
     model.update(img_size=32, num_classes=10)
@@ -86,7 +95,9 @@ def smoke_variant(v):
         model["grid"] = 2
     model = grafts.config_to_dict(grafts.config_from_dict(model))
     resolved = {s: S._plain(getattr(v, s)) for s in ("data", "train", "budget")} | {"model": model}
-    return v.model_copy(update={"model": model, "hash": S.content_hash(resolved)})
+    return v.model_copy(update={"model": model, "hash": S.content_hash(resolved),
+                                "config_hash": S.config_hash(resolved),
+                                "tags": {**v.tags, SMOKE_TAG: "true"}})
 
 
 # --------------------------------------------------------------------------- validate / show
@@ -99,8 +110,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for path in args.spec:
         try:
             spec = S.load_spec(path, S.parse_set(args.set))
-            n = sum(1 for _ in S.iter_expand(spec))  # streamed: a large grid is never held in memory
-            print(f"ok   {path}: {spec.name}, {n} variant(s)")
+            variants = S.expand(spec)
+            n = len({v.key for v in variants})
+            print(f"ok   {path}: {spec.name}, {n} variant(s)" + (f", {len(variants)} runs" if len(variants) > n else ""))
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
@@ -112,8 +124,14 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     from lab import spec as S
 
     rows = []
+    seeds: dict[str, list[int]] = {}
     for v in variants:
-        row: dict[str, Any] = {"key": v.key, "hash": v.hash, "changes": v.changes}
+        seeds.setdefault(v.key, []).append(v.seed)
+    for v in variants:
+        if v.key in {r["key"] for r in rows}:
+            continue  # one row per variant, whatever its seeds
+        row: dict[str, Any] = {"key": v.key, "hash": v.config_hash if v.repeated else v.hash,
+                               "seeds": seeds[v.key], "changes": v.changes}
         if with_complexity:
             cfg = grafts.config_from_dict(v.model)
             row["params"] = int(grafts.count_params(grafts.build(cfg, device="meta")))
@@ -123,16 +141,7 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     return rows
 
 
-STREAM_SHOW = 500  # `lab show` of more variants prints them as they are resolved
-
-
 def _cmd_show(args: argparse.Namespace) -> int:
-    from lab import spec as S
-
-    if not args.variant:
-        spec = load_from_args(args)
-        if S.count_variants(spec) > STREAM_SHOW:
-            return _show_streaming(args, spec)
     spec, variants = expand_from_args(args)
     if args.variant:
         match = [v for v in variants if v.key == args.variant]
@@ -150,11 +159,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(rows)
         return 0
-    print(f"{spec.name}: {len(variants)} variant(s) from {args.spec}")
+    print(f"{spec.name}: {len(rows)} variant(s) from {args.spec}"
+          + (f", {len(variants)} runs with their seeds" if len(variants) > len(rows) else ""))
     table = []
     for r in rows:
         ref = r["reference"]
         t = {"key": r["key"], "hash": r["hash"]}
+        if len(r["seeds"]) > 1:
+            t["seeds"] = ",".join(map(str, r["seeds"]))
         if "params" in r:
             t["params (M)"] = f"{r['params'] / 1e6:.2f}"
             t["MACs (M)"] = f"{r['macs'] / 1e6:.0f}"
@@ -163,26 +175,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
         t["changes"] = r["changes"]
         table.append(t)
     print_table(table)
-    return 0
-
-
-def _show_streaming(args: argparse.Namespace, spec) -> int:
-    """A large grid, one line (table) or one JSON object per line (json) per variant, as they are resolved."""
-    from lab import spec as S
-
-    smoke = getattr(args, "smoke", False)
-    n = S.count_variants(spec)
-    if args.format != "json":
-        print(f"{spec.name}: {n} variant(s) from {args.spec} (listed as they are resolved)")
-    for v in S.iter_expand(spec):
-        if smoke:
-            v = smoke_variant(v)
-        (row,) = variant_rows([v], with_complexity=not args.no_complexity)
-        if args.format == "json":
-            sys.stdout.write(json.dumps(row, default=str) + "\n")
-        else:
-            cx = f"  {row['params'] / 1e6:8.2f}M params  {row['macs'] / 1e6:8.0f}M MACs" if "params" in row else ""
-            print(f"{row['key']}  {row['hash']}{cx}  {row['changes']}")
     return 0
 
 

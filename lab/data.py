@@ -344,7 +344,8 @@ class LabDataModule(pl.LightningDataModule):
         from lab.resume import ResumePoint
 
         self.resume_point = ResumePoint()  # set by lab.resume.ExactResume when a run resumes mid-epoch
-        self.sample_seed = 0  # train.seed of the variant being trained (set by the runner)
+        # the training loader's shuffle seed; the runner sets it to train.seed (None: data.seed)
+        self.shuffle_seed: Optional[int] = None
         self.check()
 
     # ------------------------------------------------------------------ validation (fast, no decoding)
@@ -564,7 +565,8 @@ class LabDataModule(pl.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             drop_last=train, num_workers=w, pin_memory=self._pin(),
-            generator=torch.Generator().manual_seed(int(self.spec.seed)), **kw)
+            generator=torch.Generator().manual_seed(int(self.spec.seed if self.shuffle_seed is None
+                                                        else self.shuffle_seed)), **kw)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -580,7 +582,7 @@ class LabDataModule(pl.LightningDataModule):
 
         w = int(self.spec.num_workers)
         kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if w > 0 else {}
-        seed = resume._mix(int(self.spec.seed), int(self.sample_seed))
+        seed = resume._mix(int(self.spec.seed), int(self.shuffle_seed if self.shuffle_seed is not None else 0))
         return DataLoader(resume.SeededSamples(ds, seed), batch_size=self.batch_size,
                           sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
                           drop_last=True, num_workers=w, pin_memory=self._pin(), **kw)

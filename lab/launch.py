@@ -89,7 +89,7 @@ class VariantJob:
 
     spec: Any
     variants: list  # every variant of the invocation (teachers, runtime matching)
-    key: str
+    key: str  # the variant's uid (key, plus -seedN when it repeats)
     uri: str
     experiment: str
     experiment_id: str
@@ -106,11 +106,11 @@ class VariantJob:
 
     @property
     def variant(self):
-        return next(v for v in self.variants if v.key == self.key)
+        return next(v for v in self.variants if v.uid == self.key)
 
 
 def make_job(v, ctx, rec: dict, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
-    return VariantJob(spec=ctx.spec, variants=list(ctx.variants), key=v.key, uri=ctx.uri,
+    return VariantJob(spec=ctx.spec, variants=list(ctx.variants), key=v.uid, uri=ctx.uri,
                       experiment=ctx.experiment, experiment_id=ctx.experiment_id,
                       parent_run_id=ctx.parent_run_id, baseline=ctx.baseline, run_id=run_id,
                       resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dict(rec),
@@ -367,25 +367,25 @@ class _Parallel(Launcher):
                 for v in wave:
                     rec, run_id, resume = runner.prepare_variant(v, ctx)
                     if rec["status"] in runner.NOT_TRAINED:
-                        results[v.key] = rec
+                        results[v.uid] = rec
                         ctx.say(runner._fmt_line(rec))
                         continue
                     try:
                         handle = self.submit(v, make_job(v, ctx, rec, run_id, resume))
                     except Exception as e:  # noqa: BLE001 - a refused submission fails this variant only
-                        results[v.key] = finish_record(ctx, rec, e)
-                        ctx.say(runner._fmt_line(results[v.key]))
+                        results[v.uid] = finish_record(ctx, rec, e)
+                        ctx.say(runner._fmt_line(results[v.uid]))
                         continue
                     pending[id(handle)] = (handle, v, rec)
                 for handle, outcome in self.completed([h for h, _, _ in pending.values()]):
                     _, v, rec = pending.pop(id(handle))
-                    results[v.key] = finish_record(ctx, rec, outcome)
-                    ctx.say(runner._fmt_line(results[v.key]))
+                    results[v.uid] = finish_record(ctx, rec, outcome)
+                    ctx.say(runner._fmt_line(results[v.uid]))
             except KeyboardInterrupt:
                 self.cancel([h for h, _, _ in pending.values()])
                 _mark_killed(ctx, [rec["run_id"] for _, _, rec in pending.values()])
                 raise
-        return [results[v.key] for v in ordered]
+        return [results[v.uid] for v in ordered]
 
 
 # --------------------------------------------------------------------------- ray
@@ -448,7 +448,7 @@ class RayLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         import ray
 
-        task = ray.remote(run_job).options(name=f"lab:{job.experiment}:{v.key}", max_retries=0,
+        task = ray.remote(run_job).options(name=f"lab:{job.experiment}:{v.uid}", max_retries=0,
                                            **self.resources(v))
         return task.remote(job)
 
@@ -516,7 +516,7 @@ class SlurmLauncher(_Parallel):
         devices = tr.devices if isinstance(tr.devices, int) else (o.slurm_gpus_per_node or 1)
         local = o.slurm_cluster != "slurm"
         p: dict[str, Any] = {
-            "name": f"lab-{v.experiment}-{v.key}"[:120],
+            "name": f"lab-{v.experiment}-{v.uid}"[:120],
             "timeout_min": int(o.slurm_time),
             "nodes": 1 if local else tr.num_nodes,
             "tasks_per_node": 1 if local else devices,

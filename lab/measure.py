@@ -652,13 +652,21 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
         return None
     finished = [r for r in runs if r.info.status == "FINISHED"]
     run = (finished or runs)[0]
-    if run.data.tags.get("lab.hash") not in (None, variant.hash):
+    # a variant run with several seeds: the figures belong to the architecture, so every seed's
+    # latest finished run of this spec version gets them (the first one's id is returned)
+    config = getattr(variant, "config_hash", "")
+    same = [r for r in finished if config and r.data.tags.get("lab.config_hash") == config]
+    targets = list({r.data.tags.get("lab.seed"): r for r in reversed(same)}.values()) if same else [run]
+    if same:
+        run = same[0]
+    if run.data.tags.get("lab.hash") not in (None, variant.hash) and not same:
         _stderr(f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get('lab.hash')}, "
                 f"the spec now resolves to {variant.hash}")
     now = int(time.time() * 1000)
     metrics, tags = bench_record(result, timm, timm_name)
-    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for target in targets:
+        client.log_batch(target.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return run.info.run_id
 
 
@@ -717,6 +725,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 if k not in keys:
                     raise LabError(f"no variant '{k}'{close_matches(k, keys)}", file=args.spec, path="variants")
             chosen = [v for v in variants if v.key in args.variant]
+        first: dict[str, Any] = {}
+        for v in chosen:  # one bench per variant, not per seed: throughput belongs to the architecture
+            first.setdefault(v.key, v)
+        chosen = list(first.values())
         for v in chosen:
             if v.match is not None:
                 v = resolve_match(v, variants)

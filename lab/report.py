@@ -31,6 +31,7 @@ FORMATS = ("terminal", "markdown", "csv", "latex", "json")
 BENCH_METRIC = {"cpu": "bench/cpu_imgs_per_s", "cuda": "bench/cuda_imgs_per_s"}
 REF_THROUGHPUT = {"cpu": "ref.throughput_cpu", "cuda": "ref.throughput_gpu"}
 FINISHED = "FINISHED"
+SMOKE_SUFFIX = " (smoke)"
 
 # --------------------------------------------------------------------------- store access
 
@@ -94,16 +95,37 @@ def _parse_tag_filter(tags: dict[str, str] | Iterable[str] | None) -> dict[str, 
     return out
 
 
-def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
-              tags: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per variant: the latest FINISHED child run of each key, else its latest run.
+def _seed_of(t: dict, params: dict) -> Any:
+    from lab.track import SEED_TAG
 
-    `tags` keeps only runs whose tags match every key=value (a key the child lacks is looked up
-    on its parent run, so spec-level tags work either way). Columns: run_id, parent_run_id,
-    experiment, key, status, baseline, changes, hash, git_commit, device, error, start_time,
-    end_time, first_start (earliest run of that key: the spec order, roughly), n_runs, then
-    `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order.
+    raw = t.get(SEED_TAG, params.get("train.seed"))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
+              tags: dict[str, str] | None = None, *, include_smoke: bool = False, all_hashes: bool = False,
+              hash: str | None = None) -> pd.DataFrame:
+    """One row per variant and seed: for each variant key, the runs of one spec version (its
+    `config_hash`, the content hash without train.seed), and per seed the latest FINISHED run,
+    else the latest run of any status.
+
+    Which spec version: the one of the variant's latest FINISHED run, else of its latest run
+    (`hash`: the version whose config hash or run hash starts with it; `all_hashes`: every
+    version, each as its own variant `KEY@HASH7` where a key has several). Smoke runs
+    (`lab run --smoke`, tag lab.smoke) are left out unless `include_smoke`. `tags` keeps only runs
+    whose tags match every key=value (a key the child lacks is looked up on its parent run, so
+    spec-level tags work either way). Columns: run_id, parent_run_id, experiment, key, seed,
+    status, baseline, changes, hash, config_hash, smoke, git_commit, device, error, start_time,
+    end_time, first_start (earliest run of the shown version of that key: the spec order, roughly), n_runs (runs of
+    the key, every version and seed), n_hashes (its spec versions), other_hashes, then
+    `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order, then seed.
+    `attrs`: tracking_uri, smoke_left_out (runs), notes (lines for people).
     """
+    from lab.track import CONFIG_HASH_TAG, SMOKE_TAG
+
     if isinstance(experiments, str):
         experiments = [experiments]
     if not experiments:
@@ -117,6 +139,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     by_id = {r.info.run_id: r for r in runs}
 
     rows: list[dict[str, Any]] = []
+    smoke_left_out = 0
     for r in runs:
         t = r.data.tags
         if t.get("lab.role") == "parent" or "lab.variant" not in t:
@@ -126,15 +149,23 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             ptags = parent.data.tags if parent is not None else {}
             if any(t.get(k, ptags.get(k)) != v for k, v in want.items()):
                 continue
+        smoke = str(t.get(SMOKE_TAG, "")).lower() == "true"
+        if smoke and not include_smoke:
+            smoke_left_out += 1
+            continue
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
             "parent_run_id": t.get("mlflow.parentRunId"),
             "experiment": t.get("lab.experiment") or id_to_name.get(r.info.experiment_id, ""),
-            "key": t["lab.variant"],
+            # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
+            "key": t["lab.variant"] + (SMOKE_SUFFIX if smoke else ""),
+            "seed": _seed_of(t, r.data.params),
             "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
             "baseline": str(t.get("lab.baseline", "")).lower() == "true",
             "changes": t.get("lab.changes", ""),
             "hash": t.get("lab.hash"),
+            "config_hash": t.get(CONFIG_HASH_TAG) or t.get("lab.hash"),
+            "smoke": smoke,
             "git_commit": t.get("lab.git_commit"),
             "device": t.get("lab.device"),
             "error": t.get("lab.error"),
@@ -146,28 +177,59 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
         row.update({f"tags.{k}": v for k, v in t.items()})
         rows.append(row)
 
-    base_cols = ["run_id", "parent_run_id", "experiment", "key", "status", "baseline", "changes", "hash",
-                 "git_commit", "device", "error", "start_time", "end_time", "first_start", "n_runs"]
+    base_cols = ["run_id", "parent_run_id", "experiment", "key", "seed", "status", "baseline", "changes", "hash",
+                 "config_hash", "smoke", "git_commit", "device", "error", "start_time", "end_time", "first_start",
+                 "n_runs", "n_hashes", "other_hashes"]
+    attrs = {"tracking_uri": uri, "smoke_left_out": smoke_left_out, "notes": []}
+    if smoke_left_out:
+        attrs["notes"].append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
     if not rows:
         df = pd.DataFrame(columns=base_cols)
-        df.attrs["tracking_uri"] = uri
+        df.attrs.update(attrs)
         return df
     all_runs = pd.DataFrame(rows)
     all_runs["_finished"] = all_runs["status"] == FINISHED
     all_runs["_start"] = all_runs["start_time"].map(lambda x: x.value if x is not None else 0)
     grp = all_runs.groupby(["experiment", "key"], sort=False)
-    all_runs["first_start"] = grp["start_time"].transform("min")
     all_runs["n_runs"] = grp["run_id"].transform("count")
-    chosen = (all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
-              .drop_duplicates(["experiment", "key"], keep="first"))
+    all_runs["n_hashes"] = grp["config_hash"].transform("nunique")
+    newest = all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
+    if hash:
+        hit = newest["config_hash"].fillna("").str.startswith(hash) | newest["hash"].fillna("").str.startswith(hash)
+        if not hit.any():
+            raise LabError(f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
+                           f"{', '.join(sorted(set(all_runs['config_hash'].dropna())))}")
+        newest = newest[hit]
+        all_hashes = True  # every matching version, named as such where a key has several
+    versions = {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
+                newest.groupby(["experiment", "key"], sort=False)}
+    # the spec order, roughly: when each version of each variant first started (any seed or status)
+    first = newest.groupby(["experiment", "key", "config_hash"])["start_time"].min().to_dict()
+    newest = newest.assign(first_start=[first[(e, k, c)] for e, k, c in
+                                        zip(newest["experiment"], newest["key"], newest["config_hash"])])
+    if all_hashes:
+        chosen = newest.drop_duplicates(["experiment", "key", "config_hash", "seed"], keep="first").copy()
+        several = chosen.groupby(["experiment", "key"])["config_hash"].transform("nunique") > 1
+        chosen.loc[several, "key"] = chosen.loc[several, "key"] + "@" + chosen.loc[several, "config_hash"].str[:7]
+    else:
+        shown = newest.drop_duplicates(["experiment", "key"], keep="first")[["experiment", "key", "config_hash"]]
+        chosen = newest.merge(shown, on=["experiment", "key", "config_hash"], how="inner")
+        chosen = chosen.drop_duplicates(["experiment", "key", "seed"], keep="first")
+    chosen["other_hashes"] = [", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
+                              for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])]
+    for (e, k), hs in versions.items():
+        if len(hs) > 1 and not all_hashes:
+            attrs["notes"].append(
+                f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
+                f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one")
     order = {e: i for i, e in enumerate(experiments)}
     chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
-    chosen = chosen.sort_values(["_exp", "first_start", "key"], kind="stable")
+    chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
     chosen = chosen.drop(columns=["_finished", "_start", "_exp"]).reset_index(drop=True)
     # superseded runs may have logged keys the chosen ones lack: drop those all-empty columns
     extra = sorted(c for c in chosen.columns if c not in base_cols and chosen[c].notna().any())
     chosen = chosen[base_cols + extra]
-    chosen.attrs["tracking_uri"] = uri
+    chosen.attrs.update(attrs)
     return chosen
 
 
@@ -218,44 +280,51 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.Series(math.nan, index=df.index, dtype=float)
 
 
-def _baseline_index(df: pd.DataFrame, key: str | None) -> Any:
+def _baseline_key(df: pd.DataFrame, key: str | None) -> Any:
+    """Within one experiment's runs: `key` where present, else the key tagged lab.baseline, else the first."""
     if key is not None and (df["key"] == key).any():
-        return df.index[df["key"] == key][0]
-    flagged = df.index[df["baseline"].astype(bool)] if "baseline" in df.columns else []
-    return flagged[0] if len(flagged) else df.index[0]
+        return key
+    flagged = df.loc[df["baseline"].astype(bool), "key"] if "baseline" in df.columns else pd.Series(dtype=str)
+    real = [k for k in flagged if not k.endswith(SMOKE_SUFFIX)]
+    return (real or list(flagged) or list(df["key"]))[0]
 
 
-TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "changes", "params_m", "macs_m", "cpu_imgs_s",
-                 "gpu_imgs_s", "top1", "top1_best", "d_top1", "d_params_m", "d_macs_m", "cpu_speedup",
-                 "gpu_speedup", "steps", "images_seen", "train_s", "budget_s", "cal_step_s", "ref_top1", "ref_d_top1", "ref_params_m",
-                 "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs", "ref_source", "run_id"]
+TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", "changes", "params_m", "macs_m",
+                 "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_std", "top1_best", "top1_best_std", "d_top1",
+                 "delta_top1_ci", "verdict", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "steps",
+                 "images_seen", "train_s", "train_s_std", "budget_s", "cal_step_s", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
+                 "ref_d_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
+                 "ref_source", "top1_mean", "delta_top1", "ci_method", "p_value", "n_failed", "error", "hash",
+                 "other_hashes", "smoke", "run_id", "run_ids", "cpu_imgs_s_lo", "cpu_imgs_s_hi", "gpu_imgs_s_lo",
+                 "gpu_imgs_s_hi"]
+_STATUS_ORDER = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")  # what an unfinished variant's row says
 
 
-def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """One row per variant with deltas against its experiment's baseline row.
+def run_values(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (variant x seed) of `load_runs`: the numbers the table aggregates.
 
-    Baseline: `baseline` (a variant key) where that experiment has it, else the row tagged
-    lab.baseline=true, else the first row. Units: params and MACs in millions, throughput in
-    images/s, top-1 in %. d_* are differences (variant - baseline), *_speedup are throughput
-    ratios (variant / baseline). top1 is final/val_top1, or the last val/top1 of a run that has
-    not finished; top1_best likewise falls back to the best val/top1 logged so far.
+    top1 is final/val_top1, or the last val/top1 of a run that has not finished; top1_best
+    likewise falls back to the best val/top1 logged so far. Units: params and MACs in millions,
+    throughput in images/s, top-1 in %.
     """
-    if df.empty:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
-    if baseline is not None and not (df["key"] == baseline).any():
-        raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, df['key'])}; "
-                       f"variants: {', '.join(df['key'])}")
-    t = pd.DataFrame(index=df.index)
-    t["experiment"] = df["experiment"]
-    t["key"] = df["key"]
-    t["baseline"] = False
-    t["status"] = df["status"]
-    t["changes"] = df["changes"].fillna("") if "changes" in df.columns else ""
-    t["params_m"] = _col(df, "metrics.params") / 1e6
-    t["macs_m"] = _col(df, "metrics.macs") / 1e6
-    t["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
-    t["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
-    t["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
+    v = pd.DataFrame(index=df.index)
+    for c in ("experiment", "key", "status", "run_id"):
+        v[c] = df[c]
+    v["seed"] = df["seed"] if "seed" in df.columns else 0
+    v["baseline"] = df["baseline"].astype(bool) if "baseline" in df.columns else False
+    v["changes"] = df["changes"].fillna("") if "changes" in df.columns else ""
+    v["error"] = df["error"] if "error" in df.columns else None
+    v["hash"] = df["config_hash"] if "config_hash" in df.columns else df.get("hash")
+    v["other_hashes"] = df["other_hashes"] if "other_hashes" in df.columns else ""
+    v["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False
+    v["params_m"] = _col(df, "metrics.params") / 1e6
+    v["macs_m"] = _col(df, "metrics.macs") / 1e6
+    v["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
+    v["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
+    for dev, d in (("cpu", "cpu"), ("gpu", "cuda")):  # the slowest / fastest of the bench repeats
+        v[f"{dev}_imgs_s_lo"] = _col(df, f"metrics.{BENCH_METRIC[d]}_min")
+        v[f"{dev}_imgs_s_hi"] = _col(df, f"metrics.{BENCH_METRIC[d]}_max")
+    v["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
     best = _col(df, "metrics.best/val_top1")
     missing = best.isna() & _col(df, "metrics.val/top1").notna()
     if missing.any():  # partial runs: best so far from the history
@@ -263,38 +332,137 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
         for i in df.index[missing]:
             h = history([df.at[i, "run_id"]], "val/top1", x="step", tracking_uri=uri)
             best.at[i] = h["value"].max() if not h.empty else math.nan
-    t["top1_best"] = best
-    t["steps"] = _col(df, "metrics.budget/steps")
-    t["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
-    t["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
-    t["budget_s"] = _col(df, "metrics.budget/planned_seconds")  # seconds budgets: what train_s should be
-    t["cal_step_s"] = _col(df, "metrics.budget/calibration_step_seconds")
-    t["ref_top1"] = _col(df, "tags.ref.top1")
-    t["ref_params_m"] = _col(df, "tags.ref.params_m")
-    t["ref_macs_m"] = _col(df, "tags.ref.macs_m")
-    t["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
-    t["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
-    t["ref_epochs"] = _col(df, "tags.ref.epochs")
-    t["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
-    t["run_id"] = df["run_id"]
-    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1"):
+    v["top1_best"] = best
+    v["steps"] = _col(df, "metrics.budget/steps")
+    v["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
+    v["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
+    v["budget_s"] = _col(df, "metrics.budget/planned_seconds")  # seconds budgets: what train_s should be
+    v["cal_step_s"] = _col(df, "metrics.budget/calibration_step_seconds")
+    v["ref_top1"] = _col(df, "tags.ref.top1")
+    v["ref_params_m"] = _col(df, "tags.ref.params_m")
+    v["ref_macs_m"] = _col(df, "tags.ref.macs_m")
+    v["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
+    v["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
+    v["ref_epochs"] = _col(df, "tags.ref.epochs")
+    v["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
+    return v
+
+
+def overall_status(statuses: Iterable[str]) -> str:
+    """A variant's status over its seeds: FINISHED only when every seed finished, else the first
+    of RUNNING, FAILED, KILLED, SCHEDULED among them."""
+    st = set(statuses)
+    if st == {FINISHED}:
+        return FINISHED
+    return next((x for x in _STATUS_ORDER if x in st), min(st - {FINISHED}))
+
+
+def _mean(s: pd.Series) -> float:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return float(s.mean()) if len(s) else math.nan
+
+
+def _std(s: pd.Series) -> float:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return float(s.std(ddof=1)) if len(s) > 1 else math.nan
+
+
+def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
+    """One variant's runs (its seeds) -> one row: statistics over the FINISHED seeds; a variant
+    with no finished seed shows the mean of what its runs logged so far (n_seeds 0)."""
+    fin = g[g["status"] == FINISHED]
+    use = fin if len(fin) else g
+    first = g.iloc[0]
+    status = overall_status(g["status"])
+    row: dict[str, Any] = {
+        "experiment": first["experiment"], "key": first["key"], "status": status,
+        "n_seeds": len(fin), "seeds": sorted(int(x) for x in g["seed"]),
+        "changes": next((c for c in g["changes"] if c), ""),
+        "n_failed": int(g["status"].isin(["FAILED", "KILLED"]).sum()),
+        "error": next((e for e in g["error"] if isinstance(e, str) and e), None),
+        "hash": first["hash"], "other_hashes": first["other_hashes"] or "", "smoke": bool(g["smoke"].any()),
+        "run_id": first["run_id"], "run_ids": list(g["run_id"]),
+        "_top1_by_seed": dict(zip(fin["seed"], fin["top1"])),
+    }
+    for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_best", "steps", "images_seen",
+              "train_s", "budget_s", "cal_step_s"):
+        row[c] = _mean(use[c])
+    for c in ("top1", "top1_best", "train_s", "cpu_imgs_s", "gpu_imgs_s"):
+        row[f"{c}_std"] = _std(fin[c])
+    for dev in ("cpu", "gpu"):
+        lo, hi = pd.to_numeric(use[f"{dev}_imgs_s_lo"]).dropna(), pd.to_numeric(use[f"{dev}_imgs_s_hi"]).dropna()
+        row[f"{dev}_imgs_s_lo"] = float(lo.min()) if len(lo) else math.nan
+        row[f"{dev}_imgs_s_hi"] = float(hi.max()) if len(hi) else math.nan
+    for c in ("ref_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
+              "ref_source"):
+        vals = [x for x in g[c] if x is not None and not (isinstance(x, float) and math.isnan(x))]
+        row[c] = math.nan if row["smoke"] or not vals else vals[0]  # never the paper beside a smoke run
+    row["top1_mean"] = row["top1"]
+    return row
+
+
+def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """One row per variant (its seeds aggregated) with deltas against its experiment's baseline.
+
+    Baseline: `baseline` (a variant key) where that experiment has it, else the variant tagged
+    lab.baseline=true, else the first. n_seeds counts FINISHED seeds; top1/top1_best (= top1_mean)
+    and the costs are means over them (*_std: sample std), or, for a variant with no finished
+    seed yet, over what its runs logged so far. d_* are differences of means (variant - baseline),
+    *_speedup throughput ratios. delta_top1 (= d_top1 when both have finished seeds),
+    delta_top1_ci ([low, high], 95%), ci_method and verdict come from `lab.stats.compare` over
+    the finished seeds (paired by seed when both have the same seeds, else Welch).
+    """
+    from lab import stats
+
+    if df.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    if baseline is not None and not (df["key"] == baseline).any():
+        keys = list(dict.fromkeys(df["key"]))
+        raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, keys)}; "
+                       f"variants: {', '.join(keys)}")
+    vals = run_values(df)
+    rows = []
+    for (_, key), g in vals.groupby(["experiment", "key"], sort=False):
+        rows.append(_aggregate(g))
+    t = pd.DataFrame(rows)
+    t["baseline"] = False
+    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1", "delta_top1",
+              "p_value"):
         t[c] = math.nan
-    for _, g in t.groupby("experiment", sort=False):
-        b = _baseline_index(df.loc[g.index], baseline)
+    t["delta_top1_ci"] = [[math.nan, math.nan] for _ in range(len(t))]
+    t["ci_method"] = None
+    t["verdict"] = None
+    for exp, g in t.groupby("experiment", sort=False):
+        bkey = _baseline_key(vals[vals["experiment"] == exp], baseline)
+        b = g.index[g["key"] == bkey][0]
         t.loc[b, "baseline"] = True
         for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"),
                        ("ref_d_top1", "ref_top1")):
             t.loc[g.index, c] = t.loc[g.index, src] - t.at[b, src]
         for c, src in (("cpu_speedup", "cpu_imgs_s"), ("gpu_speedup", "gpu_imgs_s")):
             t.loc[g.index, c] = t.loc[g.index, src] / t.at[b, src]
+        base_seeds = t.at[b, "_top1_by_seed"]
+        for i in g.index:
+            if i == b:
+                t.at[i, "verdict"] = stats.BASELINE
+                t.at[i, "delta_top1"] = 0.0 if base_seeds else math.nan
+                continue
+            c = stats.compare(t.at[i, "_top1_by_seed"], base_seeds)
+            t.at[i, "delta_top1"] = c.delta
+            t.at[i, "delta_top1_ci"] = [c.ci[0], c.ci[1]]
+            t.at[i, "ci_method"] = c.method
+            t.at[i, "p_value"] = c.p_value
+            t.at[i, "verdict"] = c.verdict
+    t.attrs.update(df.attrs)
     return t[TABLE_COLUMNS].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- rendering tables
 
-PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "changes": "changes",
+PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "n_seeds": "n", "changes": "changes",
           "params_m": "params (M)", "macs_m": "MACs (M)", "cpu_imgs_s": "CPU img/s", "gpu_imgs_s": "GPU img/s",
-          "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "d_params_m": "Δ params (M)",
+          "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "verdict": "verdict",
+          "d_params_m": "Δ params (M)",
           "d_macs_m": "Δ MACs (M)", "cpu_speedup": "CPU speed ×", "gpu_speedup": "GPU speed ×",
           "steps": "steps", "images_seen": "images seen", "train_s": "train s", "budget_s": "budget s", "ref_top1": "paper top-1",
           "ref_d_top1": "paper Δ top-1", "ref_params_m": "paper params (M)", "ref_macs_m": "paper MACs (M)",
@@ -322,8 +490,38 @@ def _pct(v: float, signed: bool = False) -> str:
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _pm(mean: float, std: float, fmt=None) -> str:
+    """'72.13 ± 1.20' (just the mean without a spread)."""
+    fmt = fmt or _pct
+    if _isnan(mean):
+        return ""
+    return fmt(mean) if _isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _delta_ci(r: pd.Series) -> str:
+    if r["baseline"] or _isnan(r["d_top1"]):
+        return ""
+    ci = r.get("delta_top1_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(_isnan(x) for x in ci):
+        return f"{_pct(r['d_top1'], signed=True)} [{_pct(ci[0], signed=True)}, {_pct(ci[1], signed=True)}]"
+    return _pct(r["d_top1"], signed=True)
+
+
+def _status(r: pd.Series) -> str:
+    seeds = r.get("seeds")
+    total = len(seeds) if isinstance(seeds, (list, tuple)) else 1
+    if r["status"] != FINISHED and total > 1:
+        return f"{r['status']} ({int(r['n_seeds'])}/{total} done)"
+    return str(r["status"])
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Strings for people: rounded, units in headers, the baseline marked '*', empty columns dropped."""
+    """Strings for people: rounded, units in headers, the baseline marked '*', mean ± std over
+    seeds, Δ top-1 with its 95% interval, empty columns dropped."""
     rows = []
     multi = table["experiment"].nunique() > 1
     for _, r in table.iterrows():
@@ -331,18 +529,20 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         if multi:
             d["experiment"] = r["experiment"]
         d["key"] = r["key"] + (" *" if r["baseline"] else "")
-        d["status"] = r["status"]
+        d["status"] = _status(r)
+        d["n_seeds"] = "" if _isnan(r.get("n_seeds")) else str(int(r["n_seeds"]))
         for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s"):
             d[c] = _num(r[c])
-        for c in ("top1", "top1_best"):
-            d[c] = _pct(r[c])
-        d["d_top1"] = "" if r["baseline"] else _pct(r["d_top1"], signed=True)
+        d["top1"] = _pm(r["top1"], r.get("top1_std"))
+        d["top1_best"] = _pm(r["top1_best"], r.get("top1_best_std"))
+        d["d_top1"] = _delta_ci(r)
+        d["verdict"] = "" if _isnan(r.get("verdict")) or r["baseline"] else str(r["verdict"])
         for c in ("d_params_m", "d_macs_m"):
             d[c] = "" if r["baseline"] else _num(r[c], signed=True)
         for c in ("cpu_speedup", "gpu_speedup"):
             d[c] = "" if (r["baseline"] or pd.isna(r[c])) else f"{r[c]:.2f}x"
-        d["steps"] = "" if pd.isna(r["steps"]) else f"{int(r['steps'])}"
-        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{int(r['images_seen']):,}"
+        d["steps"] = "" if pd.isna(r["steps"]) else f"{round(r['steps'])}"
+        d["images_seen"] = "" if pd.isna(r["images_seen"]) else f"{round(r['images_seen']):,}"
         d["train_s"] = _num(r["train_s"])
         d["budget_s"] = _num(r["budget_s"])
         d["ref_top1"] = _pct(r["ref_top1"])
@@ -354,6 +554,14 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     keep = [c for c in out.columns if c not in OPTIONAL or (out[c] != "").any()]
     return out[keep].rename(columns=PRETTY)
+
+
+def run_table(df: pd.DataFrame) -> pd.DataFrame:
+    """`run_values` with each run named for people: KEY, or 'KEY seed N' where a variant has several."""
+    v = run_values(df)
+    several = v.groupby(["experiment", "key"])["seed"].transform("nunique") > 1
+    v["key"] = v["key"].where(~several, v["key"] + " seed " + v["seed"].astype(str))
+    return v
 
 
 def budget_warnings(table: pd.DataFrame) -> list[str]:
@@ -376,7 +584,7 @@ def _markdown(disp: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "changes")]
+    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
     lines = ["| " + " | ".join(cell(c) for c in disp.columns) + " |",
              "|" + "|".join("---:" if c in numeric else ":---" for c in disp.columns) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in disp.itertuples(index=False)]
@@ -390,9 +598,9 @@ _LATEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#"
 def _latex(disp: pd.DataFrame) -> str:
     def esc(v: Any) -> str:
         s = "".join(_LATEX_ESC.get(ch, ch) for ch in str(v))
-        return s.replace("Δ", r"$\Delta$").replace("×", r"$\times$")
+        return s.replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("±", r"$\pm$")
 
-    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "changes")]
+    numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
     spec = "".join("r" if c in numeric else "l" for c in disp.columns)
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
              " & ".join(esc(c) for c in disp.columns) + r" \\", r"\midrule"]
@@ -416,7 +624,7 @@ def format_table(table: pd.DataFrame, fmt: str = "terminal") -> str:
         return _markdown(disp)
     if fmt == "latex":
         return _latex(disp)
-    left = [c for c in ("experiment", "variant", "status", "changes") if c in disp.columns]
+    left = [c for c in ("experiment", "variant", "status", "verdict", "changes") if c in disp.columns]
     width = {c: max(len(c), *(len(str(v)) for v in disp[c])) for c in left}
     disp = disp.assign(**{c: disp[c].map(lambda v, w=width[c]: str(v).ljust(w)) for c in left})
     disp = disp.rename(columns={c: c.ljust(width[c]) for c in left})
@@ -427,11 +635,19 @@ def format_table(table: pd.DataFrame, fmt: str = "terminal") -> str:
 # --------------------------------------------------------------------------- figure data
 
 
+def _variant_status(df: pd.DataFrame) -> pd.Series:
+    """Per row: its variant's status over all its seeds (FINISHED only when every seed finished)."""
+    return df.groupby(["experiment", "key"], sort=False)["status"].transform(overall_status)
+
+
 def _label(df: pd.DataFrame) -> pd.Series:
+    """A variant's name in figures (one per variant, whatever its seeds): KEY, EXPERIMENT/KEY
+    when several experiments are shown, '(running)' etc. while not every seed has finished."""
     multi = df["experiment"].nunique() > 1
     lab = (df["experiment"] + "/" + df["key"]) if multi else df["key"].copy()
-    unfinished = df["status"] != FINISHED
-    return lab.where(~unfinished, lab + " (" + df["status"].str.lower() + ")")
+    status = _variant_status(df) if not df.empty else df["status"]
+    unfinished = status != FINISHED
+    return lab.where(~unfinished, lab + " (" + status.str.lower() + ")")
 
 
 def pick_device(df: pd.DataFrame) -> str:
@@ -448,25 +664,47 @@ def pareto_front(throughput: Sequence[float], top1: Sequence[float]) -> list[boo
     return [not any((t2 >= t and a2 >= a) and (t2 > t or a2 > a) for t2, a2 in pts) for t, a in pts]
 
 
+def _spread(t: pd.DataFrame, dev: str, side: int) -> pd.Series:
+    """The throughput error bar's end: the slowest (side -1) / fastest (+1) of the bench repeats,
+    widened to mean -/+ std over seeds where that is wider."""
+    mean, std = t[f"{dev}_imgs_s"], t[f"{dev}_imgs_s_std"].fillna(0)
+    end = t[f"{dev}_imgs_s_lo" if side < 0 else f"{dev}_imgs_s_hi"].fillna(mean)
+    return end.combine(mean + side * std, min if side < 0 else max)
+
+
 def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
-    """Top-1 vs inference throughput, ours and the paper's, with Pareto-front membership.
+    """Top-1 vs inference throughput per variant (means over its finished seeds), ours and the
+    paper's, with Pareto-front membership.
 
     Columns: experiment, key, label, source ('measured' | 'paper'), device, throughput (img/s),
-    top1 (%), on_front (within its source). Variants missing either number are left out.
+    top1 (%), throughput_lo/_hi (slowest/fastest bench repeat, or mean -/+ std over seeds where
+    wider), top1_std (over seeds; NaN for one), n_seeds, baseline, on_front
+    (within its source). Variants missing either number are left out; no paper points when a
+    smoke run is among the variants (a smoke run is not comparable with the paper).
     """
-    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "on_front"]
+    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "throughput_lo", "throughput_hi",
+            "top1_std", "n_seeds", "baseline", "on_front"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     device = device or pick_device(df)
     if device not in DEVICES:
         raise LabError(f"unknown device '{device}'; choose cpu or cuda")
-    top1 = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
-    ours = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": _label(df),
-                         "source": "measured", "device": device,
-                         "throughput": _col(df, "metrics." + BENCH_METRIC[device]), "top1": top1})
-    paper = pd.DataFrame({"experiment": df["experiment"], "key": df["key"], "label": df["key"] + " (paper)",
-                          "source": "paper", "device": device,
-                          "throughput": _col(df, "tags." + REF_THROUGHPUT[device]), "top1": _col(df, "tags.ref.top1")})
+    t = ablation_table(df)
+    labels = dict(zip(zip(df["experiment"], df["key"]), _label(df)))
+    dev = "cpu" if device == "cpu" else "gpu"
+    ours = pd.DataFrame({"experiment": t["experiment"], "key": t["key"],
+                         "label": [labels[(e, k)] for e, k in zip(t["experiment"], t["key"])],
+                         "source": "measured", "device": device, "throughput": t[f"{dev}_imgs_s"],
+                         "top1": t["top1"], "throughput_lo": _spread(t, dev, -1), "throughput_hi": _spread(t, dev, 1),
+                         "top1_std": t["top1_std"],
+                         "n_seeds": t["n_seeds"], "baseline": t["baseline"]})
+    paper = pd.DataFrame({"experiment": t["experiment"], "key": t["key"], "label": t["key"] + " (paper)",
+                          "source": "paper", "device": device, "throughput": t[f"ref_{dev}_imgs_s"],
+                          "top1": t["ref_top1"], "throughput_lo": math.nan, "throughput_hi": math.nan,
+                          "top1_std": math.nan,
+                          "n_seeds": math.nan, "baseline": t["baseline"]})
+    if t["smoke"].astype(bool).any():
+        paper = paper.iloc[0:0]
     parts = []
     for part in (ours, paper):
         part = part.dropna(subset=["throughput", "top1"]).copy()
@@ -479,16 +717,34 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
 
 def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "val/top1",
                      tracking_uri: str | None = None) -> pd.DataFrame:
-    """Validation curves of the chosen runs: experiment, key, label, status, run_id, step, x, top1."""
-    cols = ["experiment", "key", "label", "status", "run_id", "step", "x", "top1"]
+    """Validation curves of the chosen runs (every finished seed; a variant with none: every run
+    as far as it got): experiment, key, label (one per variant), seed, status, run_id, step, x, top1."""
+    cols = ["experiment", "key", "label", "seed", "status", "run_id", "step", "x", "top1"]
     if df.empty:
         return pd.DataFrame(columns=cols)
+    # a variant with finished seeds is drawn from those (as the table counts them); others as far as they got
+    done = (df["status"] == FINISHED).groupby([df["experiment"], df["key"]]).transform("any")
+    df = df.assign(_label=_label(df))[(df["status"] == FINISHED) | ~done]
     h = history(df["run_id"].tolist(), metric=metric, x=x, tracking_uri=tracking_uri or df.attrs.get("tracking_uri"))
-    meta = df[["run_id", "experiment", "key", "status"]].assign(label=_label(df))
+    seed = df["seed"] if "seed" in df.columns else 0
+    meta = df[["run_id", "experiment", "key", "status"]].assign(label=df["_label"], seed=seed)
     out = meta.merge(h, on="run_id", how="inner").rename(columns={"value": "top1"})
     out = out[cols].reset_index(drop=True)
     out.attrs.update(x=x, metric=metric)
     return out
+
+
+def seeds_data(df: pd.DataFrame) -> pd.DataFrame:
+    """Final top-1 of every finished seed: experiment, key, label, seed, top1, baseline."""
+    cols = ["experiment", "key", "label", "seed", "top1", "baseline"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    t = ablation_table(df)
+    base = set(zip(t.loc[t["baseline"], "experiment"], t.loc[t["baseline"], "key"]))
+    v = run_values(df).assign(label=_label(df))
+    v = v[(v["status"] == FINISHED) & v["top1"].notna()]
+    v = v.assign(baseline=[(e, k) in base for e, k in zip(v["experiment"], v["key"])])
+    return v[cols].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- plots
@@ -497,42 +753,123 @@ def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "va
 _plt = pyplot  # (pyplot, seaborn) with the lab theme (lab.figures)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "H", "8")
+
+
+def variant_styles(labels: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """label -> (colour, marker), distinct for every label: tab10 up to 10 variants, tab20 up to 20
+    (then husl), with the marker cycling on its own period so colour+marker pairs never repeat."""
+    import seaborn as sns
+
+    labels = list(dict.fromkeys(labels))
+    n = max(len(labels), 1)
+    colours = sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
+    return {lab: (colours[i], MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
+
+
+def _repel(ax, texts: list, max_iter: int = 500, pad: float = 2.0) -> None:
+    """Move annotation labels apart until their boxes no longer overlap (a small stand-in for
+    adjustText): boxes are measured once, overlapping pairs are pushed apart along the axis of
+    least overlap in display space, and the result becomes each label's offset from its point."""
+    if len(texts) < 2:
+        return
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]  # the text alone, not its leader line
+    cx = [(b.x0 + b.x1) / 2 for b in boxes]
+    cy = [(b.y0 + b.y1) / 2 for b in boxes]
+    hw = [b.width / 2 + pad for b in boxes]
+    hh = [b.height / 2 + pad for b in boxes]
+    x0, y0 = list(cx), list(cy)
+    n = len(texts)
+    for _ in range(max_iter):
+        moved = False
+        for i in range(n):
+            for j in range(i + 1, n):
+                ox = hw[i] + hw[j] - abs(cx[i] - cx[j])
+                oy = hh[i] + hh[j] - abs(cy[i] - cy[j])
+                if ox <= 0 or oy <= 0:
+                    continue
+                moved = True
+                if oy <= ox:  # cheaper to separate vertically
+                    d = (oy / 2 + 0.5) * (1 if cy[i] > cy[j] or (cy[i] == cy[j] and i < j) else -1)
+                    cy[i] += d
+                    cy[j] -= d
+                else:
+                    d = (ox / 2 + 0.5) * (1 if cx[i] > cx[j] or (cx[i] == cx[j] and i < j) else -1)
+                    cx[i] += d
+                    cx[j] -= d
+        if not moved:
+            break
+    for t, a, b, c, d in zip(texts, x0, y0, cx, cy):
+        ox, oy = t.xyann
+        t.xyann = (ox + (c - a) / px_per_pt, oy + (d - b) / px_per_pt)
+
+
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
-    """Top-1 vs throughput (log x): measured points labelled, the Pareto front as a step line,
-    the paper's points as light open diamonds. Returns the matplotlib Figure."""
+    """Top-1 vs throughput (log x): one point per variant at its mean over seeds with error bars
+    on both axes (top-1: ± 1 std over seeds; throughput: the slowest to fastest bench repeat), a distinct colour and marker per variant, labels kept apart, the
+    baseline's top-1 as a dashed line, the Pareto front as a step line, the paper's points as
+    light open diamonds. Returns the matplotlib Figure."""
     if data.empty:
         raise LabError("nothing to plot: no variant has both a top-1 and a throughput for this device "
                        "(run `lab bench`, or try --device cpu/cuda)")
     plt, sns = _plt()
     device = data["device"].iloc[0]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 6))
     ours = data[data["source"] == "measured"]
     paper = data[data["source"] == "paper"]
-    palette = dict(zip(ours["label"], sns.color_palette("tab10", max(len(ours), 1))))
+    styles = variant_styles(ours["label"])
+    texts = []
     if not ours.empty:
-        sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", palette=palette, s=80, ax=ax,
+        xerr = None
+        if {"throughput_lo", "throughput_hi"} <= set(ours.columns):
+            xerr = [(ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
+                    (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist()]
+            xerr = xerr if any(x > 0 for side in xerr for x in side) else None
+        yerr = ours["top1_std"].fillna(0) if "top1_std" in ours and ours["top1_std"].notna().any() else None
+        if xerr is not None or yerr is not None:
+            ax.errorbar(ours["throughput"], ours["top1"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey",
+                        elinewidth=1, capsize=3, alpha=0.8, zorder=2)
+        sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
+                        palette={k: c for k, (c, _) in styles.items()},
+                        markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
                         edgecolor="black", linewidth=0.6, zorder=3)
         front = ours[ours["on_front"]]
         ax.scatter(front["throughput"], front["top1"], s=230, facecolors="none", edgecolors="black",
                    linewidths=1.4, label="on Pareto front", zorder=4)
         _front_line(ax, ours, color="black", style="-", label="Pareto front")
+        base = ours[ours["baseline"].astype(bool)] if "baseline" in ours else ours.iloc[0:0]
+        if not base.empty:
+            ax.axhline(base["top1"].iloc[0], color="grey", linestyle="--", linewidth=1,
+                       label=f"baseline: {base['key'].iloc[0]}", zorder=1)
         for _, r in ours.iterrows():
-            ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            texts.append(ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(6, 4),
+                                     textcoords="offset points", fontsize=8,
+                                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4)))
     if not paper.empty:
         ax.scatter(paper["throughput"], paper["top1"], marker="D", s=50, facecolors="none", edgecolors="grey",
                    alpha=0.7, label="paper", zorder=2)
         _front_line(ax, paper, color="grey", style=":", label="paper front")
         for _, r in paper.iterrows():
-            ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(5, -10),
-                        textcoords="offset points", fontsize=7, color="grey")
+            texts.append(ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(6, -10),
+                                     textcoords="offset points", fontsize=7, color="grey",
+                                     arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0,
+                                                     shrinkB=4)))
     ax.set_xscale("log")
     _log_ticks(ax)
     ax.set_xlabel(f"{'GPU' if device == 'cuda' else 'CPU'} inference throughput (images/s, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    n = ours["n_seeds"].max() if "n_seeds" in ours and not ours.empty else math.nan
+    ax.set_ylabel("top-1 accuracy (%)" + (", mean ± std over seeds" if n and n > 1 else ""))
     exps = ", ".join(dict.fromkeys(data["experiment"]))
     ax.set_title(title or f"{exps}: accuracy vs {'GPU' if device == 'cuda' else 'CPU'} speed")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
     fig.tight_layout()
+    _repel(ax, texts)
     return fig
 
 
@@ -558,21 +895,27 @@ def _log_ticks(ax) -> None:
     ax.set_xlim(lo, hi)
 
 
-def plot_convergence(data: pd.DataFrame, title: str | None = None):
-    """Validation top-1 vs the chosen x, one line per variant (the LeViT paper's Figure 3 shape)."""
+def plot_convergence(data: pd.DataFrame, title: str | None = None, errorbar: Any = "sd"):
+    """Validation top-1 vs the chosen x, one line per variant (the LeViT paper's Figure 3 shape):
+    the mean over its seeds at each evaluation step (x: the seeds' mean x at that step) with a
+    band (`errorbar`, seaborn's: "sd" = ± 1 std, ("ci", 95), or None)."""
     if data.empty:
         raise LabError("nothing to plot: no run has logged val/top1 with that x yet")
     plt, sns = _plt()
     from matplotlib.ticker import EngFormatter
 
     x = data.attrs.get("x", "images_seen")
+    data = data.assign(x=data.groupby(["label", "step"])["x"].transform("mean"))
+    styles = variant_styles(data["label"])
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers=True, dashes=False,
-                 estimator=None, sort=True, ax=ax)
+    sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers={k: m for k, (_, m) in styles.items()},
+                 palette={k: c for k, (c, _) in styles.items()}, dashes=False, estimator="mean",
+                 errorbar=errorbar, sort=True, ax=ax)
     ax.set_xlabel(X_LABELS.get(x, x))
     if x == "images_seen":
         ax.xaxis.set_major_formatter(EngFormatter())
-    ax.set_ylabel("validation top-1 (%)")
+    several = "seed" in data and data.groupby("label")["seed"].nunique().max() > 1
+    ax.set_ylabel("validation top-1 (%)" + (" (mean ± std over seeds)" if several and errorbar == "sd" else ""))
     exps = ", ".join(dict.fromkeys(data["experiment"]))
     ax.set_title(title or f"{exps}: convergence (validation top-1 vs {X_LABELS.get(x, x).split(' (')[0]})")
     ax.legend(title="variant", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8,
@@ -581,22 +924,96 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None):
     return fig
 
 
+def plot_seeds(data: pd.DataFrame, title: str | None = None):
+    """Final top-1 of every seed per variant (a strip plot, one row per variant), each variant's
+    mean with its 95% t-interval as a black bar, the baseline's mean as a dashed line."""
+    if data.empty:
+        raise LabError("nothing to plot: no variant has a finished seed")
+    plt, sns = _plt()
+    from lab import stats
+
+    order = list(dict.fromkeys(data["label"]))
+    styles = variant_styles(order)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(order)))
+    sns.stripplot(data=data, x="top1", y="label", hue="label", order=order, hue_order=order,
+                  palette={k: c for k, (c, _) in styles.items()}, size=7, jitter=0.15, edgecolor="black",
+                  linewidth=0.5, legend=False, ax=ax, zorder=3)
+    from scipy import stats as sps
+
+    for i, lab in enumerate(order):
+        vals = data.loc[data["label"] == lab, "top1"]
+        sm = stats.summarize(vals.tolist())
+        ax.plot([sm.mean], [i], marker="|", markersize=18, color="black", zorder=4)
+        if sm.n > 1 and sm.std > 0:
+            half = float(sps.t.ppf(0.975, sm.n - 1)) * sm.std / math.sqrt(sm.n)
+            ax.plot([sm.mean - half, sm.mean + half], [i, i], color="black", linewidth=1.5, zorder=4)
+    base = data[data["baseline"].astype(bool)]
+    if not base.empty:
+        ax.axvline(base["top1"].mean(), color="grey", linestyle="--", linewidth=1,
+                   label=f"baseline mean: {base['key'].iloc[0]}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+    ax.set_xlabel("final validation top-1 (%), one point per seed; bar: mean and 95% CI")
+    ax.set_ylabel("")
+    exps = ", ".join(dict.fromkeys(data["experiment"]))
+    ax.set_title(title or f"{exps}: top-1 over seeds")
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- CLI
 
 
+def _load(args: argparse.Namespace) -> pd.DataFrame:
+    return load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag),
+                     include_smoke=args.include_smoke, all_hashes=getattr(args, "all_hashes", False),
+                     hash=getattr(args, "hash", None))
+
+
+PER_SEED_COLUMNS = ["experiment", "key", "seed", "status", "top1", "top1_best", "steps", "train_s", "params_m",
+                    "cpu_imgs_s", "gpu_imgs_s", "hash", "run_id", "error"]
+
+
+def per_seed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run shown (variant x seed), without aggregation."""
+    if df.empty:
+        return pd.DataFrame(columns=PER_SEED_COLUMNS)
+    v = run_values(df)
+    return v[PER_SEED_COLUMNS].reset_index(drop=True)
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
-    table = ablation_table(df, baseline=args.baseline)
-    text = format_table(table, args.format)
-    warnings = [f"warning: {w}" for w in budget_warnings(table)] if not table.empty else []
-    if args.format == "terminal" and not table.empty:
+    df = _load(args)
+    notes = list(df.attrs.get("notes", []))
+    if args.per_seed:
+        table = per_seed_table(df)
+        if args.format == "json":
+            text = table.to_json(orient="records", indent=2) + "\n"
+        elif args.format == "csv":
+            text = table.to_csv(index=False)
+        else:
+            with pd.option_context("display.max_columns", None, "display.width", 250):
+                text = table.to_string(index=False, na_rep="") + "\n" if not table.empty else "(no variant runs)\n"
+    else:
+        table = ablation_table(df, baseline=args.baseline)
+        text = format_table(table, args.format)
+        if not table.empty and table["smoke"].astype(bool).any():
+            notes.append(f"smoke runs shown (marked '{SMOKE_SUFFIX.strip()}'): plumbing checks, not results; "
+                         f"no paper figures beside them")
+    if args.format == "terminal" and not table.empty and not args.per_seed:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
-        text = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline\n" + text
-        text += "".join(w + "\n" for w in warnings)
-    elif warnings:
-        for w in warnings:
-            print(w, file=sys.stderr)
+        seeds = table["n_seeds"].max()
+        head = f"{', '.join(args.experiment)}: {len(table)} variant(s) ({summary}); * = baseline"
+        if seeds > 1:
+            head += "; top-1 mean ± std over finished seeds (n), Δ top-1 [95% CI]"
+        text = head + "\n" + text
+    warnings = [f"warning: {w}" for w in budget_warnings(run_table(df))] if not df.empty else []
+    extra = warnings + [f"note: {n}" for n in notes]
+    if args.format == "terminal":
+        text += "".join(f"{line}\n" for line in extra)
+    else:
+        for line in extra:
+            print(line, file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -621,9 +1038,11 @@ def _out_stem(out: str | None, default_name: str) -> Path:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    df = load_runs(args.experiment, args.tracking_uri, _parse_tag_filter(args.tag))
+    df = _load(args)
     if df.empty:
         raise LabError(f"no variant runs in {', '.join(args.experiment)}" + (" matching the --tag filter" if args.tag else ""))
+    for n in df.attrs.get("notes", []):
+        print(f"note: {n}", file=sys.stderr)
     name = "_".join(args.experiment)
     if args.kind in ("filters", "attention-bias"):  # lab.inspection: from the runs' final weights
         from lab.inspection_plot import cmd_plot
@@ -637,6 +1056,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         dev = data["device"].iloc[0] if not data.empty else (args.device or pick_device(df))
         fig = plot_pareto(data)
         stem = _out_stem(args.out, f"{name}_pareto_{dev}")
+    elif args.kind == "seeds":
+        fig = plot_seeds(seeds_data(df))
+        stem = _out_stem(args.out, f"{name}_seeds")
     else:
         data = convergence_data(df, x=args.x)
         fig = plot_convergence(data)
@@ -651,21 +1073,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="keep only runs with this tag (repeatable), e.g. --tag lab.device=cuda")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
+    p.add_argument("--include-smoke", action="store_true",
+                   help="also show `lab run --smoke` runs (left out by default; never beside the paper's figures)")
+    p.add_argument("--all-hashes", action="store_true",
+                   help="every spec version of a variant as its own row (KEY@HASH), not just the latest finished")
+    p.add_argument("--hash", help="show the spec version whose config hash (or run hash) starts with this")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("table", help="ablation table of an experiment's runs (partial results welcome)")
+    p = sub.add_parser("table", help="ablation table of an experiment's runs, seeds aggregated (partial results welcome)")
     _common(p)
     p.add_argument("--format", choices=FORMATS, default="terminal")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--baseline", help="variant key to compare against (default: the spec's baseline, else the first)")
+    p.add_argument("--per-seed", action="store_true", help="one row per run (variant x seed) instead of per variant")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("plot", help="Pareto, convergence, first-layer filters or attention bias/distance, as PNG and SVG")
+    p = sub.add_parser("plot", help="Pareto, convergence, per-seed, first-layer filters or attention bias/distance, "
+                                    "as PNG and SVG")
     _common(p)
-    p.add_argument("--kind", choices=["pareto", "convergence", "filters", "attention-bias"], default="pareto",
-                   help="filters: first-layer filter grids; attention-bias: bias maps per head and the mean attention "
-                        "distance per layer (both from each finished run's final weights)")
+    p.add_argument("--kind", choices=["pareto", "convergence", "seeds", "filters", "attention-bias"], default="pareto",
+                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI; filters: first-layer "
+                        "filter grids; attention-bias: bias maps per head and the mean attention distance per layer "
+                        "(both from each finished run's final weights)")
     p.add_argument("--images", type=int, default=64,
                    help="attention-bias: validation images for runs that did not log their attention distance")
     p.add_argument("--x", choices=[k for k in X_KINDS], default="images_seen", help="convergence x-axis")

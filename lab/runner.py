@@ -69,46 +69,67 @@ class Context:
     resolved: dict = field(default_factory=dict)  # variant key -> the variant with `match:` resolved
 
 
+def _by_key(variants: list) -> dict[str, list]:
+    """Variant key -> its runs (one per seed), in spec order."""
+    out: dict[str, list] = {}
+    for v in variants:
+        out.setdefault(v.key, []).append(v)
+    return out
+
+
+def teacher_of(v, variants: list):
+    """The teacher run of a distilled variant: the teacher variant's run with the same seed, else
+    its first seed (None without distill.variant or when the teacher is not among `variants`)."""
+    d = v.train.distill
+    if d is None or not d.variant:
+        return None
+    runs = _by_key(variants).get(d.variant, [])
+    return next((t for t in runs if t.seed == v.seed), runs[0] if runs else None)
+
+
 def order_variants(variants: list) -> list:
-    """Teachers (train.distill.variant) before their students; otherwise the spec order."""
-    by_key = {v.key: v for v in variants}
+    """Teachers (train.distill.variant) before their students; otherwise the spec order
+    (all seeds of a variant together)."""
+    by_key = _by_key(variants)
     out, seen, visiting = [], set(), set()
 
-    def visit(v):
-        if v.key in seen:
+    def visit(key):
+        if key in seen:
             return
-        if v.key in visiting:
-            raise LabError(f"distillation cycle through variant '{v.key}'", file=v.source,
-                           path=f"variants.{v.key}.train.distill.variant")
-        visiting.add(v.key)
-        d = v.train.distill
-        if d is not None and d.variant and d.variant in by_key:
-            visit(by_key[d.variant])
-        dep = init_dependency(v)  # model.init.variant: the weights come from that variant
-        if dep is not None and dep in by_key:
-            visit(by_key[dep])
-        visiting.discard(v.key)
-        seen.add(v.key)
-        out.append(v)
+        if key in visiting:
+            v = by_key[key][0]
+            raise LabError(f"distillation cycle through variant '{key}'", file=v.source,
+                           path=f"variants.{key}.train.distill.variant")
+        visiting.add(key)
+        for v in by_key[key]:
+            d = v.train.distill
+            # the teacher (train.distill.variant) and model.init.variant (the weights come from there)
+            for dep in (d.variant if d is not None else None, init_dependency(v)):
+                if dep and dep in by_key:
+                    visit(dep)
+        visiting.discard(key)
+        seen.add(key)
+        out.extend(by_key[key])
 
-    for v in variants:
-        visit(v)
+    for key in by_key:
+        visit(key)
     return out
 
 
 def with_teachers(selected: list, variants: list) -> list:
-    """`selected` plus the teacher variants they need (transitively), in spec order."""
-    by_key = {v.key: v for v in variants}
-    want = {v.key for v in selected}
+    """`selected` plus the runs they need (transitively), in spec order: each one's teacher run
+    (same seed where it has one) and every seed of its model.init.variant."""
+    by_key = _by_key(variants)
+    want = {v.uid for v in selected}
     stack = list(selected)
     while stack:
         cur = stack.pop()
-        d = cur.train.distill
-        for dep in (d.variant if d is not None else None, init_dependency(cur)):
-            if dep and dep not in want and dep in by_key:
-                want.add(dep)
-                stack.append(by_key[dep])
-    return [v for v in variants if v.key in want]
+        deps = [teacher_of(cur, variants), *by_key.get(init_dependency(cur) or "", [])]
+        for t in deps:
+            if t is not None and t.uid not in want:
+                want.add(t.uid)
+                stack.append(t)
+    return [v for v in variants if v.uid in want]
 
 
 def _data_key(v) -> str:
@@ -160,7 +181,7 @@ def load_teacher(v, ctx: Context):
     if d is None:
         return None
     if d.variant:
-        tv = next(x for x in ctx.variants if x.key == d.variant)
+        tv = teacher_of(v, ctx.variants)
         path = track.checkpoint_dir(tv, ctx.uri) / "final.pt"
         if not path.is_file():
             runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=tv.key, hash=tv.hash, statuses=["FINISHED"])
@@ -301,6 +322,9 @@ def build_variant(v, ctx: Context, *, calibrating: bool = False) -> Built:
     pl.seed_everything(tr.seed, workers=True, verbose=False)
     precision = resolve_precision(tr, accelerator)
     dm = ctx.datamodules[_data_key(v)]
+    # train.seed: init, augmentation and the training data order; data.seed keeps the dataset and
+    # its train/val split fixed, so every seed of every variant is scored on the same images
+    dm.shuffle_seed = tr.seed
     model = grafts.build(v.model)
     params = grafts.count_params(model)
     macs = int(grafts.count_macs(v.model))
@@ -422,7 +446,6 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     last_eval = _last_eval_callback()
     from lab.resume import ExactResume
 
-    dm.sample_seed = int(tr.seed)
     exact = ExactResume(getattr(dm, "resume_point", None), v.data.batch_size)
     # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
     # the ranks of a DDP run would disagree about a collective call and hang.
@@ -430,7 +453,7 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     if world > 1 and plan.max_seconds is not None:
         callbacks.insert(1, _sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
-        callbacks.append(StepProgress(v.key, plan.total_steps, timer, plan.max_seconds))
+        callbacks.append(StepProgress(v.uid, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
     if tr.eval_every:
         val_kw = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
@@ -506,7 +529,7 @@ def bench_after_train(v, model, accelerator: str, ctx: Context, run_id: str) -> 
 
 
 def new_record(v) -> dict[str, Any]:
-    return {"key": v.key, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
+    return {"key": v.key, "uid": v.uid, "seed": v.seed, "hash": v.hash, "run_id": None, "status": None, "params": None, "macs": None,
             "budget": v.budget.kind, "steps": None, "top1": None, "best_top1": None, "train_seconds": None,
             "wall_seconds": None, "error": None, "resumed": False, "budget_kind": v.budget.kind,
             "planned_seconds": float(v.budget.seconds) if v.budget.kind == "seconds" else None,
@@ -646,7 +669,7 @@ def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Option
         if v.match is not None:
             from lab.measure import resolve_match
 
-            v = ctx.resolved.get(v.key) or resolve_match(v, ctx.variants)
+            v = _same_seed(ctx.resolved.get(v.key), v) or resolve_match(v, ctx.variants)
             if ctx.rank_zero:
                 track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith("match.")})
                 track.set_tags(ctx.cl, run_id, {"lab.resolved_hash": v.hash})
@@ -711,6 +734,16 @@ def run_variant(v, ctx: Context) -> dict:
 # --------------------------------------------------------------------------- calibration together
 
 CALIBRATION_FILE = "calibration.json"
+
+
+def _same_seed(resolved, v):
+    """A `match:`-resolved variant (resolved once per variant key) for this run's seed."""
+    if resolved is None or resolved.seed == v.seed:
+        return resolved
+    from lab.spec import content_hash
+
+    out = resolved.model_copy(update={"train": v.train, "seed": v.seed})
+    return out.model_copy(update={"hash": content_hash(out.resolved())})
 
 
 def cost_group(v) -> str:
@@ -911,7 +944,7 @@ def _fmt_line(r: dict) -> str:
 
     top1 = f"{r['top1']:.2f}%" if isinstance(r.get("top1"), (int, float)) else "-"
     secs = f"{r['train_seconds']:.1f}s" if isinstance(r.get("train_seconds"), (int, float)) else "-"
-    line = (f"{r['key']:<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
+    line = (f"{r.get('uid', r['key']):<22} params {num(r['params'], 1e6, '.2f')}M  MACs {num(r['macs'], 1e6, '.1f')}M  "
             f"{r['budget']:<24} {r['status']:<8} top-1 {top1:>7}  train {secs:>7}")
     if isinstance(r.get("imgs_per_s"), (int, float)):
         line += f"  {r['imgs_per_s']:.0f} img/s"
@@ -978,14 +1011,17 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     parent = None
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-            "lab.variants": ",".join(v.key for v in ordered)[:5000], "lab.launcher": launcher,
+            "lab.variants": ",".join(dict.fromkeys(v.key for v in ordered))[:5000], "lab.launcher": launcher,
+            **({track.SMOKE_TAG: "true"} if any(v.tags.get(track.SMOKE_TAG) for v in variants) else {}),
             **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
         keeper.hold(parent)
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
                       force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
                       say=say, launcher=launcher, keeper=keeper)
-        say(f"{spec.name}: {len(ordered)} variant(s), tracking {uri} (experiment '{experiment}', parent run {parent}"
+        n_keys = len(dict.fromkeys(v.key for v in ordered))
+        runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
+        say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
             f"{', launcher ' + launcher if launcher != 'local' else ''})")
         try:
             policy = thread_policy(ordered)

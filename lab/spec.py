@@ -248,7 +248,19 @@ class ExperimentSpec(Strict):
     baseline: Optional[str] = Field(None, description="variant key the tables compare against (default: first)")
     variants: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: Optional[int | list[int]] = Field(
+        None, description="repeats: N runs each variant with seeds train.seed, train.seed+1, ...; "
+                          "a list names the seeds. Each seed is its own run; tables aggregate them")
     reference: dict[str, ReferenceFigures] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _seeds_valid(self):
+        s = self.seeds
+        if isinstance(s, int) and not isinstance(s, bool) and s < 1:
+            raise ValueError(f"seeds must be >= 1 or a list of seeds (got {s})")
+        if isinstance(s, list) and (not s or len(set(s)) != len(s)):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers (got {s})")
+        return self
 
 
 class Variant(BaseModel):
@@ -271,6 +283,14 @@ class Variant(BaseModel):
     source: str = ""
     init: Optional[InitSpec] = Field(None, description="model.init: where the starting weights come from")
     changes: str = Field("", description="what this variant changes vs the experiment's baseline, in words")
+    seed: int = Field(0, description="train.seed of this run (one of the variant's repeats)")
+    repeated: bool = Field(False, description="the variant runs with several seeds (seeds: N)")
+    config_hash: str = Field("", description="content hash without train.seed: the same for every seed of the variant")
+
+    @property
+    def uid(self) -> str:
+        """Names this run among the invocation's runs: the key, plus the seed when the variant repeats."""
+        return f"{self.key}-seed{self.seed}" if self.repeated else self.key
 
     def resolved(self) -> dict[str, Any]:
         """The variant as one plain dict (what is logged and hashed)."""
@@ -574,91 +594,87 @@ def content_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def config_hash(resolved: dict[str, Any]) -> str:
+    """content_hash with train.seed left out: one value shared by all seeds of a variant."""
+    return content_hash({**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "seed"}})
+
+
+def seed_list(s: Optional[int | list[int]], train_seed: int) -> Optional[list[int]]:
+    """The seeds a variant runs with, from `seeds:` (None: just its train.seed, not repeated)."""
+    if s is None:
+        return None
+    if isinstance(s, int):
+        return [train_seed + i for i in range(s)] if s > 1 else None
+    return list(s)
+
+
 def _fmt_value(v: Any) -> str:
     return str(v).replace(" ", "")
 
 
 def expand(spec: ExperimentSpec, *, check_models: bool = True) -> list[Variant]:
     """Variants (ablation rows) x grid (cartesian sweep) -> fully resolved, validated variants."""
-    return list(iter_expand(spec, check_models=check_models))
-
-
-def count_variants(spec: ExperimentSpec) -> int:
-    """How many variants `expand` makes (without building them)."""
-    n = max(1, len(spec.variants))
-    for values in spec.grid.values():
-        n *= len(values) if isinstance(values, list) and values else 1
-    return n
-
-
-def iter_expand(spec: ExperimentSpec, *, check_models: bool = True):
-    """`expand` one variant at a time: a large grid is validated or listed without holding it all."""
     file = getattr(spec, "_source", spec.name)
     base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
-    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    if len(spec.variants) > max_variants():
-        raise SpecError(f"{len(spec.variants)} variants, more than the limit of {max_variants()}; raise "
-                        f"LAB_MAX_VARIANTS if this is intended", file=file, path="variants")
+    grid, seeds = dict(spec.grid), spec.seeds
+    if "train.seed" in grid:  # a sweep over seeds is repeats of each variant, not new variants
+        if seeds is not None:
+            raise SpecError("give the seeds once: either `seeds:` (or --seeds) or grid train.seed",
+                            file=file, path="grid.train.seed")
+        seeds = grid.pop("train.seed")
+        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise SpecError(f"seeds must be distinct integers (got {seeds})", file=file, path="grid.train.seed")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    n = max(1, len(spec.variants)) * max(1, len(seeds) if isinstance(seeds, list) else (seeds if isinstance(seeds, int) else 1))
+    for values in grid.values():
+        n *= len(values) if isinstance(values, list) and values else 1
+    if n > max_variants():
+        sizes = " x ".join(str(len(v)) for v in spec.grid.values() if isinstance(v, list))
+        raise SpecError(f"the spec makes {n} runs ({max(1, len(spec.variants))} row(s)"
+                        f"{' x ' + sizes if sizes else ''}), more than the limit of {max_variants()}; "
+                        f"shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid" if grid else "variants")
     for key, over in (spec.variants or {"base": {}}).items():
         over = over or {}
         if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
             raise SpecError("variant keys may use letters, digits and _ . - only", file=file, path=f"variants.{key}")
         _check_override_keys(over, file, f"variants.{key}")
         rows.append((key, over, deep_merge(base, over)))
-    paths = list(spec.grid)
-    if spec.grid:
-        n = count_variants(spec)
-        if n > max_variants():
-            sizes = " x ".join(str(len(v)) for v in spec.grid.values())
-            raise SpecError(f"the grid makes {n} variants ({len(rows)} row(s) x {sizes}), more than the limit of "
-                            f"{max_variants()}; shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid")
+    if grid:
+        gridded = []
+        paths = list(grid)
         for p in paths:
             if p.split(".")[0] not in set(SECTIONS):
                 raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
-            if not spec.grid[p]:
+            if not grid[p]:
                 raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
-        resolved_rows = []
         for key, over, merged in rows:
             if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
                 # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
                 merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
                                                          if spec.variants else "model"))
-            resolved_rows.append((key, over, merged))
-        rows = resolved_rows
-
-    def grid_key(key: str, combo: tuple) -> str:
-        name = "-".join(f"{p.split('.')[-1]}={_fmt_value(v)}" for p, v in zip(paths, combo))
-        return f"{key}-{name}" if spec.variants else name
-
-    def all_rows():
-        if not spec.grid:
-            yield from rows
-            return
-        for key, over, merged in rows:
-            for combo in itertools.product(*(spec.grid[p] for p in paths)):
+            for combo in itertools.product(*(grid[p] for p in paths)):
                 o = copy.deepcopy(over)
                 m = copy.deepcopy(merged)
+                suffix = []
                 for p, v in zip(paths, combo):
                     _dotted_set(m, p, v, file, f"grid.{p}")
                     o[p] = v  # flat dotted key: describes the change, never re-applied
-                yield grid_key(key, combo), o, m
-
-    if spec.grid:
-        keys = [grid_key(k, combo) for k, _, _ in rows for combo in itertools.product(*(spec.grid[p] for p in paths))]
-    else:
-        keys = [k for k, _, _ in rows]
-    unknown_refs = set(spec.reference) - set(keys)
+                    suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
+                name = "-".join(suffix)
+                gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
+        rows = gridded
+    unknown_refs = set(spec.reference) - {k for k, *_ in rows}
     if unknown_refs:
         r = sorted(unknown_refs)[0]
-        raise SpecError(f"no variant named '{r}'{close_matches(r, keys)}", file=file, path=f"reference.{r}")
+        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, *_ in rows])}", file=file, path=f"reference.{r}")
+    keys = [k for k, *_ in rows]
     if spec.baseline and _resolve_baseline(spec.baseline, keys) is None:
         raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}",
                         file=file, path="baseline")
-    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else keys[0]
-    base_row = next(r for r in all_rows() if r[0] == base_key)
-    key_set = set(keys)
 
-    for key, over, merged in all_rows():
+    out: list[Variant] = []
+    for key, over, merged in rows:
         where = f"variants.{key}" if spec.variants else ""
         sections = {}
         for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
@@ -679,23 +695,35 @@ def iter_expand(spec: ExperimentSpec, *, check_models: bool = True):
         if isinstance(model.get("init"), dict):
             model = dict(model)
             init = _validate(InitSpec, model.pop("init"), file, f"{where}.model.init".lstrip("."))
-        v = Variant(
-            experiment=spec.name, key=key, hash=content_hash(resolved), overrides=over,
-            model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
-            source=file, **sections,
-        )
-        v.changes = describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
-        if v.train.distill and v.train.distill.variant and v.train.distill.variant not in key_set:
+        chash = config_hash(resolved)
+        repeats = seed_list(seeds, sections["train"].seed)
+        for seed in repeats or [sections["train"].seed]:
+            train = sections["train"].model_copy(update={"seed": seed})
+            res = {**resolved, "train": _plain(train)}
+            out.append(Variant(
+                experiment=spec.name, key=key, hash=content_hash(res), overrides=over,
+                model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
+                source=file, seed=seed, repeated=repeats is not None, config_hash=chash,
+                **{**sections, "train": train},
+            ))
+    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else out[0].key
+    base_row = next(r for r in rows if r[0] == base_key)
+    changes = {key: describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
+               for key, over, merged in rows}
+    for v in out:
+        v.changes = changes[v.key]
+    for v in out:
+        if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
             raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
                             path=f"variants.{v.key}.train.distill.variant")
-        if v.init and v.init.variant and "/" not in v.init.variant and v.init.variant not in key_set:
-            raise SpecError(f"no variant named '{v.init.variant}'{close_matches(v.init.variant, keys)}"
+        if v.init and v.init.variant and "/" not in v.init.variant and v.init.variant not in {x.key for x in out}:
+            raise SpecError(f"no variant named '{v.init.variant}'{close_matches(v.init.variant, [x.key for x in out])}"
                             " (another experiment's: 'EXPERIMENT/KEY')", file=file,
                             path=f"variants.{v.key}.model.init.variant".replace("variants.base.", ""))
         if v.init and v.init.variant == v.key:
             raise SpecError("a variant cannot start from its own weights", file=file,
                             path=f"variants.{v.key}.model.init.variant")
-        yield v
+    return out
 
 
 def _resolve_baseline(name: str, keys: list[str]) -> Optional[str]:

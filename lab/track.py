@@ -11,7 +11,8 @@ Checkpoints live next to a SQLite store: `<store dir>/checkpoints/<experiment>/<
 Naming: one MLflow experiment per spec (`tracking.experiment`, default the spec name); one
 parent run per `lab run` invocation (tags lab.role=parent, lab.experiment) and one child run
 per variant (tags mlflow.parentRunId, lab.role=variant, lab.experiment, lab.variant, lab.hash,
-lab.git_commit, lab.device, lab.changes, lab.baseline, ref.<field>, lab.error on failure).
+lab.git_commit, lab.device, lab.changes, lab.baseline, lab.seed, lab.config_hash, lab.smoke,
+ref.<field>, lab.error on failure).
 Params: the flattened resolved spec (dotted keys, lists JSON). Metrics use the global optimizer
 step as their step (see `METRICS`).
 """
@@ -34,6 +35,11 @@ EVAL_METRICS = ("val/top1", "val/top5", "val/loss", "epoch", "images_seen", "tra
 FINAL_METRICS = ("final/val_top1", "final/val_top5", "final/val_loss", "best/val_top1", "budget/steps",
                  "budget/images_seen", "budget/train_seconds", "budget/train_flops", "budget/peak_mem_mb",
                  "params", "macs")
+
+# Tags of a variant run beside lab.variant / lab.hash (see variant_tags)
+SEED_TAG = "lab.seed"                # train.seed of this run: one repeat of the variant
+CONFIG_HASH_TAG = "lab.config_hash"  # content hash without train.seed: the same for all seeds of a variant
+SMOKE_TAG = "lab.smoke"              # "true" on `lab run --smoke` runs: tables/plots leave them out by default
 
 PARAM_MAX = 6000  # MLflow's param value limit
 DEFAULT_DIR = "mlruns"
@@ -304,7 +310,10 @@ def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, 
         "lab.changes": getattr(variant, "changes", "") or describe_overrides(variant.overrides),
         "lab.baseline": "true" if baseline else "false",
         "lab.budget": variant.budget.kind,
+        SEED_TAG: str(getattr(variant, "seed", variant.train.seed)),
     }
+    if getattr(variant, "config_hash", ""):
+        tags[CONFIG_HASH_TAG] = variant.config_hash
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     for k, v in (variant.tags or {}).items():
@@ -319,7 +328,7 @@ def start_variant_run(cl, experiment_id: str, variant: Any, *, parent_run_id: Op
                       device: Optional[str] = None) -> str:
     """A child run with the variant's tags (params are logged once the model is final: `log_variant_spec`)."""
     tags = variant_tags(variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
-    run = cl.create_run(experiment_id, run_name=variant.key, tags=tags)
+    run = cl.create_run(experiment_id, run_name=getattr(variant, "uid", variant.key), tags=tags)
     return run.info.run_id
 
 

@@ -43,7 +43,7 @@ def _outputs(nb) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("name, experiments, images", [("convergence.ipynb", "abl,fam,tinyrun", 3),
-                                                        ("ablation.ipynb", "abl", 1)])
+                                                        ("ablation.ipynb", "abl", 3)])
 def test_notebook_executes(name, experiments, images, store_uri, monkeypatch):
     monkeypatch.setenv("LAB_EXPERIMENT", experiments)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)

@@ -429,7 +429,14 @@ def test_pareto_figure_draws_the_data(abl):
     fig = R.plot_pareto(data)
     ax = fig.axes[0]
     ours, paper = data[data["source"] == "measured"], data[data["source"] == "paper"]
-    by_label = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    from matplotlib.collections import LineCollection
+
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    by_label = {c.get_label(): c.get_offsets().tolist() for c in ax.collections if c not in bars}
+    # the throughput error bars span the bench repeats' slowest to fastest (0.9x to 1.1x here)
+    (xbars,) = bars
+    spans = sorted((min(seg[:, 0]), max(seg[:, 0])) for seg in xbars.get_segments())
+    assert spans == sorted((ips * 0.9, ips * 1.1) for ips in ours["throughput"])
     assert by_label.pop("on Pareto front") == ours[ours["on_front"]][["throughput", "top1"]].values.tolist()
     assert by_label.pop("paper") == paper[["throughput", "top1"]].values.tolist()
     (points,) = by_label.values()  # seaborn's scatter: every measured point
