@@ -341,6 +341,9 @@ class LabDataModule(pl.LightningDataModule):
         self.val_index: Optional[torch.Tensor] = None
         self.cache_info: dict[str, Any] = {}
         self._mixup: Any = None
+        from lab.resume import ResumePoint
+
+        self.resume_point = ResumePoint()  # set by lab.resume.ExactResume when a run resumes mid-epoch
         # the training loader's shuffle seed; the runner sets it to train.seed (None: data.seed)
         self.shuffle_seed: Optional[int] = None
         self.check()
@@ -441,6 +444,19 @@ class LabDataModule(pl.LightningDataModule):
         self.root = root
         self.classes = found["train"]
         self.num_classes = len(self.classes)
+        self.bad_files = self._verify_images(root) if d.verify_images else set()
+
+    def _verify_images(self, root: Path) -> set[str]:
+        """Every image header checked by Pillow (lab.images; parallel, cached by size and mtime): bad files
+        are a LabError listing them, or skipped with `data.skip_bad_files: true`."""
+        from lab import images
+
+        files = images.image_files(root / "train", _is_image) + images.image_files(root / "val", _is_image)
+        bad = images.verify_files(files, cache_dir=cache_dir(), root=root)
+        if bad and not self.spec.skip_bad_files:
+            raise self._err(f"{images.describe_bad(bad, root)}; fix or remove them, or set data.skip_bad_files: true "
+                            f"to train without them", "data.root")
+        return set(bad)
 
     @property
     def short_name(self) -> str:
@@ -497,8 +513,10 @@ class LabDataModule(pl.LightningDataModule):
         if d.dataset == "imagefolder":
             from torchvision.datasets import ImageFolder
 
-            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform())
-            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform())
+            bad = getattr(self, "bad_files", set())
+            ok = (lambda p: _is_image(os.path.basename(p)) and p not in bad) if bad else None
+            self.train_set = ImageFolder(str(self.root / "train"), transform=self.train_transform(), is_valid_file=ok)
+            self.val_set = ImageFolder(str(self.root / "val"), transform=self.eval_transform(), is_valid_file=ok)
             if self.train_set.classes != self.val_set.classes:  # pragma: no cover - check() covers it
                 raise self._err("train/ and val/ class directories differ", "data.root")
             if len(self.train_set) < self.batch_size:
@@ -552,7 +570,22 @@ class LabDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            return self._loader(self.train_set, train=True)  # type: ignore[arg-type]
+        return self._resumable_loader(self.train_set)  # type: ignore[arg-type]
+
+    def _resumable_loader(self, ds: Dataset) -> DataLoader:
+        """Training batches that a resumed run replays exactly (lab.resume): order by (seed, epoch), each
+        sample's augmentation by (seed, epoch, index); `resume_point` skips what an interrupted epoch used."""
+        from lab import resume
+
+        w = int(self.spec.num_workers)
+        kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if w > 0 else {}
+        seed = resume._mix(int(self.spec.seed), int(self.shuffle_seed if self.shuffle_seed is not None else 0))
+        return DataLoader(resume.SeededSamples(ds, seed), batch_size=self.batch_size,
+                          sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
+                          drop_last=True, num_workers=w, pin_memory=self._pin(), **kw)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

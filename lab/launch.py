@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lab import track
+from lab import paths, track
 from lab.errors import LabError
 
 LAUNCHERS = ("local", "ray", "slurm")
@@ -155,7 +155,7 @@ def run_job(job: VariantJob) -> dict:
 
 
 def _run_worker_process(job: VariantJob) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f"lab-{job.key}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"lab-{paths.slug(job.key, 40)}-"))
     jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
     jobfile.write_bytes(pickle.dumps(job))
     env = dict(os.environ)
@@ -170,9 +170,9 @@ def _run_worker_process(job: VariantJob) -> dict:
     try:
         try:
             rc = proc.wait()
-        except KeyboardInterrupt:
-            # the worker saves a checkpoint and marks its run KILLED on SIGINT
-            proc.send_signal(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            # the worker saves a checkpoint and marks its run KILLED on SIGINT / SIGTERM (lab.signals)
+            proc.send_signal(getattr(e, "signum", signal.SIGINT))
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -181,7 +181,7 @@ def _run_worker_process(job: VariantJob) -> dict:
         if resfile.is_file():
             rec = json.loads(resfile.read_text())
         else:
-            rec = dict(job.record, status="failed" if rc not in (130, -signal.SIGINT) else "killed",
+            rec = dict(job.record, status="failed" if rc not in (130, 143, -signal.SIGINT, -signal.SIGTERM) else "killed",
                        error=f"worker process exited with code {rc} without a result")
         rec["worker_exit_code"] = rc
         return rec
@@ -194,13 +194,18 @@ def worker_main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "worker":
         print("usage: python -m lab.launch worker JOB.pkl RESULT.json", file=sys.stderr)
         return 2
+    from lab import signals
+
+    signals.install()
     job: VariantJob = pickle.loads(Path(argv[1]).read_bytes())
     started = time.time()
     code = 0
     try:
         rec = execute(job, started=started)
-    except KeyboardInterrupt:
-        rec, code = dict(job.record, status="killed"), 130
+    except KeyboardInterrupt as e:
+        stop = signals.as_interrupted(e)
+        rec = dict(job.record, status="killed", error=stop.reason if stop else "interrupted")
+        code = stop.exit_code if stop else 130
     if is_rank_zero():
         out = Path(argv[2])
         tmp = out.with_suffix(".tmp")
@@ -227,6 +232,8 @@ def finish_record(ctx, rec: dict, outcome: Any) -> dict:
         err = outcome if isinstance(outcome, BaseException) else RuntimeError(
             f"worker returned no result ({outcome!r})")
         rec = {**rec, "status": "failed", "error": track.short_error(err)}
+    if getattr(ctx, "keeper", None) is not None and rec.get("run_id"):
+        ctx.keeper.release(rec["run_id"])
     if rec.get("run_id") and rec["status"] != "finished":
         try:
             run = ctx.cl.get_run(rec["run_id"])
@@ -311,7 +318,7 @@ class Launcher:
         for v in ordered:
             if needs_own_process(v):
                 rec, run_id, resume = runner.prepare_variant(v, ctx)
-                if rec["status"] != "skipped":
+                if rec["status"] not in runner.NOT_TRAINED:
                     job = make_job(v, ctx, rec, run_id, resume, progress=ctx.progress)
                     try:
                         outcome = run_job(job)
@@ -320,8 +327,10 @@ class Launcher:
                         raise
                     rec = finish_record(ctx, rec, outcome)
                     if rec["status"] == "killed":
+                        from lab import signals
+
                         results.append(rec)
-                        raise KeyboardInterrupt
+                        raise signals.Interrupted(signal.SIGTERM if "SIGTERM" in str(rec.get("error")) else signal.SIGINT)
             else:
                 rec = runner.run_variant(v, ctx)
             results.append(rec)
@@ -357,7 +366,7 @@ class _Parallel(Launcher):
             try:
                 for v in wave:
                     rec, run_id, resume = runner.prepare_variant(v, ctx)
-                    if rec["status"] == "skipped":
+                    if rec["status"] in runner.NOT_TRAINED:
                         results[v.uid] = rec
                         ctx.say(runner._fmt_line(rec))
                         continue
@@ -499,7 +508,7 @@ class SlurmLauncher(_Parallel):
     def _folder(self, ctx) -> str:
         if self.opts.slurm_folder:
             return self.opts.slurm_folder
-        return str(track.store_dir(ctx.uri).resolve() / "submitit" / ctx.experiment / "%j")
+        return str(track.store_dir(ctx.uri).resolve() / "submitit" / paths.experiment_dirname(ctx.experiment) / "%j")
 
     def params(self, v) -> dict[str, Any]:
         o, tr = self.opts, v.train
@@ -537,7 +546,9 @@ class SlurmLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         ex = self._get_executor(self._ctx)
         ex.update_parameters(**self.params(v))
-        return ex.submit(run_job, job)
+        from lab.requeue import VariantTask  # preempted / timed-out jobs requeue and resume
+
+        return ex.submit(VariantTask(), job)
 
     def completed(self, handles: list):
         import submitit

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from lab import lease
 from lab.errors import LabError, close_matches
 from lab.figures import pyplot, save_figure
 
@@ -159,7 +160,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
             "key": t["lab.variant"] + (SMOKE_SUFFIX if smoke else ""),
             "seed": _seed_of(t, r.data.params),
-            "status": r.info.status,
+            "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
             "baseline": str(t.get("lab.baseline", "")).lower() == "true",
             "changes": t.get("lab.changes", ""),
             "hash": t.get("lab.hash"),
@@ -1024,11 +1025,15 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _out_stem(out: str | None, default_name: str) -> Path:
+    """--out as given (the user's own path), else out/NAME; NAME (built from experiment names) is a
+    sanitised slug that stays inside its folder."""
+    from lab import paths
+
     if not out:
-        return Path("out") / default_name
+        return paths.output_stem("out", default_name)
     p = Path(out)
     if out.endswith(("/", os.sep)) or p.is_dir():
-        return p / default_name
+        return paths.output_stem(p, default_name)
     return p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
 
 

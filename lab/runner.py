@@ -23,19 +23,19 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from lab import track
+from lab import paths, track
 from lab.errors import LabError, close_matches
 from lab.weights import apply_init, init_dependency, record_init
 
 LAUNCHERS = ("local", "ray", "slurm")  # implemented in lab.launch
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
+NOT_TRAINED = ("skipped", "busy")  # prepare_variant statuses that train nothing
 
 
 # --------------------------------------------------------------------------- helpers
@@ -60,6 +60,7 @@ class Context:
     # (no runs, params, metrics, tags, artifacts, status changes).
     rank_zero: bool = True
     launcher: str = "local"
+    keeper: Any = None  # lab.lease.Keeper of the driver: heartbeats of the runs it holds
     # lab.threads.ThreadChoice.as_dict() of the policy decided once per invocation (None: decide here)
     threads: Optional[dict] = None
     # variant key -> its planned steps and calibrated cost, from the calibration of all variants of
@@ -365,7 +366,8 @@ def teacher_stand_in(v, ctx: Context):
     return load_teacher(v, ctx)
 
 
-def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], record: dict) -> dict:
+def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], record: dict,
+                  ckdir: Optional[Path] = None) -> dict:
     """Train, evaluate and log one variant into `run_id`; fills and returns `record`."""
     import lightning.pytorch as pl
     import torch
@@ -427,7 +429,8 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
         track.log_metrics(ctx.cl, run_id, first, 0)
         tags = {"lab.precision": precision, "lab.world_size": world, "lab.budget_plan": plan.describe(),
                 "lab.train_size": train_size, "lab.val_size": getattr(dm, "val_size", None),
-                "lab.steps_per_epoch": steps_per_epoch, **b.threads.tags()}
+                "lab.steps_per_epoch": steps_per_epoch, **b.threads.tags(),
+                "lab.data.skipped_files": len(getattr(dm, "bad_files", ())) or None}
         if calibrated_by:
             tags["lab.calibration"] = calibrated_by
         track.set_tags(ctx.cl, run_id, tags)
@@ -436,14 +439,17 @@ def train_variant(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path], rec
     timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
     if plan.max_seconds is not None:
         module.progress_fn = lambda: timer.progress
-    ckdir = track.checkpoint_dir(v, ctx.uri)
+    ckdir = ckdir or track.checkpoint_dir(v, ctx.uri)
     ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, steps_per_epoch), timer=timer)
     metrics_cb = MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer, global_batch=global_batch,
                                train_size=train_size)
     last_eval = _last_eval_callback()
+    from lab.resume import ExactResume
+
+    exact = ExactResume(getattr(dm, "resume_point", None), v.data.batch_size)
     # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
     # the ranks of a DDP run would disagree about a collective call and hang.
-    callbacks = [timer, metrics_cb, ckpt, last_eval] if ctx.rank_zero else [timer, ckpt, last_eval]
+    callbacks = [exact, timer, metrics_cb, ckpt, last_eval] if ctx.rank_zero else [exact, timer, ckpt, last_eval]
     if world > 1 and plan.max_seconds is not None:
         callbacks.insert(1, _sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
@@ -531,68 +537,131 @@ def new_record(v) -> dict[str, Any]:
 
 
 def prepare_variant(v, ctx: Context) -> tuple[dict, Optional[str], Optional[Path]]:
-    """The driver's half of a variant: skip it, or pick the MLflow child run it trains into.
+    """The driver's half of a variant: skip it, or claim the MLflow child run it trains into.
 
-    Returns (record, run_id, resume_ckpt): record["status"] == "skipped" (run_id None) when a
-    FINISHED run with the same hash exists and not `ctx.force`; else the run to train into (a
-    resumable KILLED/RUNNING/FAILED run that owns `last.ckpt`, set RUNNING again, or a new child
-    run of `ctx.parent_run_id`) and the checkpoint to resume from (None: from scratch).
+    Returns (record, run_id, resume_ckpt). record["status"] is "skipped" (run_id None) when a
+    FINISHED run with the same hash exists and not `ctx.force`, or "busy" when another live
+    process holds a RUNNING run of this variant (lab.lease; never trained twice, never mixed).
+    Else the run to train into: a resumable KILLED/FAILED run, or a RUNNING run whose owner died
+    (a stale lease, taken over), that owns a checkpoint which verifies (lab.checkpoints; an
+    unreadable one is moved aside and the previous one used), set RUNNING again; or a new child
+    run of `ctx.parent_run_id`. This process holds the run's lease from here on.
     """
-    rec = new_record(v)
-    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished and not ctx.force:
-        r = finished[0]
-        m = r.data.metrics
-        rec.update(run_id=r.info.run_id, status="skipped", params=m.get("params"), macs=m.get("macs"),
-                   steps=m.get("budget/steps"), top1=m.get("final/val_top1"), best_top1=m.get("best/val_top1"),
-                   train_seconds=m.get("budget/train_seconds"), wall_seconds=0.0,
-                   budget=r.data.tags.get("lab.budget_plan", v.budget.kind),
-                   calibrated_step_seconds=m.get("budget/calibration_step_seconds"))
-        return rec, None, None
+    from lab import checkpoints, lease
 
+    rec = new_record(v)
     ckdir = track.checkpoint_dir(v, ctx.uri)
-    last = ckdir / "last.ckpt"
-    owner = None
-    if (ckdir / "run.json").is_file():
-        try:
-            owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
-        except Exception:  # noqa: BLE001
-            owner = None
-    resume = None
-    if not ctx.force and last.is_file():
-        resume = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
-    if resume is not None:
-        run_id = resume.info.run_id
-        ctx.cl.update_run(run_id, status="RUNNING")
-        n = int(resume.data.tags.get("lab.resumed", "0")) + 1
-        track.set_tags(ctx.cl, run_id, {"lab.resumed": n, "lab.resumed_by": ctx.parent_run_id,
-                                        "lab.launcher": ctx.launcher})
-        if "lab.error" in resume.data.tags:
-            ctx.cl.delete_tag(run_id, "lab.error")
-        rec["resumed"] = True
-    else:
-        if ckdir.exists():
-            shutil.rmtree(ckdir)
-        ckdir.mkdir(parents=True, exist_ok=True)
-        run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
-                                         baseline=(v.key == ctx.baseline))
-        track.set_tags(ctx.cl, run_id, {"lab.launcher": ctx.launcher})
-        (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+    with lease.store_lock(track.local_store_dir(ctx.uri)):
+        runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished and not ctx.force:
+            r = finished[0]
+            m = r.data.metrics
+            rec.update(run_id=r.info.run_id, status="skipped", params=m.get("params"), macs=m.get("macs"),
+                       steps=m.get("budget/steps"), top1=m.get("final/val_top1"), best_top1=m.get("best/val_top1"),
+                       train_seconds=m.get("budget/train_seconds"), wall_seconds=0.0,
+                       budget=r.data.tags.get("lab.budget_plan", v.budget.kind),
+                       calibrated_step_seconds=m.get("budget/calibration_step_seconds"))
+            return rec, None, None
+        live = lease.first_live(runs)
+        if live is not None:
+            return _busy(rec, live), None, None
+
+        owner = None
+        if (ckdir / "run.json").is_file():
+            try:
+                owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
+            except Exception:  # noqa: BLE001
+                owner = None
+        resume = None if ctx.force else next(
+            (r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
+        last, notes = (None, [])
+        if resume is not None:
+            last, notes = checkpoints.pick_resume(ckdir)
+            if last is None:
+                resume = None
+        for r in runs:  # RUNNING runs whose owner died and that we do not resume: say so
+            if r.info.status == "RUNNING" and (resume is None or r.info.run_id != resume.info.run_id):
+                _end_stale(ctx, r)
+        if resume is not None:
+            run_id = resume.info.run_id
+            prev_owner = resume.data.tags.get(lease.OWNER) if resume.info.status == "RUNNING" else None
+            ctx.cl.update_run(run_id, status="RUNNING")
+            n = int(resume.data.tags.get("lab.resumed", "0")) + 1
+            tags = {"lab.resumed": n, "lab.resumed_by": ctx.parent_run_id, "lab.launcher": ctx.launcher,
+                    "lab.resumed_from": last.name, **lease.claim_tags(prev_owner)}
+            if notes:
+                tags["lab.checkpoint_recovery"] = "; ".join(notes)[:5000]
+            track.set_tags(ctx.cl, run_id, tags)
+            if "lab.error" in resume.data.tags:
+                ctx.cl.delete_tag(run_id, "lab.error")
+            rec["resumed"] = True
+        else:
+            if ckdir.exists():
+                paths.safe_rmtree(ckdir, track.checkpoint_root(ctx.uri))
+            ckdir.mkdir(parents=True, exist_ok=True)
+            run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
+                                             baseline=(v.key == ctx.baseline))
+            tags = {"lab.launcher": ctx.launcher, **lease.claim_tags()}
+            if notes:
+                tags["lab.checkpoint_recovery"] = ("; ".join(notes) + "; no readable checkpoint: restarted")[:5000]
+            track.set_tags(ctx.cl, run_id, tags)
+            (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+        for note in notes:
+            ctx.say(f"{v.key}: {note}")
+    # A server store has no lock: read back; of two processes that claimed at once the oldest run wins.
+    others = lease.first_live(track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash),
+                              exclude=run_id)
+    if others is not None and (others.info.start_time or 0, others.info.run_id) < _start_key(ctx.cl, run_id):
+        ctx.cl.set_terminated(run_id, status="KILLED")
+        track.set_tags(ctx.cl, run_id, {"lab.error": "another lab run claimed this variant at the same time"})
+        return _busy(rec, others), None, None
+    if not lease.confirm_claim(ctx.cl, run_id):
+        return _busy(rec, ctx.cl.get_run(run_id)), None, None
+    if ctx.keeper is not None:
+        ctx.keeper.hold(run_id)
     rec["run_id"] = run_id
     return rec, run_id, (last if resume is not None else None)
+
+
+def _start_key(cl, run_id: str) -> tuple:
+    r = cl.get_run(run_id)
+    return (r.info.start_time or 0, r.info.run_id)
+
+
+def _busy(rec: dict, run) -> dict:
+    from lab import lease
+
+    who = lease.describe(run.data.tags.get(lease.OWNER))
+    rec.update(run_id=run.info.run_id, status="busy", wall_seconds=0.0,
+               error=f"being trained by {who} (run {run.info.run_id}); skipped here")
+    return rec
+
+
+def _end_stale(ctx: Context, run) -> None:
+    """A RUNNING run whose owner is gone (SIGKILL, OOM, lost node) and that nobody resumes: KILLED."""
+    from lab import lease
+
+    who = lease.describe(run.data.tags.get(lease.OWNER))
+    try:
+        track.set_tags(ctx.cl, run.info.run_id, {"lab.error": f"its process ({who}) died without ending it"})
+        ctx.cl.set_terminated(run.info.run_id, status="KILLED")
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Optional[Path],
                     started: Optional[float] = None) -> dict:
     """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
 
-    Never raises except Ctrl-C. With `ctx.rank_zero` False (a non-zero rank of a distributed
+    Never raises except when a signal stops it (lab.signals.Interrupted, a KeyboardInterrupt: SIGINT
+    or SIGTERM; the run is KILLED with the reason and has a checkpoint). With `ctx.rank_zero` False (a non-zero rank of a distributed
     worker) it trains in lockstep with rank 0 but writes nothing to MLflow.
     """
     import socket
 
     t0 = started if started is not None else time.time()
+    ckdir = track.checkpoint_dir(v, ctx.uri)  # the prepared folder (runtime matching may change the hash)
     try:
         if ctx.rank_zero:
             track.set_tags(ctx.cl, run_id, {"lab.worker.host": socket.gethostname(), "lab.worker.pid": os.getpid(),
@@ -608,25 +677,48 @@ def execute_variant(v, ctx: Context, rec: dict, run_id: str, resume_ckpt: Option
             track.log_variant_spec(ctx.cl, run_id, v)
         if _data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
             preflight([v], ctx.datamodules)
-        train_variant(v, ctx, run_id, resume_ckpt, rec)
+        train_variant(v, ctx, run_id, resume_ckpt, rec, ckdir=ckdir)
         if ctx.rank_zero:
             ctx.cl.set_terminated(run_id, status="FINISHED")
+            _retain(v, ctx, ckdir)
         rec["status"] = "finished"
-    except KeyboardInterrupt:
-        rec["status"] = "killed"
-        if ctx.rank_zero:
-            ctx.cl.set_terminated(run_id, status="KILLED")
+    except BaseException as e:  # noqa: BLE001 - one variant's failure must not stop the others
+        from lab import signals
+
+        stop = signals.as_interrupted(e)
+        if stop is None and not isinstance(e, Exception):
+            raise
         rec["wall_seconds"] = time.time() - t0
-        raise
-    except Exception as e:  # noqa: BLE001 - one variant's failure must not stop the others
+        if stop is not None:  # SIGTERM / SIGINT: checkpoint written by LastCheckpoint; KILLED with the reason
+            rec.update(status="killed", error=stop.reason)
+            if ctx.rank_zero:
+                try:
+                    track.set_tags(ctx.cl, run_id, {"lab.error": stop.reason})
+                finally:
+                    ctx.cl.set_terminated(run_id, status="KILLED")
+            raise stop from None
         rec.update(status="failed", error=track.short_error(e))
         if ctx.rank_zero:
             try:
                 track.fail_run(ctx.cl, run_id, e)
             except Exception:  # noqa: BLE001
                 pass
+    finally:
+        if ctx.keeper is not None:
+            ctx.keeper.release(run_id)
     rec["wall_seconds"] = time.time() - t0
     return rec
+
+
+def _retain(v, ctx: Context, ckdir: Path) -> None:
+    """After FINISHED: keep what tracking.keep asks for (default: the final weights, once)."""
+    from lab import checkpoints
+
+    try:
+        checkpoints.apply_retention(ckdir, v.tracking.keep,
+                                    final_logged=bool(v.tracking.log_checkpoint), root=track.checkpoint_root(ctx.uri))
+    except Exception as e:  # noqa: BLE001 - the run is FINISHED; a leftover file is no failure
+        ctx.say(f"{v.key}: could not clean up its checkpoints ({track.short_error(e)})")
 
 
 def run_variant(v, ctx: Context) -> dict:
@@ -634,7 +726,7 @@ def run_variant(v, ctx: Context) -> dict:
     never raises except Ctrl-C."""
     t0 = time.time()
     rec, run_id, resume_ckpt = prepare_variant(v, ctx)
-    if rec["status"] == "skipped":
+    if rec["status"] in NOT_TRAINED:
         return rec
     return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
 
@@ -666,10 +758,16 @@ def cost_group(v) -> str:
 
 
 def _will_train_fresh(v, ctx: Context) -> bool:
-    """Neither skipped (FINISHED with this hash) nor resumed from a checkpoint (which keeps its plan)."""
+    """Neither skipped (FINISHED with this hash, or being trained by another live process) nor resumed
+    from a checkpoint (which keeps its plan)."""
+    from lab import lease
+
+    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+    if lease.first_live(runs) is not None:
+        return False
     if ctx.force:
         return True
-    if track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash, statuses=["FINISHED"]):
+    if any(r.info.status == "FINISHED" for r in runs):
         return False
     return not (track.checkpoint_dir(v, ctx.uri) / "last.ckpt").is_file()
 
@@ -903,19 +1001,25 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     datamodules: dict = {}
     preflight(ordered, datamodules)
 
+    from lab import lease
+
     cl = track.client(uri)
     experiment = track.experiment_name(variants[0])
     exp_id = track.get_or_create_experiment(cl, experiment, uri)
+    _end_stale_parents(cl, exp_id)
+    keeper = lease.Keeper(lambda: track.client(uri))
     backend.start()
+    parent = None
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
             "lab.variants": ",".join(dict.fromkeys(v.key for v in ordered))[:5000], "lab.launcher": launcher,
             **({track.SMOKE_TAG: "true"} if any(v.tags.get(track.SMOKE_TAG) for v in variants) else {}),
-            **{k: str(x) for k, x in (spec.tags or {}).items()}})
+            **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
+        keeper.hold(parent)
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
                       force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
-                      say=say, launcher=launcher)
+                      say=say, launcher=launcher, keeper=keeper)
         n_keys = len(dict.fromkeys(v.key for v in ordered))
         runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
         say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
@@ -930,20 +1034,47 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
                        if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
             calibrate_together(ordered, ctx)
             results = backend.run(ordered, ctx)
-        except KeyboardInterrupt:
-            cl.set_terminated(parent, status="KILLED")
-            say("interrupted: the current run is KILLED; run the same command again to resume it")
+        except KeyboardInterrupt as e:
+            from lab import signals
+
+            stop = signals.as_interrupted(e)
+            try:
+                track.set_tags(cl, parent, {"lab.error": stop.reason if stop else "interrupted"})
+            finally:
+                cl.set_terminated(parent, status="KILLED")
+            say(f"{stop.reason if stop else 'interrupted'}: the current run is KILLED with a checkpoint; "
+                f"run the same command again to resume it")
             raise
         except BaseException:
             cl.set_terminated(parent, status="FAILED")
             raise
     finally:
+        keeper.close()
         backend.close()
-    ok = all(r["status"] in ("finished", "skipped") for r in results)
+    ok = all(r["status"] in ("finished", *NOT_TRAINED) for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     for line in budget_summary(results):
         say(line)
     return results
+
+
+def _end_stale_parents(cl, exp_id: str) -> None:
+    """Parent runs still RUNNING whose `lab run` died (SIGKILL, lost node): KILLED, with the reason."""
+    from lab import lease
+
+    try:
+        runs = cl.search_runs([exp_id], filter_string="tags.`lab.role` = 'parent' and attributes.status = 'RUNNING'",
+                              max_results=1000)
+    except Exception:  # noqa: BLE001
+        return
+    for r in runs:
+        if lease.state(r) == "stale":
+            who = lease.describe(r.data.tags.get(lease.OWNER))
+            try:
+                track.set_tags(cl, r.info.run_id, {"lab.error": f"its process ({who}) died without ending it"})
+                cl.set_terminated(r.info.run_id, status="KILLED")
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def thread_policy(variants: list):
@@ -987,7 +1118,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         chosen = with_teachers([v for v in variants if v.key in args.variant], variants)
     results = run_experiment(spec, chosen, force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                              baseline=base, launcher=launcher, launch_options=options)
-    bad = [r for r in results if r["status"] not in ("finished", "skipped")]
+    bad = [r for r in results if r["status"] not in ("finished", *NOT_TRAINED)]
     return 1 if bad else 0
 
 

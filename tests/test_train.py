@@ -58,7 +58,8 @@ def test_run_records_everything(store, write_spec):
         assert lrs[2] > lrs[12] >= 1e-5  # cosine decay after warmup
         arts = {a.path for a in cl.list_artifacts(r["run_id"])}
         assert {"spec.yaml", "checkpoint"} <= arts
-        assert (track.checkpoint_dir(v, store) / "last.ckpt").is_file()
+        # tracking.keep: final (default): the weights once (the MLflow artifact), no resume checkpoints left
+        assert not track.checkpoint_dir(v, store).exists()
     assert cl.get_run(res[0]["run_id"]).data.tags["ref.top1"] == "72.2"
     assert cl.get_run(res[1]["run_id"]).data.tags["lab.changes"] == \
         "train.ema=0.9, data.augment.label_smoothing=0.1"
