@@ -560,6 +560,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     """`run_values` with each run named for people: KEY, or 'KEY seed N' where a variant has several."""
     v = run_values(df)
     several = v.groupby(["experiment", "key"])["seed"].transform("nunique") > 1
+    v["variant"] = v["key"]
     v["key"] = v["key"].where(~several, v["key"] + " seed " + v["seed"].astype(str))
     return v
 
@@ -571,7 +572,7 @@ def budget_warnings(table: pd.DataFrame) -> list[str]:
     out = []
     multi = table["experiment"].nunique() > 1 if not table.empty else False
     for exp, g in table.groupby("experiment", sort=False):
-        rows = [{"key": r["key"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
+        rows = [{"key": r["key"], "variant": r["variant"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
                  "planned_seconds": r["budget_s"], "train_seconds": r["train_s"], "steps": r["steps"],
                  "calibrated_step_seconds": r["cal_step_s"]} for _, r in g.iterrows()
                 if r["status"] in (FINISHED, "RUNNING")]

@@ -926,7 +926,7 @@ def budget_summary(results: list[dict]) -> list[str]:
     """What `lab run` says after training: the budget used and the fidelity warnings (lab.fidelity)."""
     from lab import fidelity as F
 
-    rows = [{**r, "key": r.get("uid") or r["key"]} for r in results  # a run per seed: named with it
+    rows = [{**r, "variant": r["key"], "key": r.get("uid") or r["key"]} for r in results  # a run per seed: named with it
             if r.get("status") in ("finished", "skipped")]
     out = []
     used = F.used_line(rows)
