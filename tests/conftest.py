@@ -7,6 +7,34 @@ import pytest
 import yaml
 
 import lab  # noqa: F401 - first, so that OMP_WAIT_POLICY=PASSIVE is set before torch loads OpenMP
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> torch.Generator:
+    """Non-trivial BN statistics/affines so BN folding and zero-init don't hide bugs; returns the
+    generator, for callers that randomise more from the same stream."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return g
+
+
+class KillAt(pl.Callback):
+    """Simulates Ctrl-C after optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
 
 
 @pytest.fixture

@@ -1,23 +1,13 @@
 """Exact resume, checkpoint trust, retention, leases (in process; the subprocess faults are in test_faults.py)."""
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_spec_dict
+from conftest import KillAt, tiny_spec_dict
 
 from lab import checkpoints, lease, track
 from lab import spec as S
 from lab.runner import run_experiment
-
-
-class KillAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def _load(write_spec, doc, name="spec.yaml"):

@@ -1,9 +1,8 @@
 """`lab run`: training, MLflow records, skip/resume, failures, distillation (tiny models, a few steps)."""
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
-from conftest import tiny_spec_dict
+from conftest import KillAt, tiny_spec_dict
 
 import grafts
 from lab import cli, track
@@ -14,17 +13,6 @@ from lab.runner import order_variants, run_experiment
 def _load(write_spec, doc):
     spec = S.load_spec(write_spec(doc))
     return spec, S.expand(spec)
-
-
-class KillAt(pl.Callback):
-    """Simulates Ctrl-C after optimizer step `step`."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_run_records_everything(store, write_spec):
