@@ -200,16 +200,23 @@ class _ExceptionSeen(pl.Callback):
 
 
 def fit(trainer: "pl.Trainer", module: "pl.LightningModule", **kwargs: Any) -> None:
-    """`trainer.fit` that lets Ctrl-C out as KeyboardInterrupt (Lightning turns it into sys.exit(1)
-    after its on_exception hooks, and leaves SIGINT ignored) and restores the SIGINT handler."""
+    """`trainer.fit` that lets Ctrl-C and SIGTERM out as `lab.signals.Interrupted` (a KeyboardInterrupt;
+    Lightning turns Ctrl-C into sys.exit(1) after its on_exception hooks and leaves SIGINT ignored, and
+    SIGTERM into SIGTERMException, a SystemExit) and restores the SIGINT handler. While it runs, the
+    handlers of `lab.signals` defer a signal to the next batch boundary (see LastCheckpoint)."""
+    from lab import signals
+
     seen = _ExceptionSeen()
     trainer.callbacks.append(seen)
     old = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(module, **kwargs)
-    except SystemExit:
-        if isinstance(seen.exception, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        with signals.training():
+            trainer.fit(module, **kwargs)
+    except SystemExit as e:
+        stop = signals.as_interrupted(seen.exception) if isinstance(seen.exception, BaseException) else None
+        stop = stop or signals.as_interrupted(e)
+        if stop is not None:
+            raise stop from None
         raise
     finally:
         if old is not None and signal.getsignal(signal.SIGINT) is not old:

@@ -434,6 +434,7 @@ class ImageFolderSource(DataSource):
     """`root/train/<class>/*` and `root/val/<class>/*` (torchvision ImageFolder, timm transforms)."""
 
     root: Path
+    bad_files: set[str] = set()  # unreadable images left out (data.skip_bad_files)
 
     def check(self) -> None:
         d = self.spec
@@ -477,6 +478,19 @@ class ImageFolderSource(DataSource):
         if d.num_classes is not None and d.num_classes != self.num_classes:
             raise self.err(f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}",
                            "data.num_classes")
+        self.bad_files = self.verify_images(root) if d.verify_images else set()
+
+    def verify_images(self, root: Path) -> set[str]:
+        """Every image header checked by Pillow (lab.images; parallel, cached by size and mtime): bad files
+        are a LabError listing them, or skipped with `data.skip_bad_files: true`."""
+        from lab import images
+
+        files = images.image_files(root / "train", _is_image) + images.image_files(root / "val", _is_image)
+        bad = images.verify_files(files, cache_dir=cache_dir(), root=root)
+        if bad and not self.spec.skip_bad_files:
+            raise self.err(f"{images.describe_bad(bad, root)}; fix or remove them, or set data.skip_bad_files: true "
+                           f"to train without them", "data.root")
+        return set(bad)
 
     def transforms(self, image_size: int, augment: AugmentSpec) -> tuple[Callable, Callable]:
         from timm.data import create_transform
@@ -490,8 +504,10 @@ class ImageFolderSource(DataSource):
     def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
         from torchvision.datasets import ImageFolder
 
-        train_set = ImageFolder(str(self.root / "train"), transform=train_tf)
-        val_set = ImageFolder(str(self.root / "val"), transform=eval_tf)
+        bad = self.bad_files
+        ok = (lambda p: _is_image(os.path.basename(p)) and p not in bad) if bad else None
+        train_set = ImageFolder(str(self.root / "train"), transform=train_tf, is_valid_file=ok)
+        val_set = ImageFolder(str(self.root / "val"), transform=eval_tf, is_valid_file=ok)
         if train_set.classes != val_set.classes:  # pragma: no cover - check() covers it
             raise self.err("train/ and val/ class directories differ", "data.root")
         return train_set, val_set
@@ -523,6 +539,9 @@ class LabDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self._mixup: Any = None
+        from lab.resume import ResumePoint
+
+        self.resume_point = ResumePoint()  # set by lab.resume.ExactResume when a run resumes mid-epoch
         # the training loader's shuffle seed; the runner sets it to train.seed (None: data.seed)
         self.shuffle_seed: Optional[int] = None
         self.source = SOURCES[data.dataset](data, self._err)
@@ -573,6 +592,11 @@ class LabDataModule(pl.LightningDataModule):
     @property
     def root(self) -> Optional[Path]:
         return getattr(self.source, "root", None)
+
+    @property
+    def bad_files(self) -> set[str]:
+        """Unreadable images left out of an image folder (data.skip_bad_files); empty for other sources."""
+        return set(getattr(self.source, "bad_files", ()))
 
     # ------------------------------------------------------------------ augmentation
     @property
@@ -641,7 +665,22 @@ class LabDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, train=True)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            return self._loader(self.train_set, train=True)
+        return self._resumable_loader(self.train_set)
+
+    def _resumable_loader(self, ds: Dataset) -> DataLoader:
+        """Training batches that a resumed run replays exactly (lab.resume): order by (seed, epoch), each
+        sample's augmentation by (seed, epoch, index); `resume_point` skips what an interrupted epoch used."""
+        from lab import resume
+
+        w = int(self.spec.num_workers)
+        kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if w > 0 else {}
+        seed = resume.mix_seeds(int(self.spec.seed), int(self.shuffle_seed if self.shuffle_seed is not None else 0))
+        return DataLoader(resume.SeededSamples(ds, seed), batch_size=self.batch_size,
+                          sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
+                          drop_last=True, num_workers=w, pin_memory=self._pin(), **kw)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -3,11 +3,14 @@
 (`execute_variant`, the worker's half; the training itself is lab.train).
 
   - a FINISHED run with the same hash is skipped (`force=True` retrains);
-  - a KILLED/RUNNING/FAILED run whose checkpoint is still there is resumed into the same
-    MLflow run from `<store>/checkpoints/<experiment>/<variant>-<hash>/last.ckpt`;
+  - a RUNNING run held by another live process (lab.lease) is left to it ("busy");
+  - a KILLED/FAILED run, or a RUNNING one whose process died, whose checkpoint still verifies
+    (lab.checkpoints) is resumed into the same MLflow run from
+    `<store>/checkpoints/<experiment>-<h>/<variant>-<hash>/last.ckpt` (lab.paths);
   - any exception (including a non-finite loss) marks the run FAILED with `lab.error` and the
     traceback as `error.txt`, and the next variant runs;
-  - Ctrl-C marks the run KILLED and re-raises.
+  - SIGINT / SIGTERM (lab.signals) write a checkpoint, mark the run KILLED with the reason and
+    re-raise.
 In a distributed worker only global rank 0 writes to MLflow (`Context.rank_zero`).
 The experiment around the variants (parent run, ordering, launchers) is lab.runner.
 """
@@ -16,19 +19,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lab import checkpoints, lease, paths, signals, track
 from lab import record as R
-from lab import track
 from lab.errors import LabError
-from lab.record import VariantResult
+from lab.record import NOT_TRAINED, VariantResult
 from lab.train import data_key, find_file, train_variant
 
 RESUMABLE = ("KILLED", "RUNNING", "FAILED")
+__all__ = ["NOT_TRAINED", "RESUMABLE", "Context", "execute_variant", "preflight", "prepare_variant", "run_variant"]
 
 
 def silent(_msg: str) -> None:
@@ -60,6 +63,7 @@ class Context:
     # (no runs, params, metrics, tags, artifacts, status changes).
     rank_zero: bool = True
     launcher: str = "local"
+    keeper: Any = None  # lab.lease.Keeper of the driver: heartbeats of the runs it holds
     # lab.threads.ThreadChoice.as_dict() of the policy decided once per invocation (None: decide here)
     threads: Optional[dict] = None
     # variant key -> its planned steps and calibrated cost, from the calibration of all variants of
@@ -72,7 +76,7 @@ class Context:
         datamodules or printer; the thread policy only for the local launcher (same machine); only
         that variant's calibration entry."""
         cal = {key: self.calibration[key]} if key in self.calibration else {}
-        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress,
+        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress, keeper=None,
                                    threads=self.threads if self.launcher == "local" else None, calibration=cal,
                                    resolved={})
 
@@ -112,67 +116,143 @@ def preflight(variants: list, datamodules: dict) -> None:
 
 
 def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Optional[Path]]:
-    """The driver's half of a variant: skip it, or pick the MLflow child run it trains into.
+    """The driver's half of a variant: skip it, or claim the MLflow child run it trains into.
 
-    Returns (result, run_id, resume_ckpt): result.status == "skipped" (run_id None) when a
-    FINISHED run with the same hash exists and not `ctx.force`; else the run to train into (a
-    resumable KILLED/RUNNING/FAILED run that owns `last.ckpt`, set RUNNING again, or a new child
-    run of `ctx.parent_run_id`) and the checkpoint to resume from (None: from scratch).
+    Returns (result, run_id, resume_ckpt). result.status is "skipped" (run_id None) when a
+    FINISHED run with the same hash exists and not `ctx.force`, or "busy" when another live
+    process holds a RUNNING run of this variant (lab.lease; never trained twice, never mixed).
+    Else the run to train into: a resumable KILLED/FAILED run, or a RUNNING run whose owner died
+    (a stale lease, taken over), that owns a checkpoint which verifies (lab.checkpoints; an
+    unreadable one is moved aside and the previous one used), set RUNNING again; or a new child
+    run of `ctx.parent_run_id`. This process holds the run's lease from here on.
     """
     rec = VariantResult.new(v)
-    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished and not ctx.force:
-        r = finished[0]
-        m = r.data.metrics
-        rec.update(run_id=r.info.run_id, status="skipped", params=m.get(R.PARAMS), macs=m.get(R.MACS),
-                   steps=m.get(R.BUDGET_STEPS), top1=m.get(R.FINAL_VAL_TOP1), best_top1=m.get(R.BEST_VAL_TOP1),
-                   train_seconds=m.get(R.BUDGET_TRAIN_SECONDS), wall_seconds=0.0,
-                   budget=r.data.tags.get(R.BUDGET_PLAN, v.budget.kind),
-                   calibrated_step_seconds=m.get(R.calibration_metric("step_seconds")))
-        return rec, None, None
-
     ckdir = track.checkpoint_dir(v, ctx.uri)
-    last = ckdir / "last.ckpt"
-    owner = None
-    if (ckdir / "run.json").is_file():
-        try:
-            owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
-        except Exception:  # noqa: BLE001
-            owner = None
-    resume = None
-    if not ctx.force and last.is_file():
-        resume = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
-    if resume is not None:
-        run_id = resume.info.run_id
-        ctx.cl.update_run(run_id, status="RUNNING")
-        n = int(resume.data.tags.get(R.RESUMED, "0")) + 1
-        track.set_tags(ctx.cl, run_id, {R.RESUMED: n, R.RESUMED_BY: ctx.parent_run_id, R.LAUNCHER: ctx.launcher})
-        if R.ERROR in resume.data.tags:
-            ctx.cl.delete_tag(run_id, R.ERROR)
-        rec.resumed = True
-    else:
-        if ckdir.exists():
-            shutil.rmtree(ckdir)
-        ckdir.mkdir(parents=True, exist_ok=True)
-        run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
-                                         baseline=(v.key == ctx.baseline))
-        track.set_tags(ctx.cl, run_id, {R.LAUNCHER: ctx.launcher})
-        (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+    with lease.store_lock(track.local_store_dir(ctx.uri)):
+        runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished and not ctx.force:
+            return skipped(rec, finished[0], v), None, None
+        live = lease.first_live(runs)
+        if live is not None:
+            return busy(rec, live), None, None
+        resume = None if ctx.force else next(
+            (r for r in runs if r.info.status in RESUMABLE and r.info.run_id == checkpoint_owner(ckdir)), None)
+        last: Optional[Path] = None
+        notes: list[str] = []
+        if resume is not None:
+            last, notes = checkpoints.pick_resume(ckdir)
+            if last is None:
+                resume = None
+        for r in runs:  # RUNNING runs whose owner died and that we do not resume: say so
+            if r.info.status == "RUNNING" and (resume is None or r.info.run_id != resume.info.run_id):
+                end_stale(ctx.cl, r)
+        if resume is not None and last is not None:
+            run_id = reopen(ctx, resume, last, notes)
+            rec.resumed = True
+        else:
+            run_id = start_fresh(ctx, v, ckdir, notes)
+        for note in notes:
+            ctx.say(f"{v.key}: {note}")
+    # A server store has no lock: read back; of two processes that claimed at once the oldest run wins.
+    others = lease.first_live(track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash),
+                              exclude=run_id)
+    if others is not None and (others.info.start_time or 0, others.info.run_id) < start_key(ctx.cl, run_id):
+        ctx.cl.set_terminated(run_id, status="KILLED")
+        track.set_tags(ctx.cl, run_id, {R.ERROR: "another lab run claimed this variant at the same time"})
+        return busy(rec, others), None, None
+    if not lease.confirm_claim(ctx.cl, run_id):
+        return busy(rec, ctx.cl.get_run(run_id)), None, None
+    if ctx.keeper is not None:
+        ctx.keeper.hold(run_id)
     rec.run_id = run_id
-    return rec, run_id, (last if resume is not None else None)
+    return rec, run_id, (last if rec.resumed else None)
+
+
+def skipped(rec: VariantResult, run: Any, v: Any) -> VariantResult:
+    """The result of a variant FINISHED before with the same hash, read from its run."""
+    m = run.data.metrics
+    return rec.update(run_id=run.info.run_id, status="skipped", params=m.get(R.PARAMS), macs=m.get(R.MACS),
+                      steps=m.get(R.BUDGET_STEPS), top1=m.get(R.FINAL_VAL_TOP1), best_top1=m.get(R.BEST_VAL_TOP1),
+                      train_seconds=m.get(R.BUDGET_TRAIN_SECONDS), wall_seconds=0.0,
+                      budget=run.data.tags.get(R.BUDGET_PLAN, v.budget.kind),
+                      calibrated_step_seconds=m.get(R.calibration_metric("step_seconds")))
+
+
+def checkpoint_owner(ckdir: Path) -> Optional[str]:
+    """The run id a checkpoint folder belongs to (its run.json), None when unknown."""
+    try:
+        return json.loads((ckdir / "run.json").read_text()).get("run_id")
+    except Exception:  # noqa: BLE001 - missing or unreadable: owned by nobody
+        return None
+
+
+def reopen(ctx: Context, run: Any, last: Path, notes: list[str]) -> str:
+    """Set a resumable run RUNNING again, held by this process, with where it resumes from."""
+    run_id = run.info.run_id
+    prev_owner = run.data.tags.get(lease.OWNER) if run.info.status == "RUNNING" else None
+    ctx.cl.update_run(run_id, status="RUNNING")
+    n = int(run.data.tags.get(R.RESUMED, "0")) + 1
+    tags = {R.RESUMED: n, R.RESUMED_BY: ctx.parent_run_id, R.LAUNCHER: ctx.launcher,
+            R.RESUMED_FROM: last.name, **lease.claim_tags(prev_owner)}
+    if notes:
+        tags[R.CHECKPOINT_RECOVERY] = "; ".join(notes)[:5000]
+    track.set_tags(ctx.cl, run_id, tags)
+    if R.ERROR in run.data.tags:
+        ctx.cl.delete_tag(run_id, R.ERROR)
+    return run_id
+
+
+def start_fresh(ctx: Context, v: Any, ckdir: Path, notes: list[str]) -> str:
+    """A new child run held by this process, with an empty checkpoint folder that names it."""
+    if ckdir.exists():
+        paths.safe_rmtree(ckdir, track.checkpoint_root(ctx.uri))
+    ckdir.mkdir(parents=True, exist_ok=True)
+    run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
+                                     baseline=(v.key == ctx.baseline))
+    tags = {R.LAUNCHER: ctx.launcher, **lease.claim_tags()}
+    if notes:
+        tags[R.CHECKPOINT_RECOVERY] = ("; ".join(notes) + "; no readable checkpoint: restarted")[:5000]
+    track.set_tags(ctx.cl, run_id, tags)
+    (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+    return run_id
+
+
+def start_key(cl: Any, run_id: str) -> tuple:
+    r = cl.get_run(run_id)
+    return (r.info.start_time or 0, r.info.run_id)
+
+
+def busy(rec: VariantResult, run: Any) -> VariantResult:
+    who = lease.describe(run.data.tags.get(lease.OWNER))
+    return rec.update(run_id=run.info.run_id, status="busy", wall_seconds=0.0,
+                      error=f"being trained by {who} (run {run.info.run_id}); skipped here")
+
+
+def end_stale(cl: Any, run: Any) -> None:
+    """A RUNNING run (variant or parent) whose owner is gone (SIGKILL, OOM, lost node) and that nobody
+    resumes: KILLED, with the reason."""
+    who = lease.describe(run.data.tags.get(lease.OWNER))
+    try:
+        track.set_tags(cl, run.info.run_id, {R.ERROR: f"its process ({who}) died without ending it"})
+        cl.set_terminated(run.info.run_id, status="KILLED")
+    except Exception:  # noqa: BLE001 - best effort: it is shown STALE meanwhile
+        pass
 
 
 def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path],
                     started: Optional[float] = None) -> VariantResult:
     """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
 
-    Never raises except Ctrl-C. With `ctx.rank_zero` False (a non-zero rank of a distributed
-    worker) it trains in lockstep with rank 0 but writes nothing to MLflow.
+    Never raises except when a signal stops it (lab.signals.Interrupted, a KeyboardInterrupt: SIGINT
+    or SIGTERM; the run is KILLED with the reason and has a checkpoint). With `ctx.rank_zero` False
+    (a non-zero rank of a distributed worker) it trains in lockstep with rank 0 but writes nothing
+    to MLflow.
     """
     import socket
 
     t0 = started if started is not None else time.time()
+    ckdir = track.checkpoint_dir(v, ctx.uri)  # the prepared folder (runtime matching may change the hash)
     try:
         if ctx.rank_zero:
             track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
@@ -189,25 +269,44 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
             track.log_variant_spec(ctx.cl, run_id, v)
         if data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
             preflight([v], ctx.datamodules)
-        train_variant(v, ctx, run_id, resume_ckpt, rec)
+        train_variant(v, ctx, run_id, resume_ckpt, rec, ckdir=ckdir)
         if ctx.rank_zero:
             ctx.cl.set_terminated(run_id, status="FINISHED")
+            retain(v, ctx, ckdir)
         rec.status = "finished"
-    except KeyboardInterrupt:
-        rec.status = "killed"
-        if ctx.rank_zero:
-            ctx.cl.set_terminated(run_id, status="KILLED")
+    except BaseException as e:  # noqa: BLE001 - one variant's failure must not stop the others
+        stop = signals.as_interrupted(e)
+        if stop is None and not isinstance(e, Exception):
+            raise
         rec.wall_seconds = time.time() - t0
-        raise
-    except Exception as e:  # noqa: BLE001 - one variant's failure must not stop the others
+        if stop is not None:  # SIGTERM / SIGINT: checkpoint written by LastCheckpoint; KILLED with the reason
+            rec.update(status="killed", error=stop.reason)
+            if ctx.rank_zero:
+                try:
+                    track.set_tags(ctx.cl, run_id, {R.ERROR: stop.reason})
+                finally:
+                    ctx.cl.set_terminated(run_id, status="KILLED")
+            raise stop from None
         rec.update(status="failed", error=track.short_error(e))
         if ctx.rank_zero:
             try:
                 track.fail_run(ctx.cl, run_id, e)
             except Exception:  # noqa: BLE001
                 pass
+    finally:
+        if ctx.keeper is not None:
+            ctx.keeper.release(run_id)
     rec.wall_seconds = time.time() - t0
     return rec
+
+
+def retain(v, ctx: Context, ckdir: Path) -> None:
+    """After FINISHED: keep what tracking.keep asks for (default: the final weights, once)."""
+    try:
+        checkpoints.apply_retention(ckdir, v.tracking.keep,
+                                    final_logged=bool(v.tracking.log_checkpoint), root=track.checkpoint_root(ctx.uri))
+    except Exception as e:  # noqa: BLE001 - the run is FINISHED; a leftover file is no failure
+        ctx.say(f"{v.key}: could not clean up its checkpoints ({track.short_error(e)})")
 
 
 def same_seed(resolved, v):
@@ -225,7 +324,7 @@ def run_variant(v, ctx: Context) -> VariantResult:
     never raises except Ctrl-C."""
     t0 = time.time()
     rec, run_id, resume_ckpt = prepare_variant(v, ctx)
-    if rec.status == "skipped" or run_id is None:
+    if rec.status in NOT_TRAINED or run_id is None:
         return rec
     return execute_variant(v, ctx, rec, run_id, resume_ckpt, started=t0)
 

@@ -45,7 +45,8 @@ def off_budget(row: dict, tol: float = TOLERANCE) -> Optional[str]:
         msg += ": a wall-clock budget stops at the first step past the budget, so its steps are long, or the machine was busy"
     else:
         msg += ": training stopped before the budget (the data ran out, or it was interrupted)"
-    msg += (f". Re-run it on a quiet machine (`lab run SPEC --force --variant {key}`), or set "
+    # `--variant` takes the variant key (all its seeds), not a per-seed label like 'KEY seed 0'
+    msg += (f". Re-run it on a quiet machine (`lab run SPEC --force --variant {row.get('variant') or key}`), or set "
             f"`budget.wall_clock: true` to stop on training time.")
     return msg
 

@@ -47,11 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lab import execute, track
+from lab import execute, paths, signals, track
 from lab.errors import LabError
 from lab.record import VariantResult
 
 LAUNCHERS = ("local", "ray", "slurm")
+# a worker that exits with these (Ctrl-C / SIGTERM, lab.signals) was stopped, not broken
+KILLED_EXIT_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 _SLURM_TASK_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
                     "SLURM_STEP_NUM_TASKS")
@@ -137,7 +139,7 @@ def run_job(job: VariantJob) -> VariantResult:
 
 
 def _run_worker_process(job: VariantJob) -> VariantResult:
-    tmp = Path(tempfile.mkdtemp(prefix=f"lab-{job.key}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"lab-{paths.slug(job.key, 40)}-"))
     jobfile, resfile = tmp / "job.pkl", tmp / "result.json"
     jobfile.write_bytes(pickle.dumps(job))
     env = dict(os.environ)
@@ -152,9 +154,9 @@ def _run_worker_process(job: VariantJob) -> VariantResult:
     try:
         try:
             rc = proc.wait()
-        except KeyboardInterrupt:
-            # the worker saves a checkpoint and marks its run KILLED on SIGINT
-            proc.send_signal(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            # the worker saves a checkpoint and marks its run KILLED on SIGINT / SIGTERM (lab.signals)
+            proc.send_signal(getattr(e, "signum", signal.SIGINT))
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -163,7 +165,7 @@ def _run_worker_process(job: VariantJob) -> VariantResult:
         if resfile.is_file():
             rec = VariantResult.from_dict(json.loads(resfile.read_text()))
         else:
-            rec = dataclasses.replace(job.record, status="failed" if rc not in (130, -signal.SIGINT) else "killed",
+            rec = dataclasses.replace(job.record, status="failed" if rc not in KILLED_EXIT_CODES else "killed",
                                       error=f"worker process exited with code {rc} without a result")
         rec.worker_exit_code = rc
         return rec
@@ -176,13 +178,18 @@ def worker_main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "worker":
         print("usage: python -m lab.launch worker JOB.pkl RESULT.json", file=sys.stderr)
         return 2
+    from lab import signals
+
+    signals.install()
     job: VariantJob = pickle.loads(Path(argv[1]).read_bytes())
     started = time.time()
     code = 0
     try:
         rec = execute_job(job, started=started)
-    except KeyboardInterrupt:
-        rec, code = dataclasses.replace(job.record, status="killed"), 130
+    except KeyboardInterrupt as e:
+        stop = signals.as_interrupted(e)
+        rec = dataclasses.replace(job.record, status="killed", error=stop.reason if stop else "interrupted")
+        code = stop.exit_code if stop else 130
     if is_rank_zero():
         out = Path(argv[2])
         tmp = out.with_suffix(".tmp")
@@ -209,6 +216,8 @@ def finish_record(ctx, rec: VariantResult, outcome: Any) -> VariantResult:
         err = outcome if isinstance(outcome, BaseException) else RuntimeError(
             f"worker returned no result ({outcome!r})")
         rec = dataclasses.replace(rec, status="failed", error=track.short_error(err))
+    if ctx.keeper is not None and rec.run_id:
+        ctx.keeper.release(rec.run_id)
     if rec.run_id and rec.status != "finished":
         try:
             run = ctx.cl.get_run(rec.run_id)
@@ -291,7 +300,7 @@ class Launcher:
         for v in ordered:
             if needs_own_process(v):
                 rec, run_id, resume = execute.prepare_variant(v, ctx)
-                if rec.status != "skipped" and run_id is not None:
+                if rec.status not in execute.NOT_TRAINED and run_id is not None:
                     job = make_job(v, ctx, rec, run_id, resume, progress=ctx.progress)
                     try:
                         outcome = run_job(job)
@@ -301,7 +310,7 @@ class Launcher:
                     rec = finish_record(ctx, rec, outcome)
                     if rec.status == "killed":
                         results.append(rec)
-                        raise KeyboardInterrupt
+                        raise signals.Interrupted(signal.SIGTERM if "SIGTERM" in str(rec.error) else signal.SIGINT)
             else:
                 rec = execute.run_variant(v, ctx)
             results.append(rec)
@@ -335,7 +344,7 @@ class _Parallel(Launcher):
             try:
                 for v in wave:
                     rec, run_id, resume = execute.prepare_variant(v, ctx)
-                    if rec.status == "skipped" or run_id is None:
+                    if rec.status in execute.NOT_TRAINED or run_id is None:
                         results[v.uid] = rec
                         ctx.say(rec.line())
                         continue
@@ -477,7 +486,7 @@ class SlurmLauncher(_Parallel):
     def _folder(self, ctx) -> str:
         if self.opts.slurm_folder:
             return self.opts.slurm_folder
-        return str(track.store_dir(ctx.uri).resolve() / "submitit" / ctx.experiment / "%j")
+        return str(track.store_dir(ctx.uri).resolve() / "submitit" / paths.experiment_dirname(ctx.experiment) / "%j")
 
     def params(self, v) -> dict[str, Any]:
         o, tr = self.opts, v.train
@@ -515,7 +524,9 @@ class SlurmLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         ex = self._get_executor(self._ctx)
         ex.update_parameters(**self.params(v))
-        return ex.submit(run_job, job)
+        from lab.requeue import VariantTask  # preempted / timed-out jobs requeue and resume
+
+        return ex.submit(VariantTask(run_job), job)
 
     def completed(self, handles: list):
         import submitit

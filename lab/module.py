@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -226,9 +225,10 @@ class LabModule(pl.LightningModule):
 
 def save_final(path: Path, module: LabModule, model_cfg: dict[str, Any], **meta: Any) -> Path:
     """`final.pt`: {'model': grafts config dict, 'state_dict': evaluated weights, ...meta}."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model_cfg, "state_dict": module.state_dict_for_export(), **meta}, path)
-    return path
+    from lab.checkpoints import write_atomic
+
+    obj = {"model": model_cfg, "state_dict": module.state_dict_for_export(), **meta}
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp), keep_previous=False)
 
 
 def model_state_from_file(path: str | Path) -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -280,28 +280,44 @@ class MlflowMetrics(pl.Callback):
 
 
 class LastCheckpoint(pl.Callback):
-    """Writes `last.ckpt` atomically every `every_n_steps`, after each eval, at the end, and on Ctrl-C."""
+    """Writes `last.ckpt` every `every_n_steps`, after each eval, at the end, and when a signal stops
+    the run (lab.signals: at the batch boundary after SIGTERM/SIGINT, then raises `Interrupted`).
+    Every write is atomic with a checksum and keeps the previous file (lab.checkpoints)."""
 
     def __init__(self, path: Path, every_n_steps: Optional[int] = None, timer=None):
         self.path = Path(path)
         self.timer = timer
         self.every_n_steps = every_n_steps
         self.exception: Optional[BaseException] = None
+        self.saved_step: Optional[int] = None
 
     def save(self, trainer) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(str(tmp), weights_only=False)
+        from lab.checkpoints import write_atomic
+
         if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda tmp: trainer.save_checkpoint(str(tmp), weights_only=False))
+        else:  # the other ranks take part in the collective save; only rank 0 writes
+            trainer.save_checkpoint(str(self.path.with_name(f"{self.path.name}.rank")), weights_only=False)
+        self.saved_step = trainer.global_step
+
+    def _save_timed(self, trainer) -> None:
+        if self.timer is not None:
+            with self.timer.paused():
+                self.save(trainer)
+        else:
+            self.save(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lab import signals
+
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            if self.timer is not None:
-                with self.timer.paused():
-                    self.save(trainer)
-            else:
+            self._save_timed(trainer)
+        signum = signals.pending()
+        if signum is not None:
+            if self.saved_step != trainer.global_step:
                 self.save(trainer)
+            signals.clear()
+            raise signals.Interrupted(signum, where=f"at step {trainer.global_step}")
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -311,8 +327,11 @@ class LastCheckpoint(pl.Callback):
         self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
+        from lab import signals
+
         self.exception = exception
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        if (signals.as_interrupted(exception) is not None and trainer.global_step > 0
+                and self.saved_step != trainer.global_step):
             try:
                 self.save(trainer)
             except Exception:  # noqa: BLE001 - best effort; the periodic checkpoint remains

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from lab import lease
 from lab.errors import LabError, close_matches
 from lab.figures import pyplot
 
@@ -155,7 +156,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
             # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
             "key": t["lab.variant"] + (SMOKE_SUFFIX if smoke else ""),
             "seed": _seed_of(t, r.data.params),
-            "status": r.info.status,
+            "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
             "baseline": str(t.get("lab.baseline", "")).lower() == "true",
             "changes": t.get("lab.changes", ""),
             "hash": t.get("lab.hash"),
@@ -555,6 +556,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     """`run_values` with each run named for people: KEY, or 'KEY seed N' where a variant has several."""
     v = run_values(df)
     several = v.groupby(["experiment", "key"])["seed"].transform("nunique") > 1
+    v["variant"] = v["key"]
     v["key"] = v["key"].where(~several, v["key"] + " seed " + v["seed"].astype(str))
     return v
 
@@ -566,7 +568,7 @@ def budget_warnings(table: pd.DataFrame) -> list[str]:
     out = []
     multi = table["experiment"].nunique() > 1 if not table.empty else False
     for exp, g in table.groupby("experiment", sort=False):
-        rows = [{"key": r["key"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
+        rows = [{"key": r["key"], "variant": r["variant"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
                  "planned_seconds": r["budget_s"], "train_seconds": r["train_s"], "steps": r["steps"],
                  "calibrated_step_seconds": r["cal_step_s"]} for _, r in g.iterrows()
                 if r["status"] in (FINISHED, "RUNNING")]

@@ -14,8 +14,8 @@ import hashlib
 import json
 from typing import Any
 
+from lab import lease, track
 from lab import record as R
-from lab import track
 from lab.execute import Context, preflight
 from lab.train import build_variant, data_key, thread_choice, world_size
 
@@ -30,10 +30,14 @@ def cost_group(v) -> str:
 
 
 def will_train_fresh(v, ctx: Context) -> bool:
-    """Neither skipped (FINISHED with this hash) nor resumed from a checkpoint (which keeps its plan)."""
+    """Neither skipped (FINISHED with this hash, or being trained by another live process) nor resumed
+    from a checkpoint (which keeps its plan)."""
+    runs = track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash)
+    if lease.first_live(runs) is not None:
+        return False
     if ctx.force:
         return True
-    if track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash, statuses=["FINISHED"]):
+    if any(r.info.status == "FINISHED" for r in runs):
         return False
     return not (track.checkpoint_dir(v, ctx.uri) / "last.ckpt").is_file()
 

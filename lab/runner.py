@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
-from lab import launch, track
+from lab import launch, lease, signals, track
 from lab import record as R
 from lab.errors import LabError
-from lab.execute import Context, preflight, quiet_logs
+from lab.execute import Context, end_stale, preflight, quiet_logs
 from lab.record import VariantResult
 from lab.run_calibration import calibrate_together
 from lab.train import runs_by_key, teacher_of
@@ -81,8 +81,9 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
                    launch_options: Any = None) -> list[VariantResult]:
     """Train `variants` (teachers first) in one parent run; one VariantResult per variant.
 
-    Status: finished | skipped (already FINISHED with the same hash) | failed. Ctrl-C marks the
-    current run and the parent KILLED and re-raises KeyboardInterrupt. `callbacks`: extra
+    Status: finished | skipped (already FINISHED with the same hash) | busy (held by another live
+    process) | failed | killed. SIGINT / SIGTERM mark the current run and the parent KILLED with the
+    reason and re-raise (lab.signals.Interrupted, a KeyboardInterrupt). `callbacks`: extra
     Lightning callbacks added to every training that runs in this process (tests use them to
     interrupt). `launcher`: local | ray | slurm (lab.launch); `launch_options`: a
     lab.launch.LaunchOptions.
@@ -106,16 +107,19 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     cl = track.client(uri)
     experiment = track.experiment_name(variants[0])
     exp_id = track.get_or_create_experiment(cl, experiment, uri)
+    end_stale_parents(cl, exp_id)
+    keeper = lease.Keeper(lambda: track.client(uri))
     backend.start()
     try:
         parent = track.start_parent_run(cl, exp_id, spec.name, tags={
             R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000], R.LAUNCHER: launcher,
             **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
-            **{k: str(x) for k, x in (spec.tags or {}).items()}})
+            **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
+        keeper.hold(parent)
         ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
                       experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
                       force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
-                      say=say, launcher=launcher)
+                      say=say, launcher=launcher, keeper=keeper)
         n_keys = len(dict.fromkeys(v.key for v in ordered))
         runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
         say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
@@ -130,20 +134,38 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
                        if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
             calibrate_together(ordered, ctx)
             results = backend.run(ordered, ctx)
-        except KeyboardInterrupt:
-            cl.set_terminated(parent, status="KILLED")
-            say("interrupted: the current run is KILLED; run the same command again to resume it")
+        except KeyboardInterrupt as e:
+            stop = signals.as_interrupted(e)
+            reason = stop.reason if stop else "interrupted"
+            try:
+                track.set_tags(cl, parent, {R.ERROR: reason})
+            finally:
+                cl.set_terminated(parent, status="KILLED")
+            say(f"{reason}: the current run is KILLED with a checkpoint; run the same command again to resume it")
             raise
         except BaseException:
             cl.set_terminated(parent, status="FAILED")
             raise
     finally:
+        keeper.close()
         backend.close()
     ok = all(r.ok for r in results)
     cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     for line in budget_summary(results):
         say(line)
     return results
+
+
+def end_stale_parents(cl, exp_id: str) -> None:
+    """Parent runs still RUNNING whose `lab run` died (SIGKILL, lost node): KILLED, with the reason."""
+    try:
+        runs = cl.search_runs([exp_id], filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}' and "
+                                                      f"attributes.status = 'RUNNING'", max_results=1000)
+    except Exception:  # noqa: BLE001 - a store that cannot search: nothing to tidy
+        return
+    for r in runs:
+        if lease.state(r) == "stale":
+            end_stale(cl, r)
 
 
 def thread_policy(variants: list):
@@ -161,7 +183,8 @@ def budget_summary(results: list[VariantResult]) -> list[str]:
     """What `lab run` says after training: the budget used and the fidelity warnings (lab.fidelity)."""
     from lab import fidelity as F
 
-    rows = [r.to_dict() for r in results if r.ok]
+    # a run per seed: named with it (KEY-seedN); the re-run advice names the variant key
+    rows = [{**r.to_dict(), "variant": r.key, "key": r.uid or r.key} for r in results if r.has_result]
     out = []
     used = F.used_line(rows)
     if used:

@@ -56,6 +56,9 @@ class DataSpec(Strict):
     synthetic_size: int = Field(512, ge=16, description="synthetic: number of images")
     num_classes: Optional[int] = Field(None, ge=2, description="synthetic: classes (others infer)")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    verify_images: bool = Field(True, description="imagefolder: check every image with Pillow before training")
+    skip_bad_files: bool = Field(False, description="imagefolder: train without unreadable images (counted on "
+                                                    "the run as lab.data.skipped_files) instead of stopping")
 
     @model_validator(mode="after")
     def _root_needed(self):
@@ -174,6 +177,9 @@ class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)")
     experiment: Optional[str] = Field(None, description="MLflow experiment name (default: the spec name)")
     log_checkpoint: bool = True
+    keep: Literal["final", "last", "all"] = Field(
+        "final", description="after FINISHED keep: final = the final weights once (resume checkpoints deleted; "
+                             "final.pt only in MLflow when log_checkpoint), last = also last.ckpt, all = everything")
     inspect: bool = Field(True, description="after training: first-layer filters, attention-bias maps and mean "
                                             "attention distance as metrics and figures (lab.inspection)")
     inspect_images: int = Field(64, ge=0, le=4096, description="validation images for the mean attention distance "
@@ -328,20 +334,78 @@ def deep_merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
+MAX_SPEC_BYTES = 4 << 20  # a spec file larger than this is refused
+
+
+def max_spec_values() -> int:
+    """How many values a spec may hold once YAML aliases are expanded ($LAB_MAX_SPEC_VALUES, default 200000)."""
+    return int(os.environ.get("LAB_MAX_SPEC_VALUES", "200000"))
+
+
+def max_variants() -> int:
+    """How many variants one spec may expand to ($LAB_MAX_VARIANTS, default 10000)."""
+    return int(os.environ.get("LAB_MAX_VARIANTS", "10000"))
+
+
+def _expanded_size(doc: Any, file: str, limit: int) -> int:
+    """Values in `doc` counting every alias use again (what interpolation and merging would copy),
+    computed without copying (memoised per node); an alias bomb or a recursive alias is a SpecError."""
+    memo: dict[int, int] = {}
+    stack: set[int] = set()
+
+    def size(node: Any, where: str) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        k = id(node)
+        if k in memo:
+            return memo[k]
+        if k in stack:
+            raise SpecError("a YAML alias refers to itself (recursive structure)", file=file, path=where or None)
+        stack.add(k)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        total = 1
+        for key, child in items:
+            total += size(child, f"{where}.{key}" if where else str(key))
+            if total > limit:
+                raise SpecError(f"the spec expands to more than {limit} values (YAML aliases repeated inside "
+                                f"each other?); raise LAB_MAX_SPEC_VALUES if this is intended", file=file,
+                                path=where or None)
+        stack.discard(k)
+        memo[k] = total
+        return total
+
+    return size(doc, "")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError("file not found", file=str(path))
     try:
-        doc = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"file is larger than {MAX_SPEC_BYTES >> 20} MB: not a spec", file=str(path))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read the file ({e.strerror or e})", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the spec as UTF-8",
+                        file=str(path)) from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        lines = text.splitlines()
+        if mark is not None and mark.line < len(lines) and "${" in lines[mark.line]:
+            problem += ' (inside {...} or [...] write "${VAR}" in quotes)'
         raise SpecError(f"YAML syntax error: {problem}", file=str(path), path=where) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(f"a spec must be a YAML mapping, got {type(doc).__name__}", file=str(path))
+    _expanded_size(doc, str(path), max_spec_values())
     return doc
 
 
@@ -525,9 +589,18 @@ def _check_override_keys(over: dict, file: str, where: str) -> None:
                             f"{', '.join(sorted(allowed))}", file=file, path=f"{where}.{k}")
 
 
+_HASH_NEUTRAL_DATA = {"verify_images": True, "skip_bad_files": False}
+
+
 def content_hash(resolved: dict[str, Any]) -> str:
     """sha256 over what determines a result: data, model, train, budget (not tracking/bench)."""
     keep = {k: resolved[k] for k in ("data", "model", "train", "budget")}
+    data = dict(keep["data"]) if isinstance(keep.get("data"), dict) else keep.get("data")
+    if isinstance(data, dict):  # fields added later hash like before while they keep their defaults
+        for k, default in _HASH_NEUTRAL_DATA.items():
+            if data.get(k, default) == default:
+                data.pop(k, None)
+        keep["data"] = data
     blob = json.dumps(keep, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -564,6 +637,14 @@ def expand(spec: ExperimentSpec) -> list[Variant]:
                 or len(set(seeds)) != len(seeds):
             raise SpecError(f"seeds must be distinct integers (got {seeds})", file=file, path="grid.train.seed")
     rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    n = max(1, len(spec.variants)) * max(1, len(seeds) if isinstance(seeds, list) else (seeds if isinstance(seeds, int) else 1))
+    for values in grid.values():
+        n *= len(values) if isinstance(values, list) and values else 1
+    if n > max_variants():
+        sizes = " x ".join(str(len(v)) for v in spec.grid.values() if isinstance(v, list))
+        raise SpecError(f"the spec makes {n} runs ({max(1, len(spec.variants))} row(s)"
+                        f"{' x ' + sizes if sizes else ''}), more than the limit of {max_variants()}; "
+                        f"shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid" if grid else "variants")
     for key, over in (spec.variants or {"base": {}}).items():
         over = over or {}
         if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
@@ -615,6 +696,10 @@ def expand(spec: ExperimentSpec) -> list[Variant]:
         if not isinstance(model, dict):
             raise SpecError("must be a mapping", file=file, path=f"{where}.model".lstrip("."))
         model = _check_model(model, file, f"{where}.model".lstrip("."))
+        nc = model.get("num_classes")
+        if isinstance(nc, bool) or (nc is not None and (not isinstance(nc, int) or nc < 2)):
+            raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
+                            path=f"{where}.model.num_classes".lstrip("."))
         resolved = {s: plain(v) for s, v in sections.items()} | {"model": model}  # init hashed with the model
         init = None
         if isinstance(model.get("init"), dict):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from lab import record as R
+from lab.errors import LabError
 
 # Tags of a variant run beside lab.variant / lab.hash (see variant_tags)
 SEED_TAG = R.SEED                # train.seed of this run: one repeat of the variant
@@ -83,20 +84,80 @@ def store_dir(uri: str) -> Path:
     return Path.cwd() / DEFAULT_DIR
 
 
+def local_store_dir(uri: str) -> Optional[Path]:
+    """The store's folder when the store is a local file (SQLite, file store), None for a server."""
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return store_dir(uri)
+    return None
+
+
 def checkpoint_dir(variant: Any, uri: Optional[str] = None) -> Path:
+    """`<store>/checkpoints/<experiment>-<h>/<variant>-<hash>` (lab.paths: sanitised, kept under checkpoints/),
+    keyed by the MLflow experiment (tracking.experiment, not just the spec name) and the variant hash."""
+    from lab import paths
+
     uri = uri or tracking_uri(variant)
-    return store_dir(uri) / "checkpoints" / variant.experiment / f"{variant.key}-{variant.hash}"
+    return paths.variant_checkpoint_dir(store_dir(uri), experiment_name(variant), variant.key, variant.hash)
+
+
+def checkpoint_root(uri: str) -> Path:
+    from lab import paths
+
+    return paths.checkpoint_root(store_dir(uri))
+
+
+_CHECKED: set[str] = set()
 
 
 def client(uri: str):
-    """An MlflowClient; a SQLite store's folder (and its artifacts/ folder) is created."""
+    """An MlflowClient. A SQLite store's folder (and its artifacts/ folder) is created, its schema under a
+    file lock (two `lab run`s starting at once on a new store must not both create it). The first client
+    of a URI in a process checks the store: an unwritable folder, a read-only database or an unreachable
+    server is a LabError (one line, exit 2) naming the URI."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
-    if db is not None:
+    if db is None:
+        if uri not in _CHECKED and uri.startswith(("http://", "https://")):
+            check_server(uri)
+            _CHECKED.add(uri)
+        return MlflowClient(tracking_uri=uri)
+    if uri in _CHECKED:
+        return MlflowClient(tracking_uri=uri)
+    from lab import lease
+
+    try:
         db.parent.mkdir(parents=True, exist_ok=True)
         (db.parent / "artifacts").mkdir(exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    except OSError as e:
+        raise LabError(f"cannot create the tracking store folder {db.parent} ({e.strerror or e}); "
+                       f"choose a writable place with tracking.uri or MLFLOW_TRACKING_URI") from None
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        raise LabError(f"the tracking store folder {db.parent} is not writable (tracking URI {uri})")
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise LabError(f"the tracking database {db} is read-only or unreadable for this user (tracking URI {uri})")
+    try:
+        with lease.store_lock(db.parent):  # MlflowClient creates or upgrades the schema: one process at a time
+            cl = MlflowClient(tracking_uri=uri)
+            cl.search_experiments(max_results=1)
+    except LabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken or foreign file, a full disk
+        raise LabError(f"cannot open the tracking store {uri}: {short_error(e)}") from None
+    _CHECKED.add(uri)
+    return cl
+
+
+def check_server(uri: str) -> None:
+    """A tracking server answers within $LAB_TRACKING_TIMEOUT seconds (default 10), else a LabError."""
+    import requests
+
+    timeout = float(os.environ.get("LAB_TRACKING_TIMEOUT", "10"))
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        raise LabError(f"the tracking server {uri} is unreachable ({type(e).__name__}, waited up to {timeout:g}s; "
+                       f"LAB_TRACKING_TIMEOUT sets the wait); is it running, and is the URI right?") from None
 
 
 def get_or_create_experiment(cl, name: str, uri: str) -> str:
@@ -128,10 +189,10 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
     if exp is None:
         return []
     flt = [f"tags.`{R.ROLE}` = '{R.ROLE_VARIANT}'"]
-    if key is not None:
-        flt.append(f"tags.`{R.VARIANT}` = '{key}'")
+    if key is not None and not ("'" in key and '"' in key):  # else filtered below (no MLflow literal for it)
+        flt.append(f"tags.`{R.VARIANT}` = {_quote(key)}")
     if hash is not None:
-        flt.append(f"tags.`{R.HASH}` = '{hash}'")
+        flt.append(f"tags.`{R.HASH}` = {_quote(hash)}")
     runs, token = [], None
     while True:
         page = cl.search_runs([exp.experiment_id], filter_string=" and ".join(flt),
@@ -140,10 +201,22 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
         token = page.token
         if not token:
             break
+    if key is not None:
+        runs = [r for r in runs if r.data.tags.get(R.VARIANT) == key]
     if statuses is not None:
         st = set(statuses)
         runs = [r for r in runs if r.info.status in st]
     return runs
+
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow filter (a key from grid values may hold quotes)."""
+    v = str(value)
+    if "'" not in v:
+        return f"'{v}'"
+    if '"' not in v:
+        return f'"{v}"'
+    raise ValueError(f"cannot search MLflow for a value with both quote kinds: {v!r}")
 
 
 def metric_history(cl, run_id: str, name: str) -> list[tuple[int, float]]:

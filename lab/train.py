@@ -317,36 +317,38 @@ def log_start(v, ctx, run_id: str, b: Built, plan, calibrated_by: str) -> None:
     track.log_metrics(ctx.cl, run_id, first, 0)
     tags = {R.PRECISION: b.precision, R.WORLD_SIZE: b.world, R.BUDGET_PLAN: plan.describe(),
             R.TRAIN_SIZE: b.train_size, R.VAL_SIZE: getattr(b.dm, "val_size", None),
-            R.STEPS_PER_EPOCH: b.steps_per_epoch, **b.threads.tags()}
+            R.STEPS_PER_EPOCH: b.steps_per_epoch, **b.threads.tags(),
+            R.DATA_SKIPPED_FILES: len(getattr(b.dm, "bad_files", ())) or None}
     if calibrated_by:
         tags[R.CALIBRATION] = calibrated_by
     track.set_tags(ctx.cl, run_id, tags)
 
 
-def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan) -> Fitted:
-    """Train under the plan with lab's callbacks; a final validation when the last one is stale."""
+def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan, ckdir: Path) -> Fitted:
+    """Train under the plan with lab's callbacks, checkpointing into `ckdir`; a final validation when
+    the last one is stale. A resumed run replays exactly the batches it would have seen (lab.resume)."""
     import lightning.pytorch as pl
     import torch
 
     from lab import budget as B
     from lab.module import LastCheckpoint, MlflowMetrics, NonFiniteLoss, StepProgress
+    from lab.resume import ExactResume
 
     tr = v.train
     module = b.make_module(b.model, plan.total_steps)
     timer = B.TrainTimer(max_seconds=plan.max_seconds, skip_first=1 if tr.compile else 0)
     if plan.max_seconds is not None:
         module.progress_fn = lambda: timer.progress
-    ckdir = track.checkpoint_dir(v, ctx.uri)
     ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, b.steps_per_epoch), timer=timer)
     last_eval = last_eval_callback()
     # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
     # the ranks of a DDP run would disagree about a collective call and hang.
-    callbacks: list = [timer, ckpt, last_eval]
+    callbacks: list = [ExactResume(getattr(b.dm, "resume_point", None), v.data.batch_size), timer, ckpt, last_eval]
     if ctx.rank_zero:
-        callbacks.insert(1, MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer,
+        callbacks.insert(2, MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer,
                                           global_batch=b.global_batch, train_size=b.train_size))
     if b.world > 1 and plan.max_seconds is not None:
-        callbacks.insert(1, sync_stop_callback())  # every rank stops at the same step
+        callbacks.insert(2, sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
         callbacks.append(StepProgress(v.uid, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
@@ -431,8 +433,10 @@ def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[
     return res.images_per_s
 
 
-def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult) -> R.VariantResult:
-    """Train, evaluate and log one variant into `run_id`: build, plan, fit, record; fills and returns `result`."""
+def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult,
+                  ckdir: Optional[Path] = None) -> R.VariantResult:
+    """Train, evaluate and log one variant into `run_id`: build, plan, fit, record; fills and returns
+    `result`. `ckdir`: the checkpoint folder prepared for the run (default: the variant's own)."""
     from lab import budget as B
     from lab.weights import apply_init, record_init
 
@@ -448,5 +452,5 @@ def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.Va
     result.update(budget=plan.describe(), calibrated_step_seconds=plan.calibration.get("step_seconds"))
     if resume_ckpt is None and ctx.rank_zero:
         log_start(v, ctx, run_id, b, plan, calibrated_by)
-    f = fit(v, ctx, run_id, resume_ckpt, b, plan)
+    f = fit(v, ctx, run_id, resume_ckpt, b, plan, ckdir or track.checkpoint_dir(v, ctx.uri))
     return record_final(v, ctx, run_id, b, f, result)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lab import paths, track
 from lab import record as R
-from lab import track
 from lab.errors import LabError
 
 __all__ = ["InitResult", "apply_init", "finished_variant_file", "init_dependency", "record_init", "resolve_init_file", "INIT_TAGS"]
@@ -65,8 +65,8 @@ def finished_variant_file(cl, uri: str, experiment: str, key: str, hash: Optiona
         runs = track.find_variant_runs(cl, experiment, key=key, statuses=["FINISHED"])
     for r in runs:
         h = r.data.tags.get(R.HASH)
-        local = track.store_dir(uri) / "checkpoints" / experiment / f"{key}-{h}" / "final.pt"
-        if h and local.is_file():
+        local = paths.variant_checkpoint_dir(track.store_dir(uri), experiment, key, h) / "final.pt" if h else None
+        if local is not None and local.is_file():
             return local, r.info.run_id
         try:
             return track.download_artifact(cl, r.info.run_id, R.FINAL_CHECKPOINT), r.info.run_id

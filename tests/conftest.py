@@ -14,7 +14,9 @@ from typing import Any, Iterable, Mapping, Optional
 
 import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
+from torch import nn
 
 from lab import budget as B
 from lab import record as REC
@@ -100,6 +102,10 @@ def log_variant_run(variant: Any, *, uri: Optional[str] = None, parent_run_id: O
         cl.set_terminated(parent_run_id, status="FINISHED")
     run_id = track.start_variant_run(cl, exp_id, variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
     track.log_variant_spec(cl, run_id, variant)
+    if status == "RUNNING":  # held by this process, like a `lab run` in progress (lab.lease)
+        from lab import lease
+
+        track.set_tags(cl, run_id, lease.claim_tags())
     if extra_tags:
         track.set_tags(cl, run_id, extra_tags)
     by_step: dict[int, dict[str, float]] = {}  # one write per step, as the training callbacks do
@@ -298,3 +304,20 @@ def inspected_store(tmp_path_factory) -> tuple[str, Path]:
     res = run_experiment(spec, S.expand(spec), progress=False, say=lambda s: None)
     assert [r.status for r in res] == ["finished"] * 4
     return uri, path
+
+
+# --------------------------------------------------------------------------- models
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> torch.Generator:
+    """Non-trivial BN statistics/affines so BN folding and zero-init don't hide bugs; returns the
+    generator, for callers that randomise more from the same stream."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return g

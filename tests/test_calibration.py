@@ -196,3 +196,12 @@ def test_fidelity_ignores_non_time_budgets_and_missing_figures():
     rows = [_row("a", kind="steps", planned=None, train=10.0), _row("b", kind="steps", planned=None, train=50.0)]
     assert F.budget_warnings(rows) == []
     assert F.budget_warnings([_row("a", train=None)]) == []
+
+
+def test_off_budget_advice_names_the_variant_not_the_seed_label():
+    row = {"key": "attention_bias seed 0", "variant": "attention_bias", "budget_kind": "seconds",
+           "planned_seconds": 40.0, "train_seconds": 30.0, "steps": 300, "calibrated_step_seconds": 0.13}
+    msg = F.off_budget(row)
+    assert msg is not None and "'attention_bias seed 0' trained 30.0 s" in msg
+    assert "--force --variant attention_bias`" in msg
+    assert F.off_budget({**row, "variant": None}).count("--variant attention_bias seed 0") == 1

@@ -11,6 +11,8 @@ import torch.nn as nn
 import grafts
 from grafts.build import GraftModel
 
+from conftest import randomize_bn
+
 torch.set_num_threads(2)
 
 LEVITS = ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
@@ -26,16 +28,6 @@ def params(d) -> int:
     return grafts.count_params(meta_build(d))
 
 
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics/affines so BN folding and zero-init don't hide bugs."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
 # ----------------------------------------------------------------------------- timm parity

@@ -15,20 +15,17 @@ import grafts
 from grafts.build import GraftModel
 from grafts.levit import RelPosBias, resize_bias_table
 
+from conftest import randomize_bn as shared_randomize_bn
+
 torch.set_num_threads(2)
 
 H, W = 32, 64  # tiny non-square input every zoo entry accepts once shrunk (ResNet-50 stride 32)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """conftest's BN randomisation, then parameters left at zero get values from the same stream."""
+    g = shared_randomize_bn(model, seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         for p in model.parameters():  # zero-init branches and zero bias tables would hide bugs
             if not p.abs().sum():
                 p.normal_(0, 0.02, generator=g)

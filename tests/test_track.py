@@ -28,7 +28,9 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch, write_spec):
     assert track.tracking_uri(vs[0]) == "sqlite:////x/env.db"          # env overrides the default
     v = vs[0].model_copy(update={"tracking": vs[0].tracking.model_copy(update={"uri": "sqlite:////x/spec.db"})})
     assert track.tracking_uri(v) == "sqlite:////x/spec.db"             # the spec's uri overrides env
-    assert track.checkpoint_dir(v) == Path("/x/checkpoints/tiny") / f"base-{v.hash}"
+    from lab.paths import short_hash
+
+    assert track.checkpoint_dir(v) == Path(f"/x/checkpoints/tiny-{short_hash('tiny')}") / f"base-{v.hash}"
 
 
 def test_default_store_creates_artifact_dir(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 
 import grafts
 from lab import cli, track
+from lab import record as REC
 from lab import spec as S
 from lab.runner import order_variants, run_experiment
 
@@ -47,7 +48,13 @@ def test_run_records_everything(store, write_spec):
         assert lrs[2] > lrs[12] >= 1e-5  # cosine decay after warmup
         arts = {a.path for a in cl.list_artifacts(r.run_id)}
         assert {"spec.yaml", "checkpoint"} <= arts
-        assert (track.checkpoint_dir(v, store) / "last.ckpt").is_file()
+        # every name the run holds is in the run record (lab.record), which the README documents
+        assert [k for k in m if not REC.documented("metric", k)] == []
+        assert [k for k in t if k.startswith(("lab.", "ref.", "match.", "bench.")) and not REC.documented("tag", k)] == []
+        assert [k for k in run.data.params if not REC.documented("param", k)] == []
+        assert all(any(e.name.split("/")[0] == a for e in REC.ENTRIES if e.kind == "artifact") for a in arts), arts
+        # tracking.keep: final (default): the weights once (the MLflow artifact), no resume checkpoints left
+        assert not track.checkpoint_dir(v, store).exists()
     assert cl.get_run(res[0].run_id).data.tags["ref.top1"] == "72.2"
     assert cl.get_run(res[1].run_id).data.tags["lab.changes"] == \
         "train.ema=0.9, data.augment.label_smoothing=0.1"

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from lab import paths
 from lab.cli.table import add_store_args, load
 from lab.errors import LabError
 from lab.figures import save_figure
@@ -13,12 +14,13 @@ from lab.report import DEVICES, X_KINDS
 
 
 def out_stem(out: str | None, default_name: str) -> Path:
-    """--out as a path without extension: a directory gets `default_name`, .png/.svg are dropped."""
+    """--out as a path without extension (the user's own path; .png/.svg are dropped), else out/NAME; a
+    directory gets NAME. NAME (built from experiment names) is a sanitised slug that stays in its folder."""
     if not out:
-        return Path("out") / default_name
+        return paths.output_stem("out", default_name)
     p = Path(out)
     if out.endswith(("/", os.sep)) or p.is_dir():
-        return p / default_name
+        return paths.output_stem(p, default_name)
     return p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
 
 
