@@ -278,7 +278,7 @@ def final_weights(cl, row: pd.Series, uri: str) -> Path | None:
         if local.resolve().is_relative_to(root) and local.is_file():
             return local
     try:
-        return track.download_artifact(cl, row["run_id"], "checkpoint/final.pt")
+        return track.download_artifact(cl, row["run_id"], R.FINAL_CHECKPOINT)
     except Exception:  # noqa: BLE001 - no artifact (tracking.log_checkpoint off, or a foreign run)
         return None
 
@@ -324,7 +324,7 @@ def _val_batches(cl, run_id: str):
     from lab.data import build_datamodule
     from lab.spec import DataSpec
 
-    doc = yaml.safe_load(track.download_artifact(cl, run_id, "spec.yaml").read_text())
+    doc = yaml.safe_load(track.download_artifact(cl, run_id, R.SPEC_YAML).read_text())
     dm = build_datamodule(DataSpec.model_validate(doc["data"]))
     dm.setup("validate")
     return (x for x, _ in dm.val_dataloader())

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from lab import lease
+from lab import record as R
 from lab.errors import LabError, close_matches
 from lab.figures import pyplot
 
@@ -24,9 +25,20 @@ X_LABELS = {"images_seen": "images seen", "epoch": "epoch", "train_seconds": "tr
             "step": "optimizer step"}
 DEVICES = ("cpu", "cuda")
 FORMATS = ("terminal", "markdown", "csv", "latex", "json")
-BENCH_METRIC = {"cpu": "bench/cpu_imgs_per_s", "cuda": "bench/cuda_imgs_per_s"}
-REF_THROUGHPUT = {"cpu": "ref.throughput_cpu", "cuda": "ref.throughput_gpu"}
+BENCH_METRIC = {d: R.bench_metric(d) for d in DEVICES}
+REF_THROUGHPUT = {"cpu": R.ref_tag("throughput_cpu"), "cuda": R.ref_tag("throughput_gpu")}
 FINISHED = "FINISHED"
+
+
+def metric_col(name: str) -> str:
+    """The load_runs column of metric `name` (a lab.record name)."""
+    return f"metrics.{name}"
+
+
+def tag_col(name: str) -> str:
+    """The load_runs column of tag `name` (a lab.record name)."""
+    return f"tags.{name}"
+
 SMOKE_SUFFIX = " (smoke)"
 
 # --------------------------------------------------------------------------- store access
@@ -120,7 +132,6 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     `metrics.*` (last value), `params.*`, `tags.*`. Rows are in first_start order, then seed.
     `attrs`: tracking_uri, smoke_left_out (runs), notes (lines for people).
     """
-    from lab.track import CONFIG_HASH_TAG, SMOKE_TAG
 
     if isinstance(experiments, str):
         experiments = [experiments]
@@ -138,33 +149,33 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     smoke_left_out = 0
     for r in runs:
         t = r.data.tags
-        if t.get("lab.role") == "parent" or "lab.variant" not in t:
+        if t.get(R.ROLE) == R.ROLE_PARENT or R.VARIANT not in t:
             continue
         if want:
-            parent = by_id.get(t.get("mlflow.parentRunId", ""))
+            parent = by_id.get(t.get(R.PARENT_RUN_ID, ""))
             ptags = parent.data.tags if parent is not None else {}
             if any(t.get(k, ptags.get(k)) != v for k, v in want.items()):
                 continue
-        smoke = str(t.get(SMOKE_TAG, "")).lower() == "true"
+        smoke = str(t.get(R.SMOKE, "")).lower() == "true"
         if smoke and not include_smoke:
             smoke_left_out += 1
             continue
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
-            "parent_run_id": t.get("mlflow.parentRunId"),
-            "experiment": t.get("lab.experiment") or id_to_name.get(r.info.experiment_id, ""),
+            "parent_run_id": t.get(R.PARENT_RUN_ID),
+            "experiment": t.get(R.EXPERIMENT) or id_to_name.get(r.info.experiment_id, ""),
             # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
-            "key": t["lab.variant"] + (SMOKE_SUFFIX if smoke else ""),
+            "key": t[R.VARIANT] + (SMOKE_SUFFIX if smoke else ""),
             "seed": _seed_of(t, r.data.params),
             "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
-            "baseline": str(t.get("lab.baseline", "")).lower() == "true",
-            "changes": t.get("lab.changes", ""),
-            "hash": t.get("lab.hash"),
-            "config_hash": t.get(CONFIG_HASH_TAG) or t.get("lab.hash"),
+            "baseline": str(t.get(R.BASELINE, "")).lower() == "true",
+            "changes": t.get(R.CHANGES, ""),
+            "hash": t.get(R.HASH),
+            "config_hash": t.get(R.CONFIG_HASH) or t.get(R.HASH),
             "smoke": smoke,
-            "git_commit": t.get("lab.git_commit"),
-            "device": t.get("lab.device"),
-            "error": t.get("lab.error"),
+            "git_commit": t.get(R.GIT_COMMIT),
+            "device": t.get(R.DEVICE),
+            "error": t.get(R.ERROR),
             "start_time": _ts(r.info.start_time),
             "end_time": _ts(r.info.end_time),
         }
@@ -229,7 +240,7 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     return chosen
 
 
-def history(run_ids: Sequence[str] | str, metric: str = "val/top1", x: str = "images_seen",
+def history(run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.IMAGES_SEEN,
             tracking_uri: str | None = None) -> pd.DataFrame:
     """`metric` of each run against `x`, joined on the optimizer step.
 
@@ -313,34 +324,34 @@ def run_values(df: pd.DataFrame) -> pd.DataFrame:
     v["hash"] = df["config_hash"] if "config_hash" in df.columns else df.get("hash")
     v["other_hashes"] = df["other_hashes"] if "other_hashes" in df.columns else ""
     v["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False
-    v["params_m"] = _col(df, "metrics.params") / 1e6
-    v["macs_m"] = _col(df, "metrics.macs") / 1e6
-    v["cpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cpu"])
-    v["gpu_imgs_s"] = _col(df, "metrics." + BENCH_METRIC["cuda"])
+    v["params_m"] = _col(df, metric_col(R.PARAMS)) / 1e6
+    v["macs_m"] = _col(df, metric_col(R.MACS)) / 1e6
+    v["cpu_imgs_s"] = _col(df, metric_col(BENCH_METRIC["cpu"]))
+    v["gpu_imgs_s"] = _col(df, metric_col(BENCH_METRIC["cuda"]))
     for dev, d in (("cpu", "cpu"), ("gpu", "cuda")):  # the slowest / fastest of the bench repeats
-        v[f"{dev}_imgs_s_lo"] = _col(df, f"metrics.{BENCH_METRIC[d]}_min")
-        v[f"{dev}_imgs_s_hi"] = _col(df, f"metrics.{BENCH_METRIC[d]}_max")
-    v["top1"] = _col(df, "metrics.final/val_top1").fillna(_col(df, "metrics.val/top1"))
-    best = _col(df, "metrics.best/val_top1")
-    missing = best.isna() & _col(df, "metrics.val/top1").notna()
+        v[f"{dev}_imgs_s_lo"] = _col(df, metric_col(R.bench_metric(d, "_min")))
+        v[f"{dev}_imgs_s_hi"] = _col(df, metric_col(R.bench_metric(d, "_max")))
+    v["top1"] = _col(df, metric_col(R.FINAL_VAL_TOP1)).fillna(_col(df, metric_col(R.VAL_TOP1)))
+    best = _col(df, metric_col(R.BEST_VAL_TOP1))
+    missing = best.isna() & _col(df, metric_col(R.VAL_TOP1)).notna()
     if missing.any():  # partial runs: best so far from the history
         uri = df.attrs.get("tracking_uri")
         for i in df.index[missing]:
-            h = history([df.at[i, "run_id"]], "val/top1", x="step", tracking_uri=uri)
+            h = history([df.at[i, "run_id"]], R.VAL_TOP1, x="step", tracking_uri=uri)
             best.at[i] = h["value"].max() if not h.empty else math.nan
     v["top1_best"] = best
-    v["steps"] = _col(df, "metrics.budget/steps")
-    v["images_seen"] = _col(df, "metrics.budget/images_seen").fillna(_col(df, "metrics.images_seen"))
-    v["train_s"] = _col(df, "metrics.budget/train_seconds").fillna(_col(df, "metrics.train_seconds"))
-    v["budget_s"] = _col(df, "metrics.budget/planned_seconds")  # seconds budgets: what train_s should be
-    v["cal_step_s"] = _col(df, "metrics.budget/calibration_step_seconds")
-    v["ref_top1"] = _col(df, "tags.ref.top1")
-    v["ref_params_m"] = _col(df, "tags.ref.params_m")
-    v["ref_macs_m"] = _col(df, "tags.ref.macs_m")
-    v["ref_cpu_imgs_s"] = _col(df, "tags.ref.throughput_cpu")
-    v["ref_gpu_imgs_s"] = _col(df, "tags.ref.throughput_gpu")
-    v["ref_epochs"] = _col(df, "tags.ref.epochs")
-    v["ref_source"] = df["tags.ref.source"] if "tags.ref.source" in df.columns else None
+    v["steps"] = _col(df, metric_col(R.BUDGET_STEPS))
+    v["images_seen"] = _col(df, metric_col(R.BUDGET_IMAGES_SEEN)).fillna(_col(df, metric_col(R.IMAGES_SEEN)))
+    v["train_s"] = _col(df, metric_col(R.BUDGET_TRAIN_SECONDS)).fillna(_col(df, metric_col(R.TRAIN_SECONDS)))
+    v["budget_s"] = _col(df, metric_col(R.BUDGET_PLANNED_SECONDS))  # seconds budgets: what train_s should be
+    v["cal_step_s"] = _col(df, metric_col(R.calibration_metric("step_seconds")))
+    v["ref_top1"] = _col(df, tag_col(R.ref_tag("top1")))
+    v["ref_params_m"] = _col(df, tag_col(R.ref_tag("params_m")))
+    v["ref_macs_m"] = _col(df, tag_col(R.ref_tag("macs_m")))
+    v["ref_cpu_imgs_s"] = _col(df, tag_col(REF_THROUGHPUT["cpu"]))
+    v["ref_gpu_imgs_s"] = _col(df, tag_col(REF_THROUGHPUT["cuda"]))
+    v["ref_epochs"] = _col(df, tag_col(R.ref_tag("epochs")))
+    v["ref_source"] = df[tag_col(R.ref_tag("source"))] if tag_col(R.ref_tag("source")) in df.columns else None
     return v
 
 
@@ -649,7 +660,7 @@ def _label(df: pd.DataFrame) -> pd.Series:
 
 def pick_device(df: pd.DataFrame) -> str:
     """cuda when any run has a GPU throughput (ours or the paper's), else cpu."""
-    for c in ("metrics." + BENCH_METRIC["cuda"], "tags." + REF_THROUGHPUT["cuda"]):
+    for c in (metric_col(BENCH_METRIC["cuda"]), tag_col(REF_THROUGHPUT["cuda"])):
         if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any():
             return "cuda"
     return "cpu"
@@ -712,7 +723,7 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     return out[cols].reset_index(drop=True)
 
 
-def convergence_data(df: pd.DataFrame, x: str = "images_seen", metric: str = "val/top1",
+def convergence_data(df: pd.DataFrame, x: str = R.IMAGES_SEEN, metric: str = R.VAL_TOP1,
                      tracking_uri: str | None = None) -> pd.DataFrame:
     """Validation curves of the chosen runs (every finished seed; a variant with none: every run
     as far as it got): experiment, key, label (one per variant), seed, status, run_id, step, x, top1."""
