@@ -90,23 +90,23 @@ def preflight(variants: list, datamodules: dict) -> None:
     from lab.data import build_datamodule
 
     for v in variants:
-        k = data_key(v)
+        k, cfg = data_key(v), v.model_cfg
         if k not in datamodules:
-            dm = build_datamodule(v.data, num_classes_expected=v.model.get("num_classes"), spec_file=v.source or None)
+            dm = build_datamodule(v.data, num_classes_expected=cfg.num_classes, spec_file=v.source or None)
             dm.setup("fit")
             datamodules[k] = dm
         else:
             dm = datamodules[k]
-            nc = v.model.get("num_classes")
-            if nc is not None and getattr(dm, "num_classes", nc) != nc:
+            nc = cfg.num_classes
+            if getattr(dm, "num_classes", nc) != nc:
                 raise LabError(f"the model has {nc} classes but the data has {dm.num_classes}", file=v.source,
                                path=f"variants.{v.key}.model.num_classes")
         d = v.train.distill
         if d is not None and d.checkpoint and find_file(d.checkpoint, v.source) is None:
             raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
                            path=f"variants.{v.key}.train.distill.checkpoint")
-        size = v.model.get("img_size")
-        if size is not None and not v.model.get("dynamic_img_size") and size != v.data.image_size:
+        size = cfg.img_size
+        if not cfg.dynamic_img_size and cfg.img_hw != (v.data.image_size, v.data.image_size):
             raise LabError(f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
                            "images); set them equal, or model.dynamic_img_size: true", file=v.source,
                            path=f"variants.{v.key}.model.img_size")

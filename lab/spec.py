@@ -17,12 +17,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lab.errors import SpecError, close_matches
+
+if TYPE_CHECKING:
+    from grafts import ModelConfig
 
 # --------------------------------------------------------------------------- schema
 
@@ -291,6 +294,19 @@ class Variant(BaseModel):
     def uid(self) -> str:
         """Names this run among the invocation's runs: the key, plus the seed when the variant repeats."""
         return f"{self.key}-seed{self.seed}" if self.repeated else self.key
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        """The model section as grafts' typed config (`model` is its validated, resolved dict form:
+        what is logged, hashed and saved with the weights)."""
+        import grafts
+
+        return grafts.config_from_dict(self.model)
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return self.model_cfg.img_hw
 
     def resolved(self) -> dict[str, Any]:
         """The variant as one plain dict (what is logged and hashed)."""

@@ -40,9 +40,8 @@ def _child(args: argparse.Namespace) -> None:
     v = variants[args.variant] if args.variant else next(iter(variants.values()))
     model = grafts.build(v.model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    size = int(v.model.get("img_size") or v.data.image_size)
-    x = torch.randn(v.data.batch_size, 3, size, size)
-    y = torch.randint(0, int(v.model["num_classes"]), (v.data.batch_size,))
+    x = torch.randn(v.data.batch_size, 3, *v.img_hw)
+    y = torch.randint(0, v.model_cfg.num_classes, (v.data.batch_size,))
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()

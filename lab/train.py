@@ -58,6 +58,12 @@ def teacher_of(v, variants: list):
     return next((t for t in runs if t.seed == v.seed), runs[0] if runs else None)
 
 
+def teacher_config(v, model: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's grafts config: `model` at the student's input size and classes."""
+    cfg = v.model_cfg
+    return {"img_size": cfg.img_size, "num_classes": cfg.num_classes, **model}
+
+
 def load_teacher(v, ctx):
     """The frozen teacher of a distilled variant (None without distillation)."""
     import grafts
@@ -87,9 +93,9 @@ def load_teacher(v, ctx):
         path = found
     cfg, sd = model_state_from_file(path)
     if d.model:
-        cfg = {"img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes"), **d.model}
+        cfg = teacher_config(v, d.model)
     elif cfg is None:
-        cfg = {"zoo": v.model.get("zoo"), "img_size": v.model.get("img_size"), "num_classes": v.model.get("num_classes")}
+        cfg = teacher_config(v, {"zoo": v.model_cfg.zoo})
     teacher = grafts.build(cfg)
     teacher.load_state_dict(sd)
     return teacher.eval()
@@ -178,7 +184,7 @@ class Built:
         from lab.module import LabModule
 
         v, dm = self.variant, self.dm
-        return LabModule(model, v.train, num_classes=int(v.model["num_classes"]), total_steps=total_steps,
+        return LabModule(model, v.train, num_classes=v.model_cfg.num_classes, total_steps=total_steps,
                          global_batch=self.global_batch, mixup_fn=getattr(dm, "mixup_fn", None),
                          label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0), teacher=self.teacher)
 
@@ -224,8 +230,7 @@ def teacher_stand_in(v, ctx):
         return None
     if d.variant:
         tv = next(x for x in ctx.variants if x.key == d.variant)
-        cfg = dict(tv.model) if not d.model else {"img_size": v.model.get("img_size"),
-                                                   "num_classes": v.model.get("num_classes"), **d.model}
+        cfg = dict(tv.model) if not d.model else teacher_config(v, d.model)
         return grafts.build(cfg).eval()
     return load_teacher(v, ctx)
 
@@ -419,7 +424,7 @@ def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[
     device = "cuda" if accelerator == "gpu" else "cpu"
     b = v.bench
     try:
-        res = measure_throughput(copy.deepcopy(model), img_size=model_img_size(model, int(v.model.get("img_size") or 224)),
+        res = measure_throughput(copy.deepcopy(model), img_size=model_img_size(model, v.img_hw[0]),
                                  device=device, batch=b.batch, dtype=b.dtype, threads=b.threads, warmup=b.warmup,
                                  duration=b.duration, repeats=b.repeats, channels_last=b.channels_last,
                                  compile=b.compile, max_batch=b.max_batch)
