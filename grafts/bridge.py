@@ -25,7 +25,8 @@ class PoolBridge(nn.Module):
     def __init__(self, in_chs: int, dim: int, grid: Grid, map_size: Grid,
                  norm_layer: LayerType = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.grid, self.map_size = tuple(grid), tuple(map_size)
+        self.grid: Grid = (int(grid[0]), int(grid[1]))
+        self.map_size: Grid = (int(map_size[0]), int(map_size[1]))
         self.proj = ConvNorm(in_chs, dim, 1, norm_layer=norm_layer)
 
     def out_grid(self, h: int, w: int) -> Grid:

@@ -165,7 +165,7 @@ class RelPosBias(nn.Module):
             h = self.table.shape[0]
             t = F.interpolate(self.table.reshape(1, h, *self.resolution), size=tuple(hw),
                               mode="bicubic", align_corners=True).reshape(h, -1)
-            bias = t[:, _bias_index(tuple(hw), self.stride).to(t.device)]
+            bias = t[:, _bias_index((int(hw[0]), int(hw[1])), self.stride).to(t.device)]
         if self.n_extra:
             bias = F.pad(bias, (self.n_extra, 0, self.n_extra, 0))
         return bias

@@ -54,10 +54,10 @@ def off_budget(row: dict, tol: float = TOLERANCE) -> Optional[str]:
 def apart(rows: list[dict], tol: float = TOLERANCE) -> Optional[str]:
     """A warning when the variants' training times differ by more than `tol` (max / min - 1)."""
     timed = [(r.get("key"), _num(r.get("train_seconds"))) for r in rows if r.get("budget_kind") == "seconds"]
-    timed = [(k, t) for k, t in timed if t]
-    if len(timed) < 2:
+    known = [(k, t) for k, t in timed if t]
+    if len(known) < 2:
         return None
-    lo, hi = min(timed, key=lambda kt: kt[1]), max(timed, key=lambda kt: kt[1])
+    lo, hi = min(known, key=lambda kt: kt[1]), max(known, key=lambda kt: kt[1])
     spread = hi[1] / lo[1] - 1.0
     if spread <= tol:
         return None

@@ -85,7 +85,7 @@ def verify_files(files: Iterable[str], *, cache_dir: Optional[Path] = None, root
 
 
 def image_files(root: Path, is_image: Callable[[str], bool]) -> list[str]:
-    out = []
+    out: list[str] = []
     for d, _dirs, names in os.walk(root, followlinks=True):
         out.extend(os.path.join(d, n) for n in names if is_image(n))
     return sorted(out)

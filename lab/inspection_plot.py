@@ -378,15 +378,15 @@ def collect(df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 
 
 def filter_panels(found: list[RunInspection]) -> list[dict[str, Any]]:
     """One panel per variant group: the first run's filters, the seeds' mean smoothness alongside."""
-    groups: dict[str, list[RunInspection]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in found:
         if r.filters is not None:
-            groups.setdefault(r.label, []).append(r)
+            groups.setdefault(r.label, []).append(r.filters)
     panels = []
-    for label, runs in groups.items():
-        f = runs[0].filters
+    for label, filters in groups.items():
+        f = filters[0]
         panels.append({"label": label, "kind": f["kind"], "weight": f["weight"], "smoothness": f["smoothness"],
-                       "seeds_smoothness": [float(r.filters["smoothness"].mean()) for r in runs]})
+                       "seeds_smoothness": [float(x["smoothness"].mean()) for x in filters]})
     return panels
 
 

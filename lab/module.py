@@ -354,7 +354,7 @@ class StepProgress(pl.Callback):
             self.bar = tqdm(total=self.total_steps, initial=trainer.global_step, desc=self.label, unit="step",
                             dynamic_ncols=True, leave=False, file=sys.stderr)
         else:
-            self.bar = tqdm(total=int(math.ceil(self.max_seconds)), desc=self.label, unit="s", dynamic_ncols=True,
+            self.bar = tqdm(total=int(math.ceil(self.max_seconds or 0)), desc=self.label, unit="s", dynamic_ncols=True,
                             leave=False, file=sys.stderr)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

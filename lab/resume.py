@@ -74,7 +74,7 @@ class SeededSamples(Dataset):
         self.dataset, self.seed = dataset, int(seed)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, key: Any) -> Any:
         return self.__getitems__([key])[0]

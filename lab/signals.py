@@ -17,7 +17,7 @@ import signal
 import threading
 from typing import Iterator, Optional
 
-NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+NAMES: dict[int, str] = {int(signal.SIGTERM): "SIGTERM", int(signal.SIGINT): "SIGINT"}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -41,13 +41,14 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-_state = {"training": 0, "pending": None}
+_state: dict[str, int] = {"training": 0}  # bodies of training() running
+_pending: list[int] = []  # the signal waiting for the next batch boundary (at most one)
 _lock = threading.Lock()
 
 
 def _handler(signum, frame) -> None:
-    if _state["training"] and _state["pending"] is None:
-        _state["pending"] = signum  # acted on at the next batch boundary (LastCheckpoint)
+    if _state["training"] and not _pending:
+        _pending.append(signum)  # acted on at the next batch boundary (LastCheckpoint)
         return
     raise Interrupted(signum)  # not training, or a second signal: stop now
 
@@ -77,11 +78,11 @@ def training() -> Iterator[None]:
 
 
 def pending() -> Optional[int]:
-    return _state["pending"]
+    return _pending[0] if _pending else None
 
 
 def clear() -> None:
-    _state["pending"] = None
+    _pending.clear()
 
 
 def as_interrupted(exc: BaseException) -> Optional[Interrupted]:
