@@ -639,10 +639,28 @@ def _fmt_value(v: Any) -> str:
     return str(v).replace(" ", "")
 
 
+_Row = tuple[str, dict[str, Any], dict[str, Any]]  # (key, overrides, merged sections)
+_Seeds = Optional[int | list[int]]
+
+
 def expand(spec: ExperimentSpec) -> list[Variant]:
     """Variants (ablation rows) x grid (cartesian sweep) -> fully resolved, validated variants."""
     file = getattr(spec, "_source", spec.name)
-    base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
+    grid, seeds = _grid_and_seeds(spec, file)
+    _check_size(spec, grid, seeds, file)
+    rows = _variant_rows(spec, file)
+    if grid:
+        rows = _grid_rows(spec, rows, grid, file)
+    keys = [k for k, *_ in rows]
+    _check_row_names(spec, keys, file)
+    out = [v for key, over, merged in rows for v in _resolve_row(spec, key, over, merged, seeds, file)]
+    _set_changes(spec, rows, out)
+    _check_variant_refs(out, file)
+    return out
+
+
+def _grid_and_seeds(spec: ExperimentSpec, file: str) -> tuple[dict[str, list[Any]], _Seeds]:
+    """The grid without train.seed, and the seeds: `seeds:`, or the grid's train.seed values."""
     grid, seeds = dict(spec.grid), spec.seeds
     if "train.seed" in grid:  # a sweep over seeds is repeats of each variant, not new variants
         if seeds is not None:
@@ -652,92 +670,157 @@ def expand(spec: ExperimentSpec) -> list[Variant]:
         if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
                 or len(set(seeds)) != len(seeds):
             raise SpecError(f"seeds must be distinct integers (got {seeds})", file=file, path="grid.train.seed")
-    rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    return grid, seeds
+
+
+def _run_count(spec: ExperimentSpec, grid: dict[str, list[Any]], seeds: _Seeds) -> int:
+    """Runs the spec makes: variant rows x seeds x the size of each grid axis."""
     n = max(1, len(spec.variants)) * max(1, len(seeds) if isinstance(seeds, list) else (seeds if isinstance(seeds, int) else 1))
     for values in grid.values():
         n *= len(values) if isinstance(values, list) and values else 1
+    return n
+
+
+def _check_size(spec: ExperimentSpec, grid: dict[str, list[Any]], seeds: _Seeds, file: str) -> None:
+    """Refuse a spec that makes more runs than LAB_MAX_VARIANTS allows."""
+    n = _run_count(spec, grid, seeds)
     if n > max_variants():
         sizes = " x ".join(str(len(v)) for v in spec.grid.values() if isinstance(v, list))
         raise SpecError(f"the spec makes {n} runs ({max(1, len(spec.variants))} row(s)"
                         f"{' x ' + sizes if sizes else ''}), more than the limit of {max_variants()}; "
                         f"shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid" if grid else "variants")
+
+
+def _variant_rows(spec: ExperimentSpec, file: str) -> list[_Row]:
+    """One row per entry of `variants:` (just 'base' without any), its overrides merged over the base."""
+    base = spec.model_dump(mode="json", include=set(SECTIONS) | {"match"})
+    rows: list[_Row] = []
     for key, over in (spec.variants or {"base": {}}).items():
         over = over or {}
         if not re.fullmatch(r"[A-Za-z0-9_.\-=]+", key):
             raise SpecError("variant keys may use letters, digits and _ . - only", file=file, path=f"variants.{key}")
         _check_override_keys(over, file, f"variants.{key}")
         rows.append((key, over, deep_merge(base, over)))
-    if grid:
-        gridded = []
-        paths = list(grid)
-        for p in paths:
-            if p.split(".")[0] not in set(SECTIONS):
-                raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
-            if not grid[p]:
-                raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
-        for key, over, merged in rows:
-            if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
-                # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
-                merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
-                                                         if spec.variants else "model"))
-            for combo in itertools.product(*(grid[p] for p in paths)):
-                o = copy.deepcopy(over)
-                m = copy.deepcopy(merged)
-                suffix = []
-                for p, v in zip(paths, combo):
-                    _dotted_set(m, p, v, file, f"grid.{p}")
-                    o[p] = v  # flat dotted key: describes the change, never re-applied
-                    suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
-                name = "-".join(suffix)
-                gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
-        rows = gridded
-    unknown_refs = set(spec.reference) - {k for k, *_ in rows}
+    return rows
+
+
+def _check_grid_paths(grid: dict[str, list[Any]], file: str) -> None:
+    for p in grid:
+        if p.split(".")[0] not in set(SECTIONS):
+            raise SpecError(f"grid paths start with one of {', '.join(SECTIONS)}", file=file, path=f"grid.{p}")
+        if not grid[p]:
+            raise SpecError("grid values must be a non-empty list", file=file, path=f"grid.{p}")
+
+
+def _grid_rows(spec: ExperimentSpec, rows: list[_Row], grid: dict[str, list[Any]], file: str) -> list[_Row]:
+    """Each row x every point of the grid, keyed 'ROW-name=value-...' (just 'name=value-...' without variants)."""
+    _check_grid_paths(grid, file)
+    paths = list(grid)
+    gridded = []
+    for key, over, merged in rows:
+        if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
+            # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
+            merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
+                                                     if spec.variants else "model"))
+        for combo in itertools.product(*(grid[p] for p in paths)):
+            name, o, m = _grid_point(over, merged, dict(zip(paths, combo)), file)
+            gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
+    return gridded
+
+
+def _grid_point(over: dict[str, Any], merged: dict[str, Any], point: dict[str, Any],
+                file: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A row set to one grid point: its name ('depth=2-lr=0.1'), overrides and merged sections (copies)."""
+    o = copy.deepcopy(over)
+    m = copy.deepcopy(merged)
+    suffix = []
+    for p, v in point.items():
+        _dotted_set(m, p, v, file, f"grid.{p}")
+        o[p] = v  # flat dotted key: describes the change, never re-applied
+        suffix.append(f"{p.split('.')[-1]}={_fmt_value(v)}")
+    return "-".join(suffix), o, m
+
+
+def _check_row_names(spec: ExperimentSpec, keys: list[str], file: str) -> None:
+    """`reference:` and `baseline:` must name rows of the experiment."""
+    unknown_refs = set(spec.reference) - set(keys)
     if unknown_refs:
         r = sorted(unknown_refs)[0]
-        raise SpecError(f"no variant named '{r}'{close_matches(r, [k for k, *_ in rows])}", file=file, path=f"reference.{r}")
-    keys = [k for k, *_ in rows]
+        raise SpecError(f"no variant named '{r}'{close_matches(r, keys)}", file=file, path=f"reference.{r}")
     if spec.baseline and _resolve_baseline(spec.baseline, keys) is None:
         raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}",
                         file=file, path="baseline")
 
-    out: list[Variant] = []
-    for key, over, merged in rows:
-        where = f"variants.{key}" if spec.variants else ""
-        sections = {}
-        for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
-                       ("bench", BenchSpec), ("tracking", TrackingSpec)):
-            sections[s] = _validate(cls, merged[s], file, f"{where}.{s}".lstrip("."))
-        match = _validate(MatchSpec, merged["match"], file, f"{where}.match".lstrip(".")) if merged.get("match") else None
-        model = merged["model"]
-        if not isinstance(model, dict):
-            raise SpecError("must be a mapping", file=file, path=f"{where}.model".lstrip("."))
-        model = _check_model(model, file, f"{where}.model".lstrip("."))
-        nc = model.get("num_classes")
-        if isinstance(nc, bool) or (nc is not None and (not isinstance(nc, int) or nc < 2)):
-            raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
-                            path=f"{where}.model.num_classes".lstrip("."))
-        resolved = {s: plain(v) for s, v in sections.items()} | {"model": model}  # init hashed with the model
-        init = None
-        if isinstance(model.get("init"), dict):
-            model = dict(model)
-            init = _validate(InitSpec, model.pop("init"), file, f"{where}.model.init".lstrip("."))
-        chash = config_hash(resolved)
-        repeats = seed_list(seeds, sections["train"].seed)
-        for seed in repeats or [sections["train"].seed]:
-            train = sections["train"].model_copy(update={"seed": seed})
-            res = {**resolved, "train": plain(train)}
-            out.append(Variant(
-                experiment=spec.name, key=key, hash=content_hash(res), overrides=over,
-                model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
-                source=file, seed=seed, repeated=repeats is not None, config_hash=chash,
-                **{**sections, "train": train},
-            ))
-    base_key = _resolve_baseline(spec.baseline, keys) if spec.baseline else out[0].key
+
+def _at(where: str, field: str) -> str:
+    """The dotted path of `field` in a row ('variants.KEY.field', or 'field' for a spec without variants)."""
+    return f"{where}.{field}".lstrip(".")
+
+
+def _row_sections(merged: dict[str, Any], file: str, where: str) -> dict[str, Any]:
+    """The row's data, train, budget, bench and tracking sections, validated."""
+    return {s: _validate(cls, merged[s], file, _at(where, s))
+            for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
+                           ("bench", BenchSpec), ("tracking", TrackingSpec))}
+
+
+def _row_model(merged: dict[str, Any], file: str, where: str) -> dict[str, Any]:
+    """The row's model section resolved by grafts, with a classifier's num_classes checked."""
+    model = merged["model"]
+    if not isinstance(model, dict):
+        raise SpecError("must be a mapping", file=file, path=_at(where, "model"))
+    model = _check_model(model, file, _at(where, "model"))
+    nc = model.get("num_classes")
+    if isinstance(nc, bool) or (nc is not None and (not isinstance(nc, int) or nc < 2)):
+        raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
+                        path=_at(where, "model.num_classes"))
+    return model
+
+
+def _split_init(model: dict[str, Any], file: str, where: str) -> tuple[dict[str, Any], Optional[InitSpec]]:
+    """The model without its `init` entry, and that entry validated (None without one)."""
+    if not isinstance(model.get("init"), dict):
+        return model, None
+    model = dict(model)
+    return model, _validate(InitSpec, model.pop("init"), file, _at(where, "model.init"))
+
+
+def _resolve_row(spec: ExperimentSpec, key: str, over: dict[str, Any], merged: dict[str, Any], seeds: _Seeds,
+                 file: str) -> list[Variant]:
+    """One row as fully resolved Variants: one per seed when it repeats, else one with its train.seed."""
+    where = f"variants.{key}" if spec.variants else ""
+    sections = _row_sections(merged, file, where)
+    match = _validate(MatchSpec, merged["match"], file, _at(where, "match")) if merged.get("match") else None
+    model = _row_model(merged, file, where)
+    resolved = {s: plain(v) for s, v in sections.items()} | {"model": model}  # init hashed with the model
+    model, init = _split_init(model, file, where)
+    chash = config_hash(resolved)
+    repeats = seed_list(seeds, sections["train"].seed)
+    out = []
+    for seed in repeats or [sections["train"].seed]:
+        train = sections["train"].model_copy(update={"seed": seed})
+        res = {**resolved, "train": plain(train)}
+        out.append(Variant(
+            experiment=spec.name, key=key, hash=content_hash(res), overrides=over,
+            model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
+            source=file, seed=seed, repeated=repeats is not None, config_hash=chash,
+            **{**sections, "train": train},
+        ))
+    return out
+
+
+def _set_changes(spec: ExperimentSpec, rows: list[_Row], out: list[Variant]) -> None:
+    """Each variant's `changes`: what its row changes against the baseline row, in words."""
+    base_key = _resolve_baseline(spec.baseline, [k for k, *_ in rows]) if spec.baseline else out[0].key
     base_row = next(r for r in rows if r[0] == base_key)
     changes = {key: describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
                for key, over, merged in rows}
     for v in out:
         v.changes = changes[v.key]
+
+
+def _check_variant_refs(out: list[Variant], file: str) -> None:
+    """train.distill.variant and model.init.variant must name another variant of this experiment."""
     for v in out:
         if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
             raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
@@ -749,7 +832,6 @@ def expand(spec: ExperimentSpec) -> list[Variant]:
         if v.init and v.init.variant == v.key:
             raise SpecError("a variant cannot start from its own weights", file=file,
                             path=f"variants.{v.key}.model.init.variant")
-    return out
 
 
 def _resolve_baseline(name: str, keys: list[str]) -> Optional[str]:
