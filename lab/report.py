@@ -113,6 +113,169 @@ def _seed_of(t: dict, params: dict) -> Any:
         return 0
 
 
+RUN_COLUMNS = ["run_id", "parent_run_id", "experiment", "key", "seed", "status", "baseline", "changes", "hash",
+               "config_hash", "smoke", "git_commit", "device", "error", "start_time", "end_time", "first_start",
+               "n_runs", "n_hashes", "other_hashes"]
+
+
+def _is_smoke(t: dict) -> bool:
+    """Whether a run's tags mark it as a smoke run (`lab run --smoke`)."""
+    return str(t.get(R.SMOKE, "")).lower() == "true"
+
+
+def _tags_match(t: dict, want: dict[str, str], by_id: dict) -> bool:
+    """Whether a child run's tags `t` match every key=value of `want` (a key the child lacks is looked
+    up on its parent run, one of `by_id`)."""
+    parent = by_id.get(t.get(R.PARENT_RUN_ID, ""))
+    ptags = parent.data.tags if parent is not None else {}
+    return all(t.get(k, ptags.get(k)) == v for k, v in want.items())
+
+
+def run_row(r, experiment_names: dict[str, str]) -> dict[str, Any]:
+    """One variant run as a load_runs row, before the per-key columns (first_start, n_runs, n_hashes,
+    other_hashes); `experiment_names`: experiment id -> name, for runs without the experiment tag."""
+    t = r.data.tags
+    smoke = _is_smoke(t)
+    row: dict[str, Any] = {
+        "run_id": r.info.run_id,
+        "parent_run_id": t.get(R.PARENT_RUN_ID),
+        "experiment": t.get(R.EXPERIMENT) or experiment_names.get(r.info.experiment_id, ""),
+        # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
+        "key": t[R.VARIANT] + (SMOKE_SUFFIX if smoke else ""),
+        "seed": _seed_of(t, r.data.params),
+        "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
+        "baseline": str(t.get(R.BASELINE, "")).lower() == "true",
+        "changes": t.get(R.CHANGES, ""),
+        "hash": t.get(R.HASH),
+        "config_hash": t.get(R.CONFIG_HASH) or t.get(R.HASH),
+        "smoke": smoke,
+        "git_commit": t.get(R.GIT_COMMIT),
+        "device": t.get(R.DEVICE),
+        "error": t.get(R.ERROR),
+        "start_time": _ts(r.info.start_time),
+        "end_time": _ts(r.info.end_time),
+    }
+    row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+    row.update({f"params.{k}": v for k, v in r.data.params.items()})
+    row.update({f"tags.{k}": v for k, v in t.items()})
+    return row
+
+
+def _variant_rows(client, experiments: Sequence[str], tags: dict[str, str] | None,
+                  include_smoke: bool) -> tuple[list[dict[str, Any]], int]:
+    """A row (`run_row`) for every variant run of `experiments` whose tags match `tags`, and how
+    many smoke runs were left out (all of them unless `include_smoke`)."""
+    ids = _experiment_ids(client, experiments)
+    want = parse_tag_filter(tags)
+    runs = _search_all(client, list(dict.fromkeys(ids.values())))
+    id_to_name = {v: k for k, v in ids.items()}
+    by_id = {r.info.run_id: r for r in runs}
+    rows: list[dict[str, Any]] = []
+    smoke_left_out = 0
+    for r in runs:
+        t = r.data.tags
+        if t.get(R.ROLE) == R.ROLE_PARENT or R.VARIANT not in t:
+            continue
+        if want and not _tags_match(t, want, by_id):
+            continue
+        if _is_smoke(t) and not include_smoke:
+            smoke_left_out += 1
+            continue
+        rows.append(run_row(r, id_to_name))
+    return rows, smoke_left_out
+
+
+def _newest_first(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows with n_runs and n_hashes per variant key, FINISHED runs first, each part latest first."""
+    all_runs = pd.DataFrame(rows)
+    all_runs["_finished"] = all_runs["status"] == FINISHED
+    all_runs["_start"] = all_runs["start_time"].map(lambda x: x.value if x is not None else 0)
+    grp = all_runs.groupby(["experiment", "key"], sort=False)
+    all_runs["n_runs"] = grp["run_id"].transform("count")
+    all_runs["n_hashes"] = grp["config_hash"].transform("nunique")
+    return all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
+
+
+def _matching_hash(runs: pd.DataFrame, hash: str, experiments: Sequence[str]) -> pd.DataFrame:
+    """The runs whose config hash or run hash starts with `hash` (an error when there are none)."""
+    hit = runs["config_hash"].fillna("").str.startswith(hash) | runs["hash"].fillna("").str.startswith(hash)
+    if not hit.any():
+        raise LabError(f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
+                       f"{', '.join(sorted(set(runs['config_hash'].dropna())))}")
+    return runs[hit]
+
+
+def _spec_versions(newest: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """(experiment, key) -> its config hashes, the one of its first run in `newest` first."""
+    return {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
+            newest.groupby(["experiment", "key"], sort=False)}
+
+
+def _with_first_start(newest: pd.DataFrame) -> pd.DataFrame:
+    """Adds first_start: the spec order, roughly: when each version of each variant first started
+    (any seed or status)."""
+    first = newest.groupby(["experiment", "key", "config_hash"])["start_time"].min().to_dict()
+    return newest.assign(first_start=[first[(e, k, c)] for e, k, c in
+                                      zip(newest["experiment"], newest["key"], newest["config_hash"])])
+
+
+def _every_version(newest: pd.DataFrame) -> pd.DataFrame:
+    """Per key, version and seed its first run in `newest`; where a key has several versions,
+    each becomes its own variant KEY@HASH7."""
+    chosen = newest.drop_duplicates(["experiment", "key", "config_hash", "seed"], keep="first").copy()
+    several = chosen.groupby(["experiment", "key"])["config_hash"].transform("nunique") > 1
+    chosen.loc[several, "key"] = chosen.loc[several, "key"] + "@" + chosen.loc[several, "config_hash"].str[:7]
+    return chosen
+
+
+def _shown_version(newest: pd.DataFrame) -> pd.DataFrame:
+    """Per key the version of its first run in `newest`, and of that version per seed its first run."""
+    shown = newest.drop_duplicates(["experiment", "key"], keep="first")[["experiment", "key", "config_hash"]]
+    chosen = newest.merge(shown, on=["experiment", "key", "config_hash"], how="inner")
+    return chosen.drop_duplicates(["experiment", "key", "seed"], keep="first")
+
+
+def _other_hashes(chosen: pd.DataFrame, versions: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Per row: the other config hashes of its key, comma-separated."""
+    return [", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
+            for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])]
+
+
+def _version_notes(versions: dict[tuple[str, str], list[str]]) -> list[str]:
+    """A note for each key with runs of several spec versions, naming the one shown."""
+    return [f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
+            f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one"
+            for (e, k), hs in versions.items() if len(hs) > 1]
+
+
+def _in_spec_order(chosen: pd.DataFrame, experiments: Sequence[str]) -> pd.DataFrame:
+    """Rows by experiment (as named), first_start, key, seed; RUN_COLUMNS, then the other columns
+    with a value."""
+    order = {e: i for i, e in enumerate(experiments)}
+    chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
+    chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
+    chosen = chosen.drop(columns=["_finished", "_start", "_exp"]).reset_index(drop=True)
+    # superseded runs may have logged keys the chosen ones lack: drop those all-empty columns
+    extra = sorted(c for c in chosen.columns if c not in RUN_COLUMNS and chosen[c].notna().any())
+    return chosen[RUN_COLUMNS + extra]
+
+
+def _shown_runs(rows: list[dict[str, Any]], experiments: Sequence[str], *, all_hashes: bool,
+                hash: str | None) -> tuple[pd.DataFrame, list[str]]:
+    """load_runs' rows from every variant run's: the shown spec version(s) of each key, per seed its
+    latest FINISHED run, else its latest run; and notes on the versions left out."""
+    newest = _newest_first(rows)
+    if hash:
+        newest = _matching_hash(newest, hash, experiments)
+        all_hashes = True  # every matching version, named as such where a key has several
+    versions = _spec_versions(newest)
+    newest = _with_first_start(newest)
+    chosen = _every_version(newest) if all_hashes else _shown_version(newest)
+    chosen["other_hashes"] = _other_hashes(chosen, versions)
+    notes = [] if all_hashes else _version_notes(versions)
+    return _in_spec_order(chosen, experiments), notes
+
+
 def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
               tags: dict[str, str] | None = None, *, include_smoke: bool = False, all_hashes: bool = False,
               hash: str | None = None) -> pd.DataFrame:
@@ -138,104 +301,16 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     if not experiments:
         raise LabError("name at least one experiment")
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
-    ids = _experiment_ids(client, experiments)
-    want = parse_tag_filter(tags)
-    runs = _search_all(client, list(dict.fromkeys(ids.values())))
-    id_to_name = {v: k for k, v in ids.items()}
-    by_id = {r.info.run_id: r for r in runs}
-
-    rows: list[dict[str, Any]] = []
-    smoke_left_out = 0
-    for r in runs:
-        t = r.data.tags
-        if t.get(R.ROLE) == R.ROLE_PARENT or R.VARIANT not in t:
-            continue
-        if want:
-            parent = by_id.get(t.get(R.PARENT_RUN_ID, ""))
-            ptags = parent.data.tags if parent is not None else {}
-            if any(t.get(k, ptags.get(k)) != v for k, v in want.items()):
-                continue
-        smoke = str(t.get(R.SMOKE, "")).lower() == "true"
-        if smoke and not include_smoke:
-            smoke_left_out += 1
-            continue
-        row: dict[str, Any] = {
-            "run_id": r.info.run_id,
-            "parent_run_id": t.get(R.PARENT_RUN_ID),
-            "experiment": t.get(R.EXPERIMENT) or id_to_name.get(r.info.experiment_id, ""),
-            # a smoke run, when asked for, is a variant of its own: it never joins or replaces real seeds
-            "key": t[R.VARIANT] + (SMOKE_SUFFIX if smoke else ""),
-            "seed": _seed_of(t, r.data.params),
-            "status": lease.shown_status(r.info.status, t),  # STALE: RUNNING, but its process is gone
-            "baseline": str(t.get(R.BASELINE, "")).lower() == "true",
-            "changes": t.get(R.CHANGES, ""),
-            "hash": t.get(R.HASH),
-            "config_hash": t.get(R.CONFIG_HASH) or t.get(R.HASH),
-            "smoke": smoke,
-            "git_commit": t.get(R.GIT_COMMIT),
-            "device": t.get(R.DEVICE),
-            "error": t.get(R.ERROR),
-            "start_time": _ts(r.info.start_time),
-            "end_time": _ts(r.info.end_time),
-        }
-        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
-        row.update({f"params.{k}": v for k, v in r.data.params.items()})
-        row.update({f"tags.{k}": v for k, v in t.items()})
-        rows.append(row)
-
-    base_cols = ["run_id", "parent_run_id", "experiment", "key", "seed", "status", "baseline", "changes", "hash",
-                 "config_hash", "smoke", "git_commit", "device", "error", "start_time", "end_time", "first_start",
-                 "n_runs", "n_hashes", "other_hashes"]
+    rows, smoke_left_out = _variant_rows(_client(uri), experiments, tags, include_smoke)
     attrs = {"tracking_uri": uri, "smoke_left_out": smoke_left_out, "notes": []}
     if smoke_left_out:
         attrs["notes"].append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
     if not rows:
-        df = pd.DataFrame(columns=base_cols)
+        df = pd.DataFrame(columns=RUN_COLUMNS)
         df.attrs.update(attrs)
         return df
-    all_runs = pd.DataFrame(rows)
-    all_runs["_finished"] = all_runs["status"] == FINISHED
-    all_runs["_start"] = all_runs["start_time"].map(lambda x: x.value if x is not None else 0)
-    grp = all_runs.groupby(["experiment", "key"], sort=False)
-    all_runs["n_runs"] = grp["run_id"].transform("count")
-    all_runs["n_hashes"] = grp["config_hash"].transform("nunique")
-    newest = all_runs.sort_values(["_finished", "_start"], ascending=[False, False], kind="stable")
-    if hash:
-        hit = newest["config_hash"].fillna("").str.startswith(hash) | newest["hash"].fillna("").str.startswith(hash)
-        if not hit.any():
-            raise LabError(f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
-                           f"{', '.join(sorted(set(all_runs['config_hash'].dropna())))}")
-        newest = newest[hit]
-        all_hashes = True  # every matching version, named as such where a key has several
-    versions = {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
-                newest.groupby(["experiment", "key"], sort=False)}
-    # the spec order, roughly: when each version of each variant first started (any seed or status)
-    first = newest.groupby(["experiment", "key", "config_hash"])["start_time"].min().to_dict()
-    newest = newest.assign(first_start=[first[(e, k, c)] for e, k, c in
-                                        zip(newest["experiment"], newest["key"], newest["config_hash"])])
-    if all_hashes:
-        chosen = newest.drop_duplicates(["experiment", "key", "config_hash", "seed"], keep="first").copy()
-        several = chosen.groupby(["experiment", "key"])["config_hash"].transform("nunique") > 1
-        chosen.loc[several, "key"] = chosen.loc[several, "key"] + "@" + chosen.loc[several, "config_hash"].str[:7]
-    else:
-        shown = newest.drop_duplicates(["experiment", "key"], keep="first")[["experiment", "key", "config_hash"]]
-        chosen = newest.merge(shown, on=["experiment", "key", "config_hash"], how="inner")
-        chosen = chosen.drop_duplicates(["experiment", "key", "seed"], keep="first")
-    chosen["other_hashes"] = [", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
-                              for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])]
-    for (e, k), hs in versions.items():
-        if len(hs) > 1 and not all_hashes:
-            attrs["notes"].append(
-                f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
-                f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one")
-    order = {e: i for i, e in enumerate(experiments)}
-    chosen = chosen.assign(_exp=chosen["experiment"].map(order).fillna(len(order)))
-    chosen = chosen.sort_values(["_exp", "first_start", "key", "seed"], kind="stable")
-    chosen = chosen.drop(columns=["_finished", "_start", "_exp"]).reset_index(drop=True)
-    # superseded runs may have logged keys the chosen ones lack: drop those all-empty columns
-    extra = sorted(c for c in chosen.columns if c not in base_cols and chosen[c].notna().any())
-    chosen = chosen[base_cols + extra]
+    chosen, notes = _shown_runs(rows, experiments, all_hashes=all_hashes, hash=hash)
+    attrs["notes"] += notes
     chosen.attrs.update(attrs)
     return chosen
 
@@ -408,26 +483,16 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
     return row
 
 
-def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """One row per variant (its seeds aggregated) with deltas against its experiment's baseline.
-
-    Baseline: `baseline` (a variant key) where that experiment has it, else the variant tagged
-    lab.baseline=true, else the first. n_seeds counts FINISHED seeds; top1/top1_best (= top1_mean)
-    and the costs are means over them (*_std: sample std), or, for a variant with no finished
-    seed yet, over what its runs logged so far. d_* are differences of means (variant - baseline),
-    *_speedup throughput ratios. delta_top1 (= d_top1 when both have finished seeds),
-    delta_top1_ci ([low, high], 95%), ci_method and verdict come from `lab.stats.compare` over
-    the finished seeds (paired by seed when both have the same seeds, else Welch).
-    """
-    from lab import stats
-
-    if df.empty:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
+def _check_baseline(df: pd.DataFrame, baseline: str | None) -> None:
+    """An error when `baseline` is given but no variant has that key."""
     if baseline is not None and not (df["key"] == baseline).any():
         keys = list(dict.fromkeys(df["key"]))
         raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, keys)}; "
                        f"variants: {', '.join(keys)}")
-    vals = run_values(df)
+
+
+def _per_variant(vals: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant (`_aggregate`), its comparison columns still empty."""
     rows = []
     for (_, _key), g in vals.groupby(["experiment", "key"], sort=False):
         rows.append(_aggregate(g))
@@ -439,27 +504,59 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
     t["delta_top1_ci"] = [[math.nan, math.nan] for _ in range(len(t))]
     t["ci_method"] = None
     t["verdict"] = None
+    return t
+
+
+def _differences(t: pd.DataFrame, rows: pd.Index, b: Any) -> None:
+    """Fills d_* (variant - baseline) and *_speedup (variant / baseline) of `rows` against row `b`."""
+    for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"),
+                   ("ref_d_top1", "ref_top1")):
+        t.loc[rows, c] = t.loc[rows, src] - t.at[b, src]
+    for c, src in (("cpu_speedup", "cpu_imgs_s"), ("gpu_speedup", "gpu_imgs_s")):
+        t.loc[rows, c] = t.loc[rows, src] / t.at[b, src]
+
+
+def _verdicts(t: pd.DataFrame, rows: pd.Index, b: Any) -> None:
+    """Fills delta_top1, delta_top1_ci, ci_method, p_value and verdict of `rows` from `lab.stats.compare`
+    of their finished seeds' top-1 with those of the baseline row `b`."""
+    from lab import stats
+
+    base_seeds = t.at[b, "_top1_by_seed"]
+    for i in rows:
+        if i == b:
+            t.at[i, "verdict"] = stats.BASELINE
+            t.at[i, "delta_top1"] = 0.0 if base_seeds else math.nan
+            continue
+        c = stats.compare(t.at[i, "_top1_by_seed"], base_seeds)
+        t.at[i, "delta_top1"] = c.delta
+        t.at[i, "delta_top1_ci"] = [c.ci[0], c.ci[1]]
+        t.at[i, "ci_method"] = c.method
+        t.at[i, "p_value"] = c.p_value
+        t.at[i, "verdict"] = c.verdict
+
+
+def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """One row per variant (its seeds aggregated) with deltas against its experiment's baseline.
+
+    Baseline: `baseline` (a variant key) where that experiment has it, else the variant tagged
+    lab.baseline=true, else the first. n_seeds counts FINISHED seeds; top1/top1_best (= top1_mean)
+    and the costs are means over them (*_std: sample std), or, for a variant with no finished
+    seed yet, over what its runs logged so far. d_* are differences of means (variant - baseline),
+    *_speedup throughput ratios. delta_top1 (= d_top1 when both have finished seeds),
+    delta_top1_ci ([low, high], 95%), ci_method and verdict come from `lab.stats.compare` over
+    the finished seeds (paired by seed when both have the same seeds, else Welch).
+    """
+    if df.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    _check_baseline(df, baseline)
+    vals = run_values(df)
+    t = _per_variant(vals)
     for exp, g in t.groupby("experiment", sort=False):
         bkey = _baseline_key(vals[vals["experiment"] == exp], baseline)
         b = g.index[g["key"] == bkey][0]
         t.loc[b, "baseline"] = True
-        for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"),
-                       ("ref_d_top1", "ref_top1")):
-            t.loc[g.index, c] = t.loc[g.index, src] - t.at[b, src]
-        for c, src in (("cpu_speedup", "cpu_imgs_s"), ("gpu_speedup", "gpu_imgs_s")):
-            t.loc[g.index, c] = t.loc[g.index, src] / t.at[b, src]
-        base_seeds = t.at[b, "_top1_by_seed"]
-        for i in g.index:
-            if i == b:
-                t.at[i, "verdict"] = stats.BASELINE
-                t.at[i, "delta_top1"] = 0.0 if base_seeds else math.nan
-                continue
-            c = stats.compare(t.at[i, "_top1_by_seed"], base_seeds)
-            t.at[i, "delta_top1"] = c.delta
-            t.at[i, "delta_top1_ci"] = [c.ci[0], c.ci[1]]
-            t.at[i, "ci_method"] = c.method
-            t.at[i, "p_value"] = c.p_value
-            t.at[i, "verdict"] = c.verdict
+        _differences(t, g.index, b)
+        _verdicts(t, g.index, b)
     t.attrs.update(df.attrs)
     return t[TABLE_COLUMNS].reset_index(drop=True)
 
@@ -818,6 +915,71 @@ def _repel(ax, texts: list, max_iter: int = 500, pad: float = 2.0) -> None:
         t.xyann = (ox + (c - a) / px_per_pt, oy + (d - b) / px_per_pt)
 
 
+def _error_bars(ax, ours: pd.DataFrame) -> None:
+    """Grey error bars where there is a spread: throughput from the slowest to the fastest bench
+    repeat, top-1 ± 1 std over seeds."""
+    xerr = None
+    if {"throughput_lo", "throughput_hi"} <= set(ours.columns):
+        xerr = [(ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
+                (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist()]
+        xerr = xerr if any(x > 0 for side in xerr for x in side) else None
+    yerr = ours["top1_std"].fillna(0) if "top1_std" in ours and ours["top1_std"].notna().any() else None
+    if xerr is not None or yerr is not None:
+        ax.errorbar(ours["throughput"], ours["top1"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey",
+                    elinewidth=1, capsize=3, alpha=0.8, zorder=2)
+
+
+def _baseline_line(ax, ours: pd.DataFrame) -> None:
+    """The baseline's top-1 as a dashed horizontal line (none without a baseline)."""
+    base = ours[ours["baseline"].astype(bool)] if "baseline" in ours else ours.iloc[0:0]
+    if not base.empty:
+        ax.axhline(base["top1"].iloc[0], color="grey", linestyle="--", linewidth=1,
+                   label=f"baseline: {base['key'].iloc[0]}", zorder=1)
+
+
+def _draw_measured(ax, sns, ours: pd.DataFrame) -> list:
+    """Our points (error bars, a colour and marker per variant, the front ringed and as a step line,
+    the baseline line); returns their labels."""
+    styles = variant_styles(ours["label"])
+    _error_bars(ax, ours)
+    sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
+                    palette={k: c for k, (c, _) in styles.items()},
+                    markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
+                    edgecolor="black", linewidth=0.6, zorder=3)
+    front = ours[ours["on_front"]]
+    ax.scatter(front["throughput"], front["top1"], s=230, facecolors="none", edgecolors="black",
+               linewidths=1.4, label="on Pareto front", zorder=4)
+    _front_line(ax, ours, color="black", style="-", label="Pareto front")
+    _baseline_line(ax, ours)
+    return [ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(6, 4), textcoords="offset points",
+                        fontsize=8, arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4))
+            for _, r in ours.iterrows()]
+
+
+def _draw_paper(ax, paper: pd.DataFrame) -> list:
+    """The paper's points as light open diamonds with their dotted front; returns their labels."""
+    ax.scatter(paper["throughput"], paper["top1"], marker="D", s=50, facecolors="none", edgecolors="grey",
+               alpha=0.7, label="paper", zorder=2)
+    _front_line(ax, paper, color="grey", style=":", label="paper front")
+    return [ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(6, -10),
+                        textcoords="offset points", fontsize=7, color="grey",
+                        arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0, shrinkB=4))
+            for _, r in paper.iterrows()]
+
+
+def _pareto_axes(ax, data: pd.DataFrame, ours: pd.DataFrame, title: str | None) -> None:
+    """Log throughput axis, axis labels, title and the legend outside on the right."""
+    device = data["device"].iloc[0]
+    ax.set_xscale("log")
+    _log_ticks(ax)
+    ax.set_xlabel(f"{'GPU' if device == 'cuda' else 'CPU'} inference throughput (images/s, log scale)")
+    n = ours["n_seeds"].max() if "n_seeds" in ours and not ours.empty else math.nan
+    ax.set_ylabel("top-1 accuracy (%)" + (", mean ± std over seeds" if n and n > 1 else ""))
+    exps = ", ".join(dict.fromkeys(data["experiment"]))
+    ax.set_title(title or f"{exps}: accuracy vs {'GPU' if device == 'cuda' else 'CPU'} speed")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+
+
 def plot_pareto(data: pd.DataFrame, title: str | None = None):
     """Top-1 vs throughput (log x): one point per variant at its mean over seeds with error bars
     on both axes (top-1: ± 1 std over seeds; throughput: the slowest to fastest bench repeat), a distinct colour and marker per variant, labels kept apart, the
@@ -827,55 +989,15 @@ def plot_pareto(data: pd.DataFrame, title: str | None = None):
         raise LabError("nothing to plot: no variant has both a top-1 and a throughput for this device "
                        "(run `lab bench`, or try --device cpu/cuda)")
     plt, sns = _plt()
-    device = data["device"].iloc[0]
     fig, ax = plt.subplots(figsize=(9.5, 6))
     ours = data[data["source"] == "measured"]
     paper = data[data["source"] == "paper"]
-    styles = variant_styles(ours["label"])
-    texts = []
+    texts: list = []
     if not ours.empty:
-        xerr = None
-        if {"throughput_lo", "throughput_hi"} <= set(ours.columns):
-            xerr = [(ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
-                    (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist()]
-            xerr = xerr if any(x > 0 for side in xerr for x in side) else None
-        yerr = ours["top1_std"].fillna(0) if "top1_std" in ours and ours["top1_std"].notna().any() else None
-        if xerr is not None or yerr is not None:
-            ax.errorbar(ours["throughput"], ours["top1"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey",
-                        elinewidth=1, capsize=3, alpha=0.8, zorder=2)
-        sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
-                        palette={k: c for k, (c, _) in styles.items()},
-                        markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
-                        edgecolor="black", linewidth=0.6, zorder=3)
-        front = ours[ours["on_front"]]
-        ax.scatter(front["throughput"], front["top1"], s=230, facecolors="none", edgecolors="black",
-                   linewidths=1.4, label="on Pareto front", zorder=4)
-        _front_line(ax, ours, color="black", style="-", label="Pareto front")
-        base = ours[ours["baseline"].astype(bool)] if "baseline" in ours else ours.iloc[0:0]
-        if not base.empty:
-            ax.axhline(base["top1"].iloc[0], color="grey", linestyle="--", linewidth=1,
-                       label=f"baseline: {base['key'].iloc[0]}", zorder=1)
-        for _, r in ours.iterrows():
-            texts.append(ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(6, 4),
-                                     textcoords="offset points", fontsize=8,
-                                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4)))
+        texts += _draw_measured(ax, sns, ours)
     if not paper.empty:
-        ax.scatter(paper["throughput"], paper["top1"], marker="D", s=50, facecolors="none", edgecolors="grey",
-                   alpha=0.7, label="paper", zorder=2)
-        _front_line(ax, paper, color="grey", style=":", label="paper front")
-        for _, r in paper.iterrows():
-            texts.append(ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(6, -10),
-                                     textcoords="offset points", fontsize=7, color="grey",
-                                     arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0,
-                                                     shrinkB=4)))
-    ax.set_xscale("log")
-    _log_ticks(ax)
-    ax.set_xlabel(f"{'GPU' if device == 'cuda' else 'CPU'} inference throughput (images/s, log scale)")
-    n = ours["n_seeds"].max() if "n_seeds" in ours and not ours.empty else math.nan
-    ax.set_ylabel("top-1 accuracy (%)" + (", mean ± std over seeds" if n and n > 1 else ""))
-    exps = ", ".join(dict.fromkeys(data["experiment"]))
-    ax.set_title(title or f"{exps}: accuracy vs {'GPU' if device == 'cuda' else 'CPU'} speed")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
+        texts += _draw_paper(ax, paper)
+    _pareto_axes(ax, data, ours, title)
     fig.tight_layout()
     _repel(ax, texts)
     return fig
