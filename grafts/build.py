@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 
 from .bridge import PoolBridge, ProjBridge, VitPatch
 from .checkpoint import load_state_dict_pre_hook
-from .config import PREFIX_STRIDES, ModelConfig, config_from_dict, config_to_dict
+from .config import PREFIX_STRIDES, ModelConfig, StageConfig, config_from_dict, config_to_dict
 from .heads import make_head
 from .levit import Attention, Grid, LayerType, NormMlp, PatchConv, RelPosBias, SubsampleAttention
 from .resnet import ResNetPrefix
@@ -103,6 +103,34 @@ def _resolve_config(cfg: Union[ModelConfig, dict[str, Any], None], overrides: di
     return config_from_dict({**base, **over}), global_pool
 
 
+def _make_prefix(cfg: ModelConfig) -> Optional[ResNetPrefix]:
+    """The ResNet-50 prefix (None without one); drop path only in a pure ResNet-50."""
+    if cfg.prefix_stages == 0:
+        return None
+    return ResNetPrefix(cfg.prefix_stages, cfg.in_chans, cfg.drop_path if not cfg.has_transformer else 0.0)
+
+
+def _n_extra_tokens(cfg: ModelConfig) -> int:
+    """Tokens before the patch tokens: a cls token (``pool: cls``), then a distillation token."""
+    use_cls = cfg.pool == "cls"
+    return int(use_cls) + int(use_cls and cfg.distillation)
+
+
+def _make_tokens(cfg: ModelConfig, grid: Grid, n_extra: int
+                 ) -> tuple[Optional[nn.Parameter], Optional[nn.Parameter], Optional[nn.Parameter]]:
+    """(cls token, distillation token, absolute position embedding), None where unused;
+    truncated-normal init in that order."""
+    dim0 = cfg.stages[0].dim
+    cls_token = nn.Parameter(torch.zeros(1, 1, dim0)) if n_extra >= 1 else None
+    dist_token = nn.Parameter(torch.zeros(1, 1, dim0)) if n_extra == 2 else None
+    n_pos = grid[0] * grid[1] + n_extra
+    pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim0)) if cfg.position == "absolute" else None
+    for p in (cls_token, dist_token, pos_embed):
+        if p is not None:
+            trunc_normal_(p, std=0.02)
+    return cls_token, dist_token, pos_embed
+
+
 class GraftModel(nn.Module):
     """Hybrid conv/transformer classifier assembled from a ModelConfig (see grafts/README.md).
 
@@ -125,55 +153,22 @@ class GraftModel(nn.Module):
         self.grad_checkpointing = False
         self.feature_info: list[dict[str, Any]] = []
         self.pretrained_cfg = self.default_cfg = default_pretrained_cfg(cfg)
-        k = cfg.prefix_stages
-        dim0 = cfg.stages[0].dim
 
         # --- conv part / token embedding
-        self.prefix: Optional[ResNetPrefix] = None
-        if k > 0:
-            self.prefix = ResNetPrefix(k, cfg.in_chans, cfg.drop_path if not cfg.has_transformer else 0.0)
+        self.prefix: Optional[ResNetPrefix] = _make_prefix(cfg)
+        if self.prefix is not None:
             self.feature_info += self.prefix.feature_info()
         self.embed = self._make_embed(cfg, L)
         self.grid: Grid = cfg.token_grid()
 
         # --- extra tokens and absolute position
-        use_cls = cfg.pool == "cls"
-        use_dist_token = use_cls and cfg.distillation
-        self.n_extra = int(use_cls) + int(use_dist_token)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim0)) if use_cls else None
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim0)) if use_dist_token else None
-        n_pos = self.grid[0] * self.grid[1] + self.n_extra
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim0)) if cfg.position == "absolute" else None
-        for p in (self.cls_token, self.dist_token, self.pos_embed):
-            if p is not None:
-                trunc_normal_(p, std=0.02)
+        self.n_extra = _n_extra_tokens(cfg)
+        self.cls_token, self.dist_token, self.pos_embed = _make_tokens(cfg, self.grid, self.n_extra)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
 
         # --- transformer stages (a pure ResNet-50 has one empty stage)
-        res = cfg.stage_resolutions()
-        n_blocks = sum(s.depth for s in cfg.stages) + (len(cfg.stages) - 1)
-        dpr = [cfg.drop_path * i / max(n_blocks - 1, 1) for i in range(max(n_blocks, 1))]  # linear ramp
-        reduction = cfg.token_stride[0]
-        stages, j = [], 0
-        for i, s in enumerate(cfg.stages):
-            down = None
-            if i > 0 and cfg.downsample != "none":
-                down = self._make_downsample(cfg, L, i, res[i - 1], dpr[j])
-                reduction *= 2
-                j += 1
-            attn = partial(Attention, key_dim=s.kd, heads=s.heads, attn_ratio=s.attn_ratio,
-                           norm_layer=L.linear_norm_layer, act_layer=L.attn_act_layer,
-                           pos_bias_layer=L.pos_bias_layer, qkv_bias=cfg.qkv_bias,
-                           zero_init=cfg.zero_init_residual, n_extra=self.n_extra)
-            mlp = partial(L.mlp_layer, mlp_ratio=s.mlp_ratio, act_layer=L.act_layer, zero_init=cfg.zero_init_residual)
-            blocks = []
-            for _ in range(s.depth):
-                blocks.append(Block(s.dim, res[i], attn_layer=attn, mlp_layer=mlp,
-                                    norm_layer=L.pre_norm_layer, drop_path=dpr[j]))
-                j += 1
-            stages.append(Stage(down, blocks))
-            if down is not None or blocks:
-                self.feature_info.append(dict(num_chs=s.dim, reduction=reduction, module=f"stages.{i}"))
+        stages, stage_info = self._make_stages(cfg, L, self.n_extra)
+        self.feature_info += stage_info
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = cfg.stages[-1].dim
         self.norm = L.final_norm_layer(self.num_features) if L.final_norm_layer is not None else nn.Identity()
@@ -197,6 +192,43 @@ class GraftModel(nn.Module):
         s = PREFIX_STRIDES[cfg.prefix_stages]
         h, w = cfg.img_hw
         return PoolBridge(chs, dim0, cfg.token_grid(), (h // s, w // s), norm_layer=L.conv_norm_layer)
+
+    @classmethod
+    def _make_stages(cls, cfg: ModelConfig, L: LayerChoices, n_extra: int
+                     ) -> tuple[list[Stage], list[dict[str, Any]]]:
+        """The stages (downsample from the previous stage, then blocks) and the feature_info of
+        each non-empty one; drop path ramps linearly over all downsamples and blocks."""
+        res = cfg.stage_resolutions()
+        n_blocks = sum(s.depth for s in cfg.stages) + (len(cfg.stages) - 1)
+        dpr = [cfg.drop_path * i / max(n_blocks - 1, 1) for i in range(max(n_blocks, 1))]  # linear ramp
+        reduction = cfg.token_stride[0]
+        stages: list[Stage] = []
+        info: list[dict[str, Any]] = []
+        j = 0
+        for i, s in enumerate(cfg.stages):
+            down = None
+            if i > 0 and cfg.downsample != "none":
+                down = cls._make_downsample(cfg, L, i, res[i - 1], dpr[j])
+                reduction *= 2
+                j += 1
+            blocks = cls._make_blocks(cfg, L, s, res[i], dpr[j:j + s.depth], n_extra)
+            j += s.depth
+            stages.append(Stage(down, blocks))
+            if down is not None or blocks:
+                info.append(dict(num_chs=s.dim, reduction=reduction, module=f"stages.{i}"))
+        return stages, info
+
+    @staticmethod
+    def _make_blocks(cfg: ModelConfig, L: LayerChoices, s: StageConfig, res: Grid, drop_paths: list[float],
+                     n_extra: int) -> list[nn.Module]:
+        """The transformer blocks of stage ``s`` (one per drop path rate)."""
+        attn = partial(Attention, key_dim=s.kd, heads=s.heads, attn_ratio=s.attn_ratio,
+                       norm_layer=L.linear_norm_layer, act_layer=L.attn_act_layer,
+                       pos_bias_layer=L.pos_bias_layer, qkv_bias=cfg.qkv_bias,
+                       zero_init=cfg.zero_init_residual, n_extra=n_extra)
+        mlp = partial(L.mlp_layer, mlp_ratio=s.mlp_ratio, act_layer=L.act_layer, zero_init=cfg.zero_init_residual)
+        return [Block(s.dim, res, attn_layer=attn, mlp_layer=mlp, norm_layer=L.pre_norm_layer, drop_path=dp)
+                for dp in drop_paths]
 
     @staticmethod
     def _make_downsample(cfg: ModelConfig, L: LayerChoices, i: int, res: Grid, drop_path: float) -> nn.Module:

@@ -347,8 +347,8 @@ def _positive(value: Optional[float], path: str, allow_zero: bool = False) -> No
         raise GraftConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: ModelConfig) -> None:
-    """Cross-field checks; raises GraftConfigError naming the field."""
+def _check_scalars(cfg: ModelConfig) -> None:
+    """Sizes, counts, ratios and rates of the top-level fields."""
     for name in ("in_chans", "patch_size", "downsample_attn_ratio", "downsample_mlp_ratio"):
         _positive(getattr(cfg, name), name)
     for v in cfg.img_hw:
@@ -360,24 +360,30 @@ def validate(cfg: ModelConfig) -> None:
             raise GraftConfigError(name, f"must be in [0, 1), got {v}")
     for i, v in enumerate(to_hw(cfg.grid) if cfg.grid is not None else ()):
         _positive(v, "grid" if isinstance(cfg.grid, int) else f"grid.{i}")
+
+
+def _check_stage(cfg: ModelConfig, i: int) -> None:
+    """Stage ``i``: positive sizes, whole head dims, depth 0 only for the pure ResNet-50."""
+    s = cfg.stages[i]
+    p = f"stages.{i}"
+    _positive(s.dim, f"{p}.dim")
+    _positive(s.depth, f"{p}.depth", allow_zero=True)
+    _positive(s.heads, f"{p}.heads")
+    _positive(s.key_dim, f"{p}.key_dim")
+    _positive(s.attn_ratio, f"{p}.attn_ratio")
+    _positive(s.mlp_ratio, f"{p}.mlp_ratio")
+    if s.key_dim is None and s.dim % s.heads:
+        raise GraftConfigError(f"{p}.heads", f"dim {s.dim} is not divisible by heads {s.heads} "
+                                             f"(key_dim is null -> dim // heads); pick a divisor of {s.dim} or set key_dim")
+    if float(s.attn_ratio * s.kd) != int(s.attn_ratio * s.kd):
+        raise GraftConfigError(f"{p}.attn_ratio", f"attn_ratio * key_dim must be an integer value dim, got {s.attn_ratio * s.kd}")
+    if s.depth == 0 and not (len(cfg.stages) == 1 and cfg.prefix_stages == 4):
+        raise GraftConfigError(f"{p}.depth", "depth 0 is allowed only for a single stage after a 4-stage prefix (pure ResNet-50)")
+
+
+def _check_token_geometry(cfg: ModelConfig) -> None:
+    """The input divides into tokens along every axis (patch stride or prefix stride, pool-bridge default grid)."""
     k = cfg.prefix_stages
-    n = len(cfg.stages)
-    for i, s in enumerate(cfg.stages):
-        p = f"stages.{i}"
-        _positive(s.dim, f"{p}.dim")
-        _positive(s.depth, f"{p}.depth", allow_zero=True)
-        _positive(s.heads, f"{p}.heads")
-        _positive(s.key_dim, f"{p}.key_dim")
-        _positive(s.attn_ratio, f"{p}.attn_ratio")
-        _positive(s.mlp_ratio, f"{p}.mlp_ratio")
-        if s.key_dim is None and s.dim % s.heads:
-            raise GraftConfigError(f"{p}.heads", f"dim {s.dim} is not divisible by heads {s.heads} "
-                                                 f"(key_dim is null -> dim // heads); pick a divisor of {s.dim} or set key_dim")
-        if float(s.attn_ratio * s.kd) != int(s.attn_ratio * s.kd):
-            raise GraftConfigError(f"{p}.attn_ratio", f"attn_ratio * key_dim must be an integer value dim, got {s.attn_ratio * s.kd}")
-        if s.depth == 0 and not (n == 1 and k == 4):
-            raise GraftConfigError(f"{p}.depth", "depth 0 is allowed only for a single stage after a 4-stage prefix (pure ResNet-50)")
-    # token geometry (every axis)
     size = "x".join(map(str, cfg.img_hw))
     if k == 0:
         stride = cfg.patch_size if cfg.patch == "vit" else 16
@@ -389,28 +395,47 @@ def validate(cfg: ModelConfig) -> None:
             raise GraftConfigError("img_size", f"{size} is not divisible by the ResNet-50 prefix stride {stride} (k={k})")
         if cfg.bridge == "pool" and cfg.grid is None and any(v % 16 for v in cfg.img_hw):
             raise GraftConfigError("img_size", f"{size} is not divisible by 16 (grid null -> img_size // 16); set grid")
+
+
+def _check_pyramid(cfg: ModelConfig) -> None:
+    """Several stages: mean pooling, one downsample_heads entry per transition, every transition."""
+    n = len(cfg.stages)
+    if cfg.pool == "cls":
+        raise GraftConfigError("pool", "cls pooling needs a single isotropic stage; allowed for pyramids: mean")
+    dh = cfg.downsample_heads
+    if isinstance(dh, tuple) and len(dh) != n - 1:
+        raise GraftConfigError("downsample_heads", f"list must have one entry per stage transition ({n - 1}), got {len(dh)}")
+    for i in range(1, n):
+        _check_downsample(cfg, i)
+
+
+def _check_downsample(cfg: ModelConfig, i: int) -> None:
+    """The transition into stage ``i``: 'none' keeps the dim; shrink attention has heads and a whole value dim."""
+    if cfg.downsample == "none" and cfg.stages[i].dim != cfg.stages[i - 1].dim:
+        raise GraftConfigError("downsample", f"'none' needs equal consecutive dims, stages.{i - 1}.dim="
+                                             f"{cfg.stages[i - 1].dim} != stages.{i}.dim={cfg.stages[i].dim}; "
+                                             "allowed: shrink_attention, pool")
+    if cfg.downsample == "shrink_attention":
+        h = cfg.downsample_heads_for(i)
+        if h < 1:
+            raise GraftConfigError("downsample_heads", f"shrink attention into stage {i} has {h} heads")
+        kd = cfg.stages[i - 1].kd
+        if float(cfg.downsample_attn_ratio * kd) != int(cfg.downsample_attn_ratio * kd):
+            raise GraftConfigError("downsample_attn_ratio", "downsample_attn_ratio * key_dim must be an integer")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Cross-field checks; raises GraftConfigError naming the field."""
+    _check_scalars(cfg)
+    for i in range(len(cfg.stages)):
+        _check_stage(cfg, i)
+    _check_token_geometry(cfg)
     if not cfg.has_transformer:
         return
     if min(cfg.token_grid()) < 1:
         raise GraftConfigError("img_size", "token grid is empty")
-    if n > 1:
-        if cfg.pool == "cls":
-            raise GraftConfigError("pool", "cls pooling needs a single isotropic stage; allowed for pyramids: mean")
-        dh = cfg.downsample_heads
-        if isinstance(dh, tuple) and len(dh) != n - 1:
-            raise GraftConfigError("downsample_heads", f"list must have one entry per stage transition ({n - 1}), got {len(dh)}")
-        for i in range(1, n):
-            if cfg.downsample == "none" and cfg.stages[i].dim != cfg.stages[i - 1].dim:
-                raise GraftConfigError("downsample", f"'none' needs equal consecutive dims, stages.{i - 1}.dim="
-                                                     f"{cfg.stages[i - 1].dim} != stages.{i}.dim={cfg.stages[i].dim}; "
-                                                     "allowed: shrink_attention, pool")
-            if cfg.downsample == "shrink_attention":
-                h = cfg.downsample_heads_for(i)
-                if h < 1:
-                    raise GraftConfigError("downsample_heads", f"shrink attention into stage {i} has {h} heads")
-                kd = cfg.stages[i - 1].kd
-                if float(cfg.downsample_attn_ratio * kd) != int(cfg.downsample_attn_ratio * kd):
-                    raise GraftConfigError("downsample_attn_ratio", "downsample_attn_ratio * key_dim must be an integer")
+    if len(cfg.stages) > 1:
+        _check_pyramid(cfg)
 
 
 def zoo_config(name: str) -> dict[str, Any]:
