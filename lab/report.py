@@ -103,12 +103,10 @@ def parse_tag_filter(tags: dict[str, str] | Iterable[str] | None) -> dict[str, s
     return out
 
 
-def _seed_of(t: dict, params: dict) -> Any:
-    from lab.track import SEED_TAG
-
-    raw = t.get(SEED_TAG, params.get("train.seed"))
+def _seed_of(t: dict, params: dict) -> int:
+    raw = t.get(R.SEED, params.get("train.seed"))
     try:
-        return int(raw)
+        return int(str(raw))
     except (TypeError, ValueError):
         return 0
 
@@ -302,15 +300,16 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
         raise LabError("name at least one experiment")
     uri = resolve_tracking_uri(tracking_uri)
     rows, smoke_left_out = _variant_rows(_client(uri), experiments, tags, include_smoke)
-    attrs = {"tracking_uri": uri, "smoke_left_out": smoke_left_out, "notes": []}
+    notes: list[str] = []
     if smoke_left_out:
-        attrs["notes"].append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
+        notes.append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
+    attrs: dict[str, Any] = {"tracking_uri": uri, "smoke_left_out": smoke_left_out, "notes": notes}
     if not rows:
         df = pd.DataFrame(columns=RUN_COLUMNS)
         df.attrs.update(attrs)
         return df
-    chosen, notes = _shown_runs(rows, experiments, all_hashes=all_hashes, hash=hash)
-    attrs["notes"] += notes
+    chosen, shown_notes = _shown_runs(rows, experiments, all_hashes=all_hashes, hash=hash)
+    notes += shown_notes
     chosen.attrs.update(attrs)
     return chosen
 
