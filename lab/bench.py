@@ -193,6 +193,35 @@ def _threads(device: str, threads: Optional[int]):
         torch.set_num_threads(old)
 
 
+def _same_batch(timed: Mapping[str, _Timed]) -> None:
+    """Models that found different largest batches are all timed at the smallest (like for like)."""
+    if len({t.batch for t in timed.values()}) > 1:
+        common = min(t.batch for t in timed.values())
+        for t in timed.values():
+            t.batch, t.x = common, t._input(common)
+
+
+def _interleaved(timed: Mapping[str, _Timed], *, repeats: int, duration: float, warmup: float,
+                 progress: Optional[Callable[[str], None]]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Images/s and iterations per repeat of each model, the order reversed every other repeat
+    (ABAB.. BA..), each model re-warmed briefly after the other one used the caches."""
+    samples: dict[str, list[float]] = {k: [] for k in timed}
+    iters: dict[str, list[int]] = {k: [] for k in timed}
+    order = list(timed)
+    rewarm = min(warmup, 0.1 * duration) if len(order) > 1 else 0.0
+    for r in range(repeats):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            t = timed[k]
+            if rewarm:  # caches were just used by the other model
+                t.window(rewarm)
+            n, el = t.window(duration)
+            samples[k].append(t.batch * n / el)
+            iters[k].append(n)
+            if progress:
+                progress(f"  {k}: repeat {r + 1}/{repeats}: {samples[k][-1]:.1f} img/s ({n} iters)")
+    return samples, iters
+
+
 def measure_many(models: Mapping[str, Any], *, img_size: int | Mapping[str, int], device: str = "cpu",
                  batch: Optional[int] = None, dtype: Optional[str] = None, threads: Optional[int] = 1,
                  warmup: float = 1.0, duration: float = 3.0, repeats: int = 3, channels_last: bool = False,
@@ -217,28 +246,13 @@ def measure_many(models: Mapping[str, Any], *, img_size: int | Mapping[str, int]
         timed = {k: _Timed(m, img_size=int(sizes[k]), device=device, batch=batch, dtype=dtype,
                            channels_last=channels_last, compile=compile, max_batch=max_batch,
                            mem_cap_bytes=mem_cap_bytes) for k, m in models.items()}
-        if batch is None and len({t.batch for t in timed.values()}) > 1:
-            common = min(t.batch for t in timed.values())
-            for t in timed.values():
-                t.batch, t.x = common, t._input(common)
+        if batch is None:
+            _same_batch(timed)
         for k, t in timed.items():
             if progress:
                 progress(f"  warmup {k}: {warmup:g}s at batch {t.batch}")
             t.window(warmup)
-        samples: dict[str, list[float]] = {k: [] for k in timed}
-        iters: dict[str, list[int]] = {k: [] for k in timed}
-        order = list(timed)
-        rewarm = min(warmup, 0.1 * duration) if len(order) > 1 else 0.0
-        for r in range(repeats):
-            for k in (order if r % 2 == 0 else order[::-1]):
-                t = timed[k]
-                if rewarm:  # caches were just used by the other model
-                    t.window(rewarm)
-                n, el = t.window(duration)
-                samples[k].append(t.batch * n / el)
-                iters[k].append(n)
-                if progress:
-                    progress(f"  {k}: repeat {r + 1}/{repeats}: {samples[k][-1]:.1f} img/s ({n} iters)")
+        samples, iters = _interleaved(timed, repeats=repeats, duration=duration, warmup=warmup, progress=progress)
         out = {}
         for k, t in timed.items():
             out[k] = _summarise(samples[k], iters[k], batch=t.batch, dtype=dtype, device=device, device_name=name,
