@@ -249,24 +249,12 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
     (a non-zero rank of a distributed worker) it trains in lockstep with rank 0 but writes nothing
     to MLflow.
     """
-    import socket
-
     t0 = started if started is not None else time.time()
     ckdir = track.checkpoint_dir(v, ctx.uri)  # the prepared folder (runtime matching may change the hash)
     try:
         if ctx.rank_zero:
-            track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
-                                            R.WORKER_STARTED: f"{t0:.3f}"})
-        if v.match is not None:
-            from lab.match import resolve_match
-
-            v = same_seed(ctx.resolved.get(v.key), v) or resolve_match(v, ctx.variants)
-            if ctx.rank_zero:
-                prefix = R.match_tag("")
-                track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith(prefix)})
-                track.set_tags(ctx.cl, run_id, {R.RESOLVED_HASH: v.hash})
-        if resume_ckpt is None and ctx.rank_zero:
-            track.log_variant_spec(ctx.cl, run_id, v)
+            mark_worker(ctx, run_id, t0)
+        v = resolve_and_log(v, ctx, run_id, resume_ckpt)
         if data_key(v) not in ctx.datamodules:  # a worker process: build this variant's data here
             preflight([v], ctx.datamodules)
         train_variant(v, ctx, run_id, resume_ckpt, rec, ckdir=ckdir)
@@ -280,24 +268,58 @@ def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckp
             raise
         rec.wall_seconds = time.time() - t0
         if stop is not None:  # SIGTERM / SIGINT: checkpoint written by LastCheckpoint; KILLED with the reason
-            rec.update(status="killed", error=stop.reason)
-            if ctx.rank_zero:
-                try:
-                    track.set_tags(ctx.cl, run_id, {R.ERROR: stop.reason})
-                finally:
-                    ctx.cl.set_terminated(run_id, status="KILLED")
+            end_killed(ctx, run_id, rec, stop)
             raise stop from None
-        rec.update(status="failed", error=track.short_error(e))
-        if ctx.rank_zero:
-            try:
-                track.fail_run(ctx.cl, run_id, e)
-            except Exception:  # noqa: BLE001
-                pass
+        end_failed(ctx, run_id, rec, e)
     finally:
         if ctx.keeper is not None:
             ctx.keeper.release(run_id)
     rec.wall_seconds = time.time() - t0
     return rec
+
+
+def mark_worker(ctx: Context, run_id: str, t0: float) -> None:
+    """Tag the run with the host and process that train it, and when they started."""
+    import socket
+
+    track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
+                                    R.WORKER_STARTED: f"{t0:.3f}"})
+
+
+def resolve_and_log(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path]):
+    """The variant with `match:` resolved (its match tags and resolved hash on the run) and, unless
+    it resumes, its spec logged to the run; the variant that trains."""
+    if v.match is not None:
+        from lab.match import resolve_match
+
+        v = same_seed(ctx.resolved.get(v.key), v) or resolve_match(v, ctx.variants)
+        if ctx.rank_zero:
+            prefix = R.match_tag("")
+            track.set_tags(ctx.cl, run_id, {k: val for k, val in v.tags.items() if k.startswith(prefix)})
+            track.set_tags(ctx.cl, run_id, {R.RESOLVED_HASH: v.hash})
+    if resume_ckpt is None and ctx.rank_zero:
+        track.log_variant_spec(ctx.cl, run_id, v)
+    return v
+
+
+def end_killed(ctx: Context, run_id: str, rec: VariantResult, stop: signals.Interrupted) -> None:
+    """A signal stopped the training: the result and the run KILLED with the reason."""
+    rec.update(status="killed", error=stop.reason)
+    if ctx.rank_zero:
+        try:
+            track.set_tags(ctx.cl, run_id, {R.ERROR: stop.reason})
+        finally:
+            ctx.cl.set_terminated(run_id, status="KILLED")
+
+
+def end_failed(ctx: Context, run_id: str, rec: VariantResult, e: BaseException) -> None:
+    """The training raised: the result and the run FAILED with the error (best effort on the run)."""
+    rec.update(status="failed", error=track.short_error(e))
+    if ctx.rank_zero:
+        try:
+            track.fail_run(ctx.cl, run_id, e)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def retain(v, ctx: Context, ckdir: Path) -> None:

@@ -94,6 +94,32 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     quiet_logs()
     if not variants:
         return []
+    uri, ordered, backend, datamodules = set_up(variants, launcher, launch_options)
+    cl, experiment, exp_id = open_experiment(uri, variants)
+    keeper = lease.Keeper(lambda: track.client(uri))
+    backend.start()
+    try:
+        parent = start_parent(cl, exp_id, spec, variants, ordered, launcher)
+        keeper.hold(parent)
+        ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
+                      experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
+                      force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
+                      say=say, launcher=launcher, keeper=keeper)
+        announce(ctx, ordered)
+        results = run_in_parent(ordered, ctx, backend)
+    finally:
+        keeper.close()
+        backend.close()
+    ok = all(r.ok for r in results)
+    cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    for line in budget_summary(results):
+        say(line)
+    return results
+
+
+def set_up(variants: list, launcher: str, launch_options: Any) -> tuple[str, list, Any, dict]:
+    """Before anything is recorded: the one tracking store, the training order, the launcher
+    (checked) and every dataset built (the data pre-flight); (uri, ordered, launcher, datamodules)."""
     uris = {track.tracking_uri(v) for v in variants}
     if len(uris) > 1:
         raise LabError(f"variants of one run must share a tracking store (got {sorted(uris)})")
@@ -103,57 +129,72 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     backend.check(ordered)
     datamodules: dict = {}
     preflight(ordered, datamodules)
+    return uri, ordered, backend, datamodules
 
+
+def open_experiment(uri: str, variants: list) -> tuple[Any, str, str]:
+    """The store's client and the variants' MLflow experiment (created if new), its dead parent runs
+    ended; (client, experiment name, experiment id)."""
     cl = track.client(uri)
     experiment = track.experiment_name(variants[0])
     exp_id = track.get_or_create_experiment(cl, experiment, uri)
     end_stale_parents(cl, exp_id)
-    keeper = lease.Keeper(lambda: track.client(uri))
-    backend.start()
+    return cl, experiment, exp_id
+
+
+def start_parent(cl, exp_id: str, spec, variants: list, ordered: list, launcher: str) -> str:
+    """The invocation's parent run, claimed by this process; its id."""
+    return track.start_parent_run(cl, exp_id, spec.name, tags={
+        R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000], R.LAUNCHER: launcher,
+        **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
+        **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
+
+
+def announce(ctx: Context, ordered: list) -> None:
+    """Say what runs where: the variants (and runs), the store, the experiment and the parent run."""
+    n_keys = len(dict.fromkeys(v.key for v in ordered))
+    runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
+    launcher = ctx.launcher
+    ctx.say(f"{ctx.spec.name}: {runs}, tracking {ctx.uri} (experiment '{ctx.experiment}', parent run "
+            f"{ctx.parent_run_id}{', launcher ' + launcher if launcher != 'local' else ''})")
+
+
+def run_in_parent(ordered: list, ctx: Context, backend) -> list[VariantResult]:
+    """Decide the thread policy, calibrate, and run every variant; an interrupt ends the parent run
+    KILLED and any other exception FAILED (both re-raised)."""
     try:
-        parent = track.start_parent_run(cl, exp_id, spec.name, tags={
-            R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000], R.LAUNCHER: launcher,
-            **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
-            **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
-        keeper.hold(parent)
-        ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
-                      experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
-                      force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
-                      say=say, launcher=launcher, keeper=keeper)
-        n_keys = len(dict.fromkeys(v.key for v in ordered))
-        runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
-        say(f"{spec.name}: {runs}, tracking {uri} (experiment '{experiment}', parent run {parent}"
-            f"{', launcher ' + launcher if launcher != 'local' else ''})")
-        try:
-            policy = thread_policy(ordered)
-            ctx.threads = policy.as_dict()
-            track.set_tags(cl, parent, policy.tags())
-            if any(v.budget.kind == "seconds" for v in ordered):
-                say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
-                    + (" where train.threads does not say otherwise"
-                       if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
-            calibrate_together(ordered, ctx)
-            results = backend.run(ordered, ctx)
-        except KeyboardInterrupt as e:
-            stop = signals.as_interrupted(e)
-            reason = stop.reason if stop else "interrupted"
-            try:
-                track.set_tags(cl, parent, {R.ERROR: reason})
-            finally:
-                cl.set_terminated(parent, status="KILLED")
-            say(f"{reason}: the current run is KILLED with a checkpoint; run the same command again to resume it")
-            raise
-        except BaseException:
-            cl.set_terminated(parent, status="FAILED")
-            raise
+        apply_thread_policy(ordered, ctx)
+        calibrate_together(ordered, ctx)
+        return backend.run(ordered, ctx)
+    except KeyboardInterrupt as e:
+        end_interrupted(ctx, e)
+        raise
+    except BaseException:
+        ctx.cl.set_terminated(ctx.parent_run_id, status="FAILED")
+        raise
+
+
+def apply_thread_policy(ordered: list, ctx: Context) -> None:
+    """Decide the CPU thread policy once, into `ctx.threads` and the parent run's tags; said when
+    a variant has a seconds budget (it depends on it)."""
+    policy = thread_policy(ordered)
+    ctx.threads = policy.as_dict()
+    track.set_tags(ctx.cl, ctx.parent_run_id, policy.tags())
+    if any(v.budget.kind == "seconds" for v in ordered):
+        ctx.say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
+                + (" where train.threads does not say otherwise"
+                   if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
+
+
+def end_interrupted(ctx: Context, e: KeyboardInterrupt) -> None:
+    """SIGINT / SIGTERM / Ctrl-C: the parent run KILLED with the reason (lab.signals), and how to resume."""
+    stop = signals.as_interrupted(e)
+    reason = stop.reason if stop else "interrupted"
+    try:
+        track.set_tags(ctx.cl, ctx.parent_run_id, {R.ERROR: reason})
     finally:
-        keeper.close()
-        backend.close()
-    ok = all(r.ok for r in results)
-    cl.set_terminated(parent, status="FINISHED" if ok else "FAILED")
-    for line in budget_summary(results):
-        say(line)
-    return results
+        ctx.cl.set_terminated(ctx.parent_run_id, status="KILLED")
+    ctx.say(f"{reason}: the current run is KILLED with a checkpoint; run the same command again to resume it")
 
 
 def end_stale_parents(cl, exp_id: str) -> None:
