@@ -136,14 +136,7 @@ def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Opti
         live = lease.first_live(runs)
         if live is not None:
             return busy(rec, live), None, None
-        resume = None if ctx.force else next(
-            (r for r in runs if r.info.status in RESUMABLE and r.info.run_id == checkpoint_owner(ckdir)), None)
-        last: Optional[Path] = None
-        notes: list[str] = []
-        if resume is not None:
-            last, notes = checkpoints.pick_resume(ckdir)
-            if last is None:
-                resume = None
+        resume, last, notes = (None, None, []) if ctx.force else resumable(runs, ckdir)
         for r in runs:  # RUNNING runs whose owner died and that we do not resume: say so
             if r.info.status == "RUNNING" and (resume is None or r.info.run_id != resume.info.run_id):
                 end_stale(ctx.cl, r)
@@ -154,19 +147,39 @@ def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Opti
             run_id = start_fresh(ctx, v, ckdir, notes)
         for note in notes:
             ctx.say(f"{v.key}: {note}")
-    # A server store has no lock: read back; of two processes that claimed at once the oldest run wins.
+    holder = other_claim(ctx, v, run_id)
+    if holder is not None:
+        return busy(rec, holder), None, None
+    if ctx.keeper is not None:
+        ctx.keeper.hold(run_id)
+    rec.run_id = run_id
+    return rec, run_id, (last if rec.resumed else None)
+
+
+def resumable(runs: list, ckdir: Path) -> tuple[Any, Optional[Path], list[str]]:
+    """(run, checkpoint, notes): the KILLED/FAILED/RUNNING run that owns `ckdir` and a checkpoint of it
+    that verifies (lab.checkpoints), else (None, None, notes about what was unreadable)."""
+    owner = checkpoint_owner(ckdir)
+    run = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
+    if run is None:
+        return None, None, []
+    last, notes = checkpoints.pick_resume(ckdir)
+    return (run if last is not None else None), last, notes
+
+
+def other_claim(ctx: Context, v: Any, run_id: str) -> Any:
+    """The run of another live process that holds this variant after all, else None (this process keeps
+    `run_id`). A server store has no lock: read back; of two processes that claimed at once the oldest
+    run wins, and the loser's run is ended KILLED with the reason."""
     others = lease.first_live(track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash),
                               exclude=run_id)
     if others is not None and (others.info.start_time or 0, others.info.run_id) < start_key(ctx.cl, run_id):
         ctx.cl.set_terminated(run_id, status="KILLED")
         track.set_tags(ctx.cl, run_id, {R.ERROR: "another lab run claimed this variant at the same time"})
-        return busy(rec, others), None, None
+        return others
     if not lease.confirm_claim(ctx.cl, run_id):
-        return busy(rec, ctx.cl.get_run(run_id)), None, None
-    if ctx.keeper is not None:
-        ctx.keeper.hold(run_id)
-    rec.run_id = run_id
-    return rec, run_id, (last if rec.resumed else None)
+        return ctx.cl.get_run(run_id)
+    return None
 
 
 def skipped(rec: VariantResult, run: Any, v: Any) -> VariantResult:
