@@ -3,6 +3,7 @@ from switchable parts; count params/MACs; fold BatchNorm; load timm LeViT weight
 
 Importing registers every zoo entry in timm as ``grafts_<name>``.
 """
+
 from .build import GraftModel, LayerChoices, build, layer_choices, register_timm
 from .checkpoint import LoadReport, checkpoint_filter_fn, load_weights
 from .config import (
@@ -22,8 +23,26 @@ from .zoo import zoo_names
 register_timm()
 
 __all__ = [
-    "LayerChoices", "LoadReport", "checkpoint_filter_fn", "layer_choices", "load_weights",
-    "GraftConfigError", "GraftModel", "ModelConfig", "PrefixConfig", "StageConfig", "build",
-    "config_from_dict", "config_to_dict", "count_macs", "count_macs_split", "count_params", "fuse",
-    "load_timm_levit", "map_timm_levit_key", "map_timm_levit_state_dict", "zoo_config", "zoo_names",
+    "LayerChoices",
+    "LoadReport",
+    "checkpoint_filter_fn",
+    "layer_choices",
+    "load_weights",
+    "GraftConfigError",
+    "GraftModel",
+    "ModelConfig",
+    "PrefixConfig",
+    "StageConfig",
+    "build",
+    "config_from_dict",
+    "config_to_dict",
+    "count_macs",
+    "count_macs_split",
+    "count_params",
+    "fuse",
+    "load_timm_levit",
+    "map_timm_levit_key",
+    "map_timm_levit_state_dict",
+    "zoo_config",
+    "zoo_names",
 ]

@@ -2,6 +2,7 @@
 
 All return a (B, C, H, W) map at the first stage's width; the model flattens to tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ class PoolBridge(nn.Module):
     to a 224 model with grid 14 gives 14x20 tokens (never a square grid from a non-square image).
     """
 
-    def __init__(self, in_chs: int, dim: int, grid: Grid, map_size: Grid,
-                 norm_layer: LayerType = nn.BatchNorm2d) -> None:
+    def __init__(
+        self, in_chs: int, dim: int, grid: Grid, map_size: Grid, norm_layer: LayerType = nn.BatchNorm2d
+    ) -> None:
         super().__init__()
         self.grid: Grid = (int(grid[0]), int(grid[1]))
         self.map_size: Grid = (int(map_size[0]), int(map_size[1]))
@@ -33,8 +35,7 @@ class PoolBridge(nn.Module):
         """Token grid for a (h, w) prefix map."""
         if (h, w) == self.map_size:
             return self.grid
-        return (max(round(h * self.grid[0] / self.map_size[0]), 1),
-                max(round(w * self.grid[1] / self.map_size[1]), 1))
+        return (max(round(h * self.grid[0] / self.map_size[0]), 1), max(round(w * self.grid[1] / self.map_size[1]), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.out_grid(x.shape[-2], x.shape[-1])

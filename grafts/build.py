@@ -7,6 +7,7 @@ set_grad_checkpointing / pretrained_cfg); the zoo registers it in timm through
 ``build_model_with_cfg`` (see zoo.py). All string switches of the config become layer
 classes in one place, ``layer_choices``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,15 +41,16 @@ GLOBAL_POOLS = ("avg", "token", "")
 @dataclass(frozen=True)
 class LayerChoices:
     """The layer classes a config selects (``layer_choices``); blocks receive these."""
+
     act_layer: type[nn.Module]
-    attn_act_layer: LayerType          # before the attention output projection (LeViT) or None
-    pre_norm_layer: LayerType          # residual-branch pre-norm: LayerNorm (DeiT) or None (LeViT)
-    linear_norm_layer: LayerType       # after every linear: BatchNorm1d (LeViT) or None (DeiT)
-    conv_norm_layer: LayerType         # after bridge convs: BatchNorm2d or None (biased conv)
-    head_norm_layer: LayerType         # before the classifier: BatchNorm1d (LeViT) or None
-    final_norm_layer: LayerType        # after the last stage: LayerNorm (DeiT) or None
+    attn_act_layer: LayerType  # before the attention output projection (LeViT) or None
+    pre_norm_layer: LayerType  # residual-branch pre-norm: LayerNorm (DeiT) or None (LeViT)
+    linear_norm_layer: LayerType  # after every linear: BatchNorm1d (LeViT) or None (DeiT)
+    conv_norm_layer: LayerType  # after bridge convs: BatchNorm2d or None (biased conv)
+    head_norm_layer: LayerType  # before the classifier: BatchNorm1d (LeViT) or None
+    final_norm_layer: LayerType  # after the last stage: LayerNorm (DeiT) or None
     mlp_layer: Callable[..., nn.Module]
-    pos_bias_layer: LayerType          # RelPosBias (attention_bias) or None
+    pos_bias_layer: LayerType  # RelPosBias (attention_bias) or None
 
 
 def layer_choices(cfg: ModelConfig) -> LayerChoices:
@@ -78,16 +80,28 @@ def default_pretrained_cfg(cfg: ModelConfig) -> dict[str, Any]:
         first = "prefix.conv1"
     else:
         first = "embed.proj" if cfg.patch == "vit" else "embed.conv1.conv"
-    return dict(url="", num_classes=cfg.num_classes, input_size=(cfg.in_chans, h, w), pool_size=None,
-                crop_pct=0.9, interpolation="bicubic", fixed_input_size=not cfg.dynamic_img_size,
-                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv=first,
-                classifier=("head.fc", "head_dist.fc") if cfg.distillation else "head.fc", license="apache-2.0")
+    return dict(
+        url="",
+        num_classes=cfg.num_classes,
+        input_size=(cfg.in_chans, h, w),
+        pool_size=None,
+        crop_pct=0.9,
+        interpolation="bicubic",
+        fixed_input_size=not cfg.dynamic_img_size,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv=first,
+        classifier=("head.fc", "head_dist.fc") if cfg.distillation else "head.fc",
+        license="apache-2.0",
+    )
 
 
 _TIMM_KWARGS = {"drop_path_rate": "drop_path"}
 
 
-def _resolve_config(cfg: Union[ModelConfig, dict[str, Any], None], overrides: dict[str, Any]) -> tuple[ModelConfig, Optional[str]]:
+def _resolve_config(
+    cfg: Union[ModelConfig, dict[str, Any], None], overrides: dict[str, Any]
+) -> tuple[ModelConfig, Optional[str]]:
     """Config + timm-style keyword overrides -> (validated config, global_pool or None)."""
     base = config_to_dict(cfg) if isinstance(cfg, ModelConfig) else dict(cfg or {})
     over = dict(overrides)
@@ -116,8 +130,9 @@ def _n_extra_tokens(cfg: ModelConfig) -> int:
     return int(use_cls) + int(use_cls and cfg.distillation)
 
 
-def _make_tokens(cfg: ModelConfig, grid: Grid, n_extra: int
-                 ) -> tuple[Optional[nn.Parameter], Optional[nn.Parameter], Optional[nn.Parameter]]:
+def _make_tokens(
+    cfg: ModelConfig, grid: Grid, n_extra: int
+) -> tuple[Optional[nn.Parameter], Optional[nn.Parameter], Optional[nn.Parameter]]:
     """(cls token, distillation token, absolute position embedding), None where unused;
     truncated-normal init in that order."""
     dim0 = cfg.stages[0].dim
@@ -173,8 +188,11 @@ class GraftModel(nn.Module):
         self.num_features = self.head_hidden_size = cfg.stages[-1].dim
         self.norm = L.final_norm_layer(self.num_features) if L.final_norm_layer is not None else nn.Identity()
         self.head = make_head(self.num_features, cfg.num_classes, L.head_norm_layer, cfg.drop_rate)
-        self.head_dist = (make_head(self.num_features, cfg.num_classes, L.head_norm_layer, cfg.drop_rate)
-                          if cfg.distillation else None)
+        self.head_dist = (
+            make_head(self.num_features, cfg.num_classes, L.head_norm_layer, cfg.drop_rate)
+            if cfg.distillation
+            else None
+        )
         self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
 
     @staticmethod
@@ -194,8 +212,7 @@ class GraftModel(nn.Module):
         return PoolBridge(chs, dim0, cfg.token_grid(), (h // s, w // s), norm_layer=L.conv_norm_layer)
 
     @classmethod
-    def _make_stages(cls, cfg: ModelConfig, L: LayerChoices, n_extra: int
-                     ) -> tuple[list[Stage], list[dict[str, Any]]]:
+    def _make_stages(cls, cfg: ModelConfig, L: LayerChoices, n_extra: int) -> tuple[list[Stage], list[dict[str, Any]]]:
         """The stages (downsample from the previous stage, then blocks) and the feature_info of
         each non-empty one; drop path ramps linearly over all downsamples and blocks."""
         res = cfg.stage_resolutions()
@@ -211,7 +228,7 @@ class GraftModel(nn.Module):
                 down = cls._make_downsample(cfg, L, i, res[i - 1], dpr[j])
                 reduction *= 2
                 j += 1
-            blocks = cls._make_blocks(cfg, L, s, res[i], dpr[j:j + s.depth], n_extra)
+            blocks = cls._make_blocks(cfg, L, s, res[i], dpr[j : j + s.depth], n_extra)
             j += s.depth
             stages.append(Stage(down, blocks))
             if down is not None or blocks:
@@ -219,31 +236,50 @@ class GraftModel(nn.Module):
         return stages, info
 
     @staticmethod
-    def _make_blocks(cfg: ModelConfig, L: LayerChoices, s: StageConfig, res: Grid, drop_paths: list[float],
-                     n_extra: int) -> list[nn.Module]:
+    def _make_blocks(
+        cfg: ModelConfig, L: LayerChoices, s: StageConfig, res: Grid, drop_paths: list[float], n_extra: int
+    ) -> list[nn.Module]:
         """The transformer blocks of stage ``s`` (one per drop path rate)."""
-        attn = partial(Attention, key_dim=s.kd, heads=s.heads, attn_ratio=s.attn_ratio,
-                       norm_layer=L.linear_norm_layer, act_layer=L.attn_act_layer,
-                       pos_bias_layer=L.pos_bias_layer, qkv_bias=cfg.qkv_bias,
-                       zero_init=cfg.zero_init_residual, n_extra=n_extra)
+        attn = partial(
+            Attention,
+            key_dim=s.kd,
+            heads=s.heads,
+            attn_ratio=s.attn_ratio,
+            norm_layer=L.linear_norm_layer,
+            act_layer=L.attn_act_layer,
+            pos_bias_layer=L.pos_bias_layer,
+            qkv_bias=cfg.qkv_bias,
+            zero_init=cfg.zero_init_residual,
+            n_extra=n_extra,
+        )
         mlp = partial(L.mlp_layer, mlp_ratio=s.mlp_ratio, act_layer=L.act_layer, zero_init=cfg.zero_init_residual)
-        return [Block(s.dim, res, attn_layer=attn, mlp_layer=mlp, norm_layer=L.pre_norm_layer, drop_path=dp)
-                for dp in drop_paths]
+        return [
+            Block(s.dim, res, attn_layer=attn, mlp_layer=mlp, norm_layer=L.pre_norm_layer, drop_path=dp)
+            for dp in drop_paths
+        ]
 
     @staticmethod
     def _make_downsample(cfg: ModelConfig, L: LayerChoices, i: int, res: Grid, drop_path: float) -> nn.Module:
         prev, s = cfg.stages[i - 1], cfg.stages[i]
         if cfg.downsample == "shrink_attention":
             attn: Callable[..., nn.Module] = partial(
-                SubsampleAttention, key_dim=prev.kd, heads=cfg.downsample_heads_for(i),
-                attn_ratio=cfg.downsample_attn_ratio, norm_layer=L.linear_norm_layer,
-                act_layer=L.attn_act_layer, pos_bias_layer=L.pos_bias_layer, qkv_bias=cfg.qkv_bias)
+                SubsampleAttention,
+                key_dim=prev.kd,
+                heads=cfg.downsample_heads_for(i),
+                attn_ratio=cfg.downsample_attn_ratio,
+                norm_layer=L.linear_norm_layer,
+                act_layer=L.attn_act_layer,
+                pos_bias_layer=L.pos_bias_layer,
+                qkv_bias=cfg.qkv_bias,
+            )
         else:
             attn = partial(PoolProject, norm_layer=L.linear_norm_layer)
-        mlp = partial(L.mlp_layer, mlp_ratio=cfg.downsample_mlp_ratio, act_layer=L.act_layer,
-                      zero_init=cfg.zero_init_residual)
-        return Downsample(prev.dim, s.dim, res, attn_layer=attn, mlp_layer=mlp,
-                          norm_layer=L.pre_norm_layer, drop_path=drop_path)
+        mlp = partial(
+            L.mlp_layer, mlp_ratio=cfg.downsample_mlp_ratio, act_layer=L.act_layer, zero_init=cfg.zero_init_residual
+        )
+        return Downsample(
+            prev.dim, s.dim, res, attn_layer=attn, mlp_layer=mlp, norm_layer=L.pre_norm_layer, drop_path=drop_path
+        )
 
     # ------------------------------------------------------------------ input size
     def _check_input(self, x: torch.Tensor) -> None:
@@ -254,7 +290,8 @@ class GraftModel(nn.Module):
         if got != want:
             raise ValueError(
                 f"input size {got[0]}x{got[1]} does not match the model's img_size {want[0]}x{want[1]}; "
-                f"build it with img_size=[{got[0]}, {got[1]}] (weights load and resize) or dynamic_img_size=true")
+                f"build it with img_size=[{got[0]}, {got[1]}] (weights load and resize) or dynamic_img_size=true"
+            )
 
     # ------------------------------------------------------------------ forward
     def _embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid, list[torch.Tensor]]:
@@ -289,7 +326,7 @@ class GraftModel(nn.Module):
         if self.global_pool == "token":
             return x[:, 0], (x[:, 1] if self.dist_token is not None else x[:, 0])
         if self.global_pool == "avg":
-            x = x[:, self.n_extra:].mean(dim=1)
+            x = x[:, self.n_extra :].mean(dim=1)
         return x, x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -309,10 +346,15 @@ class GraftModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------ timm contract
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False
-                              ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
         """timm's intermediate-feature API over ``feature_info`` (prefix layers, then stages):
         NCHW maps (extra tokens dropped); ``norm`` applies the final norm to stage outputs."""
         if output_fmt != "NCHW":
@@ -332,15 +374,16 @@ class GraftModel(nn.Module):
             if not (isinstance(stage.downsample, nn.Identity) and len(stage.blocks) == 0):
                 if idx in take:
                     t = self.norm(x) if norm else x
-                    t = t[:, self.n_extra:]
+                    t = t[:, self.n_extra :]
                     out.append(t.reshape(t.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2))
                 idx += 1
         if intermediates_only:
             return out
         return self.norm(x), out
 
-    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the stages after the last wanted feature (and the head); returns the indices."""
         take, max_index = feature_take_indices(len(self.feature_info), indices)
         n_prefix = len(self.prefix.feature_info()) if self.prefix is not None else 0
@@ -363,9 +406,12 @@ class GraftModel(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^(prefix|embed|cls_token|dist_token|pos_embed)",
-                    blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)),
-                                                             (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+        return dict(
+            stem=r"^(prefix|embed|cls_token|dist_token|pos_embed)",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
+        )
 
     @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, tuple[nn.Module, nn.Module]]:
@@ -395,8 +441,11 @@ class GraftModel(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Tokens, position embeddings and attention-bias tables are not decayed (timm convention)."""
-        return {n for n, _ in self.named_parameters()
-                if n in ("cls_token", "dist_token", "pos_embed") or n.endswith("pos_bias.table")}
+        return {
+            n
+            for n, _ in self.named_parameters()
+            if n in ("cls_token", "dist_token", "pos_embed") or n.endswith("pos_bias.table")
+        }
 
 
 def build(cfg: Union[ModelConfig, dict[str, Any]], device: Union[str, torch.device, None] = None) -> GraftModel:
@@ -420,27 +469,41 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     pretrained_cfg, ``features_only`` via ``forward_intermediates``; ``checkpoint_path`` goes
     through the model's load filter)."""
     if pretrained:
-        raise ValueError(f"grafts_{name}: no hub weights; pass checkpoint_path= (a grafts, timm LeViT, "
-                         "DeiT or ResNet-50 state dict) or use grafts.load_weights")
+        raise ValueError(
+            f"grafts_{name}: no hub weights; pass checkpoint_path= (a grafts, timm LeViT, "
+            "DeiT or ResNet-50 state dict) or use grafts.load_weights"
+        )
     for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(k, None)
     if not kwargs.get("features_only"):
         kwargs.pop("out_indices", None)
     with torch.device("meta"):
-        n_feats = len(GraftModel(zoo=name, **{k: v for k, v in kwargs.items()
-                                              if k not in ("features_only", "out_indices", "feature_cls")}).feature_info)
-    model = build_model_with_cfg(GraftModel, f"grafts_{name}", pretrained=False, zoo=name,
-                                 feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(n_feats))), **kwargs)
+        n_feats = len(
+            GraftModel(
+                zoo=name,
+                **{k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices", "feature_cls")},
+            ).feature_info
+        )
+    model = build_model_with_cfg(
+        GraftModel,
+        f"grafts_{name}",
+        pretrained=False,
+        zoo=name,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(n_feats))),
+        **kwargs,
+    )
     inner = getattr(model, "model", model)  # features_only: a FeatureGetterNet around the model
     own = default_pretrained_cfg(inner.config)
     model.pretrained_cfg = model.default_cfg = dict(
-        model.pretrained_cfg, **{k: own[k] for k in ("input_size", "num_classes", "fixed_input_size")})
+        model.pretrained_cfg, **{k: own[k] for k in ("input_size", "num_classes", "fixed_input_size")}
+    )
     return model
 
 
 def _make_entrypoint(name: str) -> Callable[..., nn.Module]:
     def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return _create(name, pretrained, **kwargs)
+
     fn.__name__ = f"grafts_{name}"
     fn.__qualname__ = fn.__name__
     fn.__module__ = __name__
@@ -453,7 +516,8 @@ def register_timm() -> None:
     mod = sys.modules[__name__]
     if not hasattr(mod, "default_cfgs"):  # read by timm's register_model
         mod.default_cfgs = generate_default_cfgs(  # type: ignore[attr-defined]
-            {f"grafts_{n}": default_pretrained_cfg(config_from_dict({"zoo": n})) for n in ZOO})
+            {f"grafts_{n}": default_pretrained_cfg(config_from_dict({"zoo": n})) for n in ZOO}
+        )
     for name in ZOO:
         fn = _make_entrypoint(name)
         setattr(mod, fn.__name__, fn)

@@ -12,6 +12,7 @@ changes, partial loads with a report.
 - ``load_weights(model, sd, include=...)`` loads what fits and returns a ``LoadReport`` of
   loaded / resized / left-random / skipped keys (fine-tuning from a checkpoint).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,15 @@ from timm.layers import resample_abs_pos_embed
 from .levit import RelPosBias, resize_bias_table
 from .timm_keymap import map_timm_levit_key
 
-__all__ = ["LoadReport", "checkpoint_filter_fn", "load_weights", "unwrap_state_dict",
-           "map_timm_resnet_key", "is_timm_levit", "is_timm_resnet"]
+__all__ = [
+    "LoadReport",
+    "checkpoint_filter_fn",
+    "load_weights",
+    "unwrap_state_dict",
+    "map_timm_resnet_key",
+    "is_timm_levit",
+    "is_timm_resnet",
+]
 
 _RESNET_TOP = re.compile(r"^(conv1|bn1|layer[1-4])\.")
 
@@ -35,14 +43,17 @@ _RESNET_TOP = re.compile(r"^(conv1|bn1|layer[1-4])\.")
 @dataclass
 class LoadReport:
     """What ``load_weights`` did, by our key names."""
-    loaded: list[str] = field(default_factory=list)      # copied from the checkpoint
-    resized: list[str] = field(default_factory=list)     # loaded after resizing (subset of loaded)
-    random: list[str] = field(default_factory=list)      # model keys left at their init
-    skipped: list[str] = field(default_factory=list)     # checkpoint keys not used (with reason)
+
+    loaded: list[str] = field(default_factory=list)  # copied from the checkpoint
+    resized: list[str] = field(default_factory=list)  # loaded after resizing (subset of loaded)
+    random: list[str] = field(default_factory=list)  # model keys left at their init
+    skipped: list[str] = field(default_factory=list)  # checkpoint keys not used (with reason)
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)} tensors ({len(self.resized)} resized), "
-                f"{len(self.random)} left at init, {len(self.skipped)} checkpoint keys skipped")
+        return (
+            f"loaded {len(self.loaded)} tensors ({len(self.resized)} resized), "
+            f"{len(self.random)} left at init, {len(self.skipped)} checkpoint keys skipped"
+        )
 
     def as_dict(self) -> dict[str, list[str]]:
         return {"loaded": self.loaded, "resized": self.resized, "random": self.random, "skipped": self.skipped}
@@ -61,7 +72,7 @@ def unwrap_state_dict(sd: Any) -> dict[str, torch.Tensor]:
         raise ValueError(f"not a state dict: {type(sd).__name__}")
     out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if out and all(k.startswith("model.") for k in out):
-        out = {k[len("model."):]: v for k, v in out.items()}
+        out = {k[len("model.") :]: v for k, v in out.items()}
     return out
 
 
@@ -158,8 +169,9 @@ def _resize(sd: dict[str, torch.Tensor], model: nn.Module, resized: Optional[lis
             resized.append(key)
 
 
-def checkpoint_filter_fn(state_dict: Any, model: nn.Module,
-                         resized: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Any, model: nn.Module, resized: Optional[list[str]] = None
+) -> dict[str, torch.Tensor]:
     """timm-style filter: our key names, position tensors resized to ``model`` (keys resized are
     appended to ``resized``). Keys that still do not fit are left for the loader to report."""
     sd = _rename(unwrap_state_dict(state_dict), model)
@@ -170,13 +182,17 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module,
 def load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """``GraftModel`` load pre-hook: apply ``checkpoint_filter_fn`` to the keys under ``prefix``
     (in place), so plain ``load_state_dict`` accepts timm files and other resolutions."""
-    mine = {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)}
+    mine = {k[len(prefix) :]: k for k in state_dict if k.startswith(prefix)}
     if not mine:
         return
     sub = {k: state_dict[full] for k, full in mine.items()}
     keys = list(sub)
-    if not (is_timm_levit(keys) or is_timm_resnet(keys) or is_timm_vit(keys)
-            or any(k.endswith("attention_bias_idxs") for k in keys)):
+    if not (
+        is_timm_levit(keys)
+        or is_timm_resnet(keys)
+        or is_timm_vit(keys)
+        or any(k.endswith("attention_bias_idxs") for k in keys)
+    ):
         own = module.state_dict(keep_vars=True)
         if all(k not in own or tuple(own[k].shape) == tuple(v.shape) for k, v in sub.items()):
             return  # nothing to rename or resize (the common case: no copy)
@@ -188,8 +204,9 @@ def load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *
         state_dict[prefix + k] = v
 
 
-def load_weights(model: nn.Module, state_dict: Any, include: Optional[Sequence[str]] = None,
-                 exclude: Sequence[str] = ()) -> LoadReport:
+def load_weights(
+    model: nn.Module, state_dict: Any, include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ()
+) -> LoadReport:
     """Load every tensor of ``state_dict`` that fits ``model`` (after renaming / resizing);
     ``include``: only keys starting with one of these prefixes (e.g. ``["prefix."]`` for the
     ResNet stages), ``exclude``: never these. Tensors whose shape still differs (e.g. a head

@@ -3,6 +3,7 @@
 Every error is a GraftConfigError carrying the dotted path of the offending
 field inside the ``model`` section, so a spec author knows what to fix.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,17 @@ from typing import Any, Optional, Sequence, Union
 from .zoo import ZOO
 
 __all__ = [
-    "GraftConfigError", "PrefixConfig", "StageConfig", "ModelConfig",
-    "config_from_dict", "config_to_dict", "zoo_config", "ENUMS", "PREFIX_STRIDES", "PREFIX_CHANNELS", "to_hw",
+    "GraftConfigError",
+    "PrefixConfig",
+    "StageConfig",
+    "ModelConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "zoo_config",
+    "ENUMS",
+    "PREFIX_STRIDES",
+    "PREFIX_CHANNELS",
+    "to_hw",
 ]
 
 Size = Union[int, tuple[int, int]]
@@ -23,7 +33,6 @@ Size = Union[int, tuple[int, int]]
 def to_hw(size: Size) -> tuple[int, int]:
     """(height, width) of an int (square) or a (height, width) pair."""
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
 
 
 class GraftConfigError(ValueError):
@@ -54,6 +63,7 @@ PREFIX_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}
 @dataclass(frozen=True)
 class PrefixConfig:
     """Convolutional prefix: the first ``stages`` stages of ``arch`` (stem included)."""
+
     arch: str = "resnet50"
     stages: int = 0
 
@@ -61,11 +71,12 @@ class PrefixConfig:
 @dataclass(frozen=True)
 class StageConfig:
     """One transformer stage (several stages = pyramid)."""
+
     dim: int = 128
     depth: int = 4
     heads: int = 4
     key_dim: Optional[int] = None  # None -> dim // heads
-    attn_ratio: float = 2.0        # value dim per head / key_dim
+    attn_ratio: float = 2.0  # value dim per head / key_dim
     mlp_ratio: float = 2.0
 
     @property
@@ -84,16 +95,17 @@ _LEVIT_128S_STAGES = (
 @dataclass(frozen=True)
 class ModelConfig:
     """The ``model`` section of an experiment spec (defaults = a LeViT-128S-like model)."""
+
     zoo: Optional[str] = None
-    img_size: Size = 224             # int (square) or (height, width)
-    dynamic_img_size: bool = False   # accept other input sizes at run time (see README)
+    img_size: Size = 224  # int (square) or (height, width)
+    dynamic_img_size: bool = False  # accept other input sizes at run time (see README)
     in_chans: int = 3
     num_classes: int = 1000
     drop_path: float = 0.0
     drop_rate: float = 0.0
     prefix: Optional[PrefixConfig] = None
     bridge: str = "pool"
-    grid: Optional[Size] = None      # pool-bridge token grid at img_size; int or (height, width)
+    grid: Optional[Size] = None  # pool-bridge token grid at img_size; int or (height, width)
     patch: str = "levit_conv"
     patch_size: int = 16
     stages: tuple[StageConfig, ...] = _LEVIT_128S_STAGES
@@ -178,16 +190,34 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- parsing
 
 _FIELD_TYPES: dict[str, Any] = {
-    "zoo": (str, type(None)), "in_chans": int, "num_classes": int, "dynamic_img_size": bool,
-    "drop_path": float, "drop_rate": float, "bridge": str,
-    "patch": str, "patch_size": int, "downsample": str, "downsample_attn_ratio": float,
-    "downsample_mlp_ratio": float, "position": str, "norm": str, "act": str,
-    "attn_act": bool, "qkv_bias": bool, "zero_init_residual": bool, "pool": str,
+    "zoo": (str, type(None)),
+    "in_chans": int,
+    "num_classes": int,
+    "dynamic_img_size": bool,
+    "drop_path": float,
+    "drop_rate": float,
+    "bridge": str,
+    "patch": str,
+    "patch_size": int,
+    "downsample": str,
+    "downsample_attn_ratio": float,
+    "downsample_mlp_ratio": float,
+    "position": str,
+    "norm": str,
+    "act": str,
+    "attn_act": bool,
+    "qkv_bias": bool,
+    "zero_init_residual": bool,
+    "pool": str,
     "distillation": bool,
 }
 _STAGE_TYPES: dict[str, Any] = {
-    "dim": int, "depth": int, "heads": int, "key_dim": (int, type(None)),
-    "attn_ratio": float, "mlp_ratio": float,
+    "dim": int,
+    "depth": int,
+    "heads": int,
+    "key_dim": (int, type(None)),
+    "attn_ratio": float,
+    "mlp_ratio": float,
 }
 _TYPE_NAMES = {int: "an int", float: "a number", bool: "a bool (true/false)", str: "a string"}
 
@@ -258,8 +288,9 @@ def _parse_size(v: Any, path: str) -> Optional[Size]:
         return _coerce(v, (int, type(None)) if path == "grid" else int, path)
     except GraftConfigError:
         nul = "null, " if path == "grid" else ""
-        raise GraftConfigError(path, f"must be {nul}an int or a list [height, width] of ints, "
-                                     f"got {type(v).__name__} {v!r}") from None
+        raise GraftConfigError(
+            path, f"must be {nul}an int or a list [height, width] of ints, got {type(v).__name__} {v!r}"
+        ) from None
 
 
 def _parse_prefix(d: Any) -> Optional[PrefixConfig]:
@@ -304,7 +335,9 @@ def config_from_dict(d: Any) -> ModelConfig:
             if isinstance(v, tuple):
                 v = list(v)
             if not isinstance(v, list) or not v:
-                raise GraftConfigError("stages", "must be a non-empty list of {dim, depth, heads, key_dim, attn_ratio, mlp_ratio}")
+                raise GraftConfigError(
+                    "stages", "must be a non-empty list of {dim, depth, heads, key_dim, attn_ratio, mlp_ratio}"
+                )
             kw[k] = tuple(_parse_stage(s, f"stages.{i}") for i, s in enumerate(v))
         elif k in ("img_size", "grid"):
             kw[k] = _parse_size(v, k)
@@ -340,6 +373,7 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- validation
 
+
 def _positive(value: Optional[float], path: str, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -373,12 +407,19 @@ def _check_stage(cfg: ModelConfig, i: int) -> None:
     _positive(s.attn_ratio, f"{p}.attn_ratio")
     _positive(s.mlp_ratio, f"{p}.mlp_ratio")
     if s.key_dim is None and s.dim % s.heads:
-        raise GraftConfigError(f"{p}.heads", f"dim {s.dim} is not divisible by heads {s.heads} "
-                                             f"(key_dim is null -> dim // heads); pick a divisor of {s.dim} or set key_dim")
+        raise GraftConfigError(
+            f"{p}.heads",
+            f"dim {s.dim} is not divisible by heads {s.heads} "
+            f"(key_dim is null -> dim // heads); pick a divisor of {s.dim} or set key_dim",
+        )
     if float(s.attn_ratio * s.kd) != int(s.attn_ratio * s.kd):
-        raise GraftConfigError(f"{p}.attn_ratio", f"attn_ratio * key_dim must be an integer value dim, got {s.attn_ratio * s.kd}")
+        raise GraftConfigError(
+            f"{p}.attn_ratio", f"attn_ratio * key_dim must be an integer value dim, got {s.attn_ratio * s.kd}"
+        )
     if s.depth == 0 and not (len(cfg.stages) == 1 and cfg.prefix_stages == 4):
-        raise GraftConfigError(f"{p}.depth", "depth 0 is allowed only for a single stage after a 4-stage prefix (pure ResNet-50)")
+        raise GraftConfigError(
+            f"{p}.depth", "depth 0 is allowed only for a single stage after a 4-stage prefix (pure ResNet-50)"
+        )
 
 
 def _check_token_geometry(cfg: ModelConfig) -> None:
@@ -392,7 +433,9 @@ def _check_token_geometry(cfg: ModelConfig) -> None:
     else:
         stride = PREFIX_STRIDES[k]
         if any(v % stride for v in cfg.img_hw):
-            raise GraftConfigError("img_size", f"{size} is not divisible by the ResNet-50 prefix stride {stride} (k={k})")
+            raise GraftConfigError(
+                "img_size", f"{size} is not divisible by the ResNet-50 prefix stride {stride} (k={k})"
+            )
         if cfg.bridge == "pool" and cfg.grid is None and any(v % 16 for v in cfg.img_hw):
             raise GraftConfigError("img_size", f"{size} is not divisible by 16 (grid null -> img_size // 16); set grid")
 
@@ -404,7 +447,9 @@ def _check_pyramid(cfg: ModelConfig) -> None:
         raise GraftConfigError("pool", "cls pooling needs a single isotropic stage; allowed for pyramids: mean")
     dh = cfg.downsample_heads
     if isinstance(dh, tuple) and len(dh) != n - 1:
-        raise GraftConfigError("downsample_heads", f"list must have one entry per stage transition ({n - 1}), got {len(dh)}")
+        raise GraftConfigError(
+            "downsample_heads", f"list must have one entry per stage transition ({n - 1}), got {len(dh)}"
+        )
     for i in range(1, n):
         _check_downsample(cfg, i)
 
@@ -412,9 +457,12 @@ def _check_pyramid(cfg: ModelConfig) -> None:
 def _check_downsample(cfg: ModelConfig, i: int) -> None:
     """The transition into stage ``i``: 'none' keeps the dim; shrink attention has heads and a whole value dim."""
     if cfg.downsample == "none" and cfg.stages[i].dim != cfg.stages[i - 1].dim:
-        raise GraftConfigError("downsample", f"'none' needs equal consecutive dims, stages.{i - 1}.dim="
-                                             f"{cfg.stages[i - 1].dim} != stages.{i}.dim={cfg.stages[i].dim}; "
-                                             "allowed: shrink_attention, pool")
+        raise GraftConfigError(
+            "downsample",
+            f"'none' needs equal consecutive dims, stages.{i - 1}.dim="
+            f"{cfg.stages[i - 1].dim} != stages.{i}.dim={cfg.stages[i].dim}; "
+            "allowed: shrink_attention, pool",
+        )
     if cfg.downsample == "shrink_attention":
         h = cfg.downsample_heads_for(i)
         if h < 1:

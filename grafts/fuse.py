@@ -1,5 +1,6 @@
 """Inference copies: fold every BatchNorm into its neighbouring conv/linear (LeViT speed protocol),
 replace the conv/linear+BN wrappers by plain layers, and switch on the in-place fast paths."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,16 @@ def fold_bn_after(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.M
     """Return a conv/linear equal to bn(layer(x)) (BN after the layer)."""
     scale, shift = _bn_affine(bn)
     if isinstance(layer, nn.Conv2d):
-        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                        layer.padding, layer.dilation, layer.groups, bias=True)
+        new = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            bias=True,
+        )
         new.weight.copy_(layer.weight * scale[:, None, None, None])
     else:
         new = nn.Linear(layer.in_features, layer.out_features, bias=True)
@@ -100,8 +109,12 @@ def _fold_resnet_bn(mod: nn.Module) -> None:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             setattr(mod, f"conv{i}", fold_bn_after(conv, bn))
             setattr(mod, f"bn{i}", nn.Identity())
-    if isinstance(mod, nn.Sequential) and len(mod) == 2 and isinstance(mod[0], nn.Conv2d) \
-            and isinstance(mod[1], nn.BatchNorm2d):
+    if (
+        isinstance(mod, nn.Sequential)
+        and len(mod) == 2
+        and isinstance(mod[0], nn.Conv2d)
+        and isinstance(mod[1], nn.BatchNorm2d)
+    ):
         mod[0], mod[1] = fold_bn_after(mod[0], mod[1]), nn.Identity()
 
 
@@ -144,7 +157,8 @@ def fuse(model: nn.Module) -> nn.Module:
         elif type(mod) in (nn.Hardswish, nn.GELU):
             parent_name, _, attr = name.rpartition(".")
             model.get_submodule(parent_name)._modules[attr] = (
-                InplaceHardswish() if type(mod) is nn.Hardswish else InplaceGELU(approximate=mod.approximate))
+                InplaceHardswish() if type(mod) is nn.Hardswish else InplaceGELU(approximate=mod.approximate)
+            )
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
         raise RuntimeError(f"fuse: BatchNorm left unfolded at {left[:5]}")

@@ -1,4 +1,5 @@
 """Classifier heads: LeViT's BatchNorm1d + Linear (foldable) or DeiT's plain Linear."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,7 @@ __all__ = ["Head", "make_head"]
 class Head(nn.Module):
     """[norm_layer] -> Dropout -> Linear on pooled features."""
 
-    def __init__(self, dim: int, num_classes: int, norm_layer: LayerType = nn.BatchNorm1d,
-                 drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_classes: int, norm_layer: LayerType = nn.BatchNorm1d, drop: float = 0.0) -> None:
         super().__init__()
         self.norm = norm_layer(dim) if norm_layer is not None else nn.Identity()
         self.drop = nn.Dropout(drop)

@@ -12,6 +12,7 @@ for LeViT's small heads, measured), and in eval reuses the cached gathered bias 
 adds it in place when autograd is not recording. ``grafts.fuse`` makes the inference copy:
 plain folded layers, the attention scale folded into the query weights, in-place activations.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Type
@@ -21,8 +22,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-__all__ = ["ConvNorm", "LinearNorm", "PatchConv", "RelPosBias", "Attention",
-           "SubsampleAttention", "NormMlp", "attend", "resize_bias_table", "Grid"]
+__all__ = [
+    "ConvNorm",
+    "LinearNorm",
+    "PatchConv",
+    "RelPosBias",
+    "Attention",
+    "SubsampleAttention",
+    "NormMlp",
+    "attend",
+    "resize_bias_table",
+    "Grid",
+]
 
 Grid = tuple[int, int]
 LayerType = Optional[Callable[..., nn.Module]]
@@ -32,9 +43,16 @@ class ConvNorm(nn.Module):
     """Conv followed by ``norm_layer`` (BatchNorm2d: foldable) or, with ``norm_layer=None``,
     a biased conv."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
-                 padding: int = 0, norm_layer: LayerType = nn.BatchNorm2d,
-                 bn_weight_init: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        norm_layer: LayerType = nn.BatchNorm2d,
+        bn_weight_init: float = 1.0,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=norm_layer is None)
         self.bn = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
@@ -49,8 +67,14 @@ class LinearNorm(nn.Module):
     """Linear (no bias) + ``norm_layer`` over all tokens (BatchNorm1d: LeViT's foldable
     "BN-linear"); with ``norm_layer=None`` a plain Linear (DeiT style, optional bias)."""
 
-    def __init__(self, in_features: int, out_features: int, norm_layer: LayerType = nn.BatchNorm1d,
-                 bias: bool = True, bn_weight_init: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        norm_layer: LayerType = nn.BatchNorm1d,
+        bias: bool = True,
+        bn_weight_init: float = 1.0,
+    ) -> None:
         super().__init__()
         use_bn = norm_layer is not None
         self.linear = nn.Linear(in_features, out_features, bias=bias and not use_bn)
@@ -77,8 +101,9 @@ class PatchConv(nn.Module):
 
     stride = 16
 
-    def __init__(self, in_chans: int, dim: int, act_layer: Type[nn.Module] = nn.Hardswish,
-                 norm_layer: LayerType = nn.BatchNorm2d) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, act_layer: Type[nn.Module] = nn.Hardswish, norm_layer: LayerType = nn.BatchNorm2d
+    ) -> None:
         super().__init__()
         chs = [in_chans, dim // 8, dim // 4, dim // 2, dim]
         for i in range(4):
@@ -97,8 +122,7 @@ def _bias_index(res: Grid, stride: int) -> torch.Tensor:
     stride-``stride`` subsampled grid) and each key (the full ``res`` grid); timm's layout."""
     rh, rw = res
     k = torch.stack(torch.meshgrid(torch.arange(rh), torch.arange(rw), indexing="ij")).flatten(1)
-    q = torch.stack(torch.meshgrid(torch.arange(0, rh, stride), torch.arange(0, rw, stride),
-                                   indexing="ij")).flatten(1)
+    q = torch.stack(torch.meshgrid(torch.arange(0, rh, stride), torch.arange(0, rw, stride), indexing="ij")).flatten(1)
     rel = (q[:, :, None] - k[:, None, :]).abs()
     return rel[0] * rw + rel[1]
 
@@ -163,8 +187,9 @@ class RelPosBias(nn.Module):
             bias = self.table[:, self.idx]  # (heads, Nq, Nk)
         else:
             h = self.table.shape[0]
-            t = F.interpolate(self.table.reshape(1, h, *self.resolution), size=tuple(hw),
-                              mode="bicubic", align_corners=True).reshape(h, -1)
+            t = F.interpolate(
+                self.table.reshape(1, h, *self.resolution), size=tuple(hw), mode="bicubic", align_corners=True
+            ).reshape(h, -1)
             bias = t[:, _bias_index((int(hw[0]), int(hw[1])), self.stride).to(t.device)]
         if self.n_extra:
             bias = F.pad(bias, (self.n_extra, 0, self.n_extra, 0))
@@ -173,8 +198,13 @@ class RelPosBias(nn.Module):
     def forward(self, hw: Optional[Grid] = None) -> torch.Tensor:
         """The (heads, Nq, Nk) bias for the key grid ``hw`` (None: the built resolution)."""
         t = self.table
-        if self.training or (torch.is_grad_enabled() and t.requires_grad) or t.device.type == "meta" \
-                or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if (
+            self.training
+            or (torch.is_grad_enabled() and t.requires_grad)
+            or t.device.type == "meta"
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+        ):
             return self._gather(hw)
         try:
             version = t._version
@@ -193,8 +223,9 @@ def _recording(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-           scale: float) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for (B, H, N, d) views; returns (B, Nq, H * dv).
 
     Without bias: ``F.scaled_dot_product_attention`` (fused kernels; on CPU its output is
@@ -216,8 +247,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[tor
     return x.transpose(1, 2).reshape(B, Nq, -1)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
-                    scale: float) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias): the (B, H, Nq, Nk) attention probabilities."""
     attn = (q @ k.transpose(-2, -1)) * scale
     return (attn if bias is None else attn + bias).softmax(dim=-1)
@@ -230,19 +260,31 @@ class Attention(nn.Module):
 
     ``get_attention(x, hw)`` returns the attention probabilities (B, heads, N, N)."""
 
-    def __init__(self, dim: int, resolution: Grid, *, key_dim: int, heads: int, attn_ratio: float,
-                 norm_layer: LayerType = nn.BatchNorm1d, act_layer: LayerType = nn.Hardswish,
-                 pos_bias_layer: LayerType = RelPosBias, qkv_bias: bool = False,
-                 zero_init: bool = True, n_extra: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: Grid,
+        *,
+        key_dim: int,
+        heads: int,
+        attn_ratio: float,
+        norm_layer: LayerType = nn.BatchNorm1d,
+        act_layer: LayerType = nn.Hardswish,
+        pos_bias_layer: LayerType = RelPosBias,
+        qkv_bias: bool = False,
+        zero_init: bool = True,
+        n_extra: int = 0,
+    ) -> None:
         super().__init__()
         self.heads, self.key_dim = heads, key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
         self.resolution = tuple(resolution)
         self.qkv = LinearNorm(dim, heads * (2 * key_dim + self.val_dim), norm_layer, bias=qkv_bias)
         self.act = act_layer() if act_layer is not None else nn.Identity()
-        self.proj = LinearNorm(heads * self.val_dim, dim, norm_layer, bias=True,
-                               bn_weight_init=0.0 if zero_init else 1.0)
+        self.proj = LinearNorm(
+            heads * self.val_dim, dim, norm_layer, bias=True, bn_weight_init=0.0 if zero_init else 1.0
+        )
         self.pos_bias = pos_bias_layer(heads, self.resolution, 1, n_extra) if pos_bias_layer is not None else None
 
     def q_rows(self) -> torch.Tensor:
@@ -252,8 +294,7 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, self.heads, -1).split(
-            [self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = self.qkv(x).view(B, N, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def get_attention(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
@@ -271,14 +312,24 @@ class SubsampleAttention(nn.Module):
     """LeViT shrink attention: queries from the stride-2 subsampled grid, keys/values from
     the full grid, output width ``out_dim``. No residual (shapes differ)."""
 
-    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *, key_dim: int, heads: int,
-                 attn_ratio: float, norm_layer: LayerType = nn.BatchNorm1d,
-                 act_layer: LayerType = nn.Hardswish, pos_bias_layer: LayerType = RelPosBias,
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        resolution: Grid,
+        *,
+        key_dim: int,
+        heads: int,
+        attn_ratio: float,
+        norm_layer: LayerType = nn.BatchNorm1d,
+        act_layer: LayerType = nn.Hardswish,
+        pos_bias_layer: LayerType = RelPosBias,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.heads, self.key_dim = heads, key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
         self.resolution = tuple(resolution)
         self.kv = LinearNorm(in_dim, heads * (key_dim + self.val_dim), norm_layer, bias=qkv_bias)
         self.q = LinearNorm(in_dim, heads * key_dim, norm_layer, bias=qkv_bias)
@@ -313,8 +364,16 @@ class NormMlp(nn.Module):
     """LeViT MLP: linear + ``norm_layer``, activation, linear + ``norm_layer`` (last BN zero-init
     for residuals)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 2.0, *, act_layer: Type[nn.Module] = nn.Hardswish,
-                 norm_layer: LayerType = nn.BatchNorm1d, zero_init: bool = True, drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 2.0,
+        *,
+        act_layer: Type[nn.Module] = nn.Hardswish,
+        norm_layer: LayerType = nn.BatchNorm1d,
+        zero_init: bool = True,
+        drop: float = 0.0,
+    ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.fc1 = LinearNorm(dim, hidden, norm_layer)

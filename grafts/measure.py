@@ -1,4 +1,5 @@
 """Parameter and MAC counting (MACs = multiply-adds = FlopCounterMode flops / 2)."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,8 @@ def _meta_model(model_or_cfg: Any, img_size: Optional[Size]) -> tuple[nn.Module,
     """Build on the meta device from a config (fast even for big models)."""
     from .build import GraftModel
     from .config import config_from_dict, config_to_dict
-    d = config_to_dict(config_from_dict(model_or_cfg.config if isinstance(model_or_cfg, GraftModel)
-                                        else model_or_cfg))
+
+    d = config_to_dict(config_from_dict(model_or_cfg.config if isinstance(model_or_cfg, GraftModel) else model_or_cfg))
     if img_size is not None:
         d["img_size"] = img_size
     cfg = config_from_dict(d)
@@ -48,6 +49,7 @@ def count_macs(model_or_cfg: Union[nn.Module, dict, Any], img_size: Optional[Siz
     """Multiply-adds per image (batch 1, fp32, eval). GraftModels and configs are rebuilt on
     the meta device (no memory, no compute); any other module runs on CPU."""
     from .build import GraftModel
+
     if isinstance(model_or_cfg, nn.Module) and not isinstance(model_or_cfg, GraftModel):
         h, w = _hw(img_size or 224)
         m = copy.deepcopy(model_or_cfg).eval()

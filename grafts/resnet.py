@@ -3,6 +3,7 @@
 We instantiate timm's resnet50 (random init, pretrained=False) and keep the stem plus
 layer1..layer_k, so a k-stage prefix is bit-for-bit timm's architecture and init.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -23,8 +24,9 @@ class ResNetPrefix(nn.Module):
         super().__init__()
         if not 1 <= stages <= 4:
             raise ValueError(f"prefix stages must be 1..4, got {stages}")
-        full = timm.create_model("resnet50", pretrained=False, num_classes=0, in_chans=in_chans,
-                                 drop_path_rate=drop_path)
+        full = timm.create_model(
+            "resnet50", pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path
+        )
         self.stages = stages
         self.out_chs = PREFIX_CHANNELS[stages]
         self.stride = PREFIX_STRIDES[stages]
@@ -40,11 +42,14 @@ class ResNetPrefix(nn.Module):
 
     def feature_info(self) -> list[dict]:
         """timm feature_info of the kept stages (``prefix.layerI``: channels, reduction)."""
-        return [dict(num_chs=PREFIX_CHANNELS[i], reduction=PREFIX_STRIDES[i], module=f"prefix.layer{i}")
-                for i in range(1, self.stages + 1)]
+        return [
+            dict(num_chs=PREFIX_CHANNELS[i], reduction=PREFIX_STRIDES[i], module=f"prefix.layer{i}")
+            for i in range(1, self.stages + 1)
+        ]
 
-    def forward(self, x: torch.Tensor, intermediates: bool = False
-                ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+    def forward(
+        self, x: torch.Tensor, intermediates: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
         """Output map; with ``intermediates`` (output, [output of layer1..layer_k])."""
         feats = []
         for name, m in self.named_children():

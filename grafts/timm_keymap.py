@@ -18,6 +18,7 @@ attention-bias table as (heads, res*res) indexed by |dy|*res + |dx|.
     head.bn / head.linear (and head_dist.*)               head.norm / head.fc (head_dist.*)
     *.attention_bias_idxs (non-persistent index buffers)  dropped (we recompute ours)
 """
+
 from __future__ import annotations
 
 import re

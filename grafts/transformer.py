@@ -6,6 +6,7 @@ LeViT, DeitMlp for DeiT), ``norm_layer`` (the pre-norm of each residual branch: 
 DeiT, None for LeViT, whose BatchNorms sit inside the BN-linears). ``grafts.build`` picks
 them from the config. Every module's forward takes the token grid ``hw`` (None: as built).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -23,8 +24,12 @@ def residual_add(x: torch.Tensor, branch: torch.Tensor, inplace: bool = False) -
     """``x + branch``. With ``inplace`` (set on fused inference copies by ``grafts.fuse``) and
     autograd not recording, ``x`` is added into the freshly computed branch output instead,
     saving one allocation per residual; same values (float addition commutes)."""
-    if not inplace or branch.dtype != x.dtype or branch.shape != x.shape or (
-            torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad)):
+    if (
+        not inplace
+        or branch.dtype != x.dtype
+        or branch.shape != x.shape
+        or (torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad))
+    ):
         return x + branch
     return branch.add_(x)
 
@@ -33,8 +38,15 @@ class DeitMlp(Mlp):
     """timm's Mlp (biased linears; keys ``fc1``/``fc2``) with DeiT's init; ``zero_init`` zeroes
     the output projection (a residual branch that starts as identity)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, *, act_layer: Callable[..., nn.Module] = nn.GELU,
-                 zero_init: bool = False, drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        *,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        zero_init: bool = False,
+        drop: float = 0.0,
+    ) -> None:
         super().__init__(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         for m in (self.fc1, self.fc2):
             trunc_normal_(m.weight, std=0.02)
@@ -55,9 +67,16 @@ class Block(nn.Module):
 
     inplace = False  # in-place residual adds (inference copies made by grafts.fuse)
 
-    def __init__(self, dim: int, resolution: Grid, *, attn_layer: Callable[..., nn.Module],
-                 mlp_layer: Callable[..., nn.Module], norm_layer: LayerType = None,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: Grid,
+        *,
+        attn_layer: Callable[..., nn.Module],
+        mlp_layer: Callable[..., nn.Module],
+        norm_layer: LayerType = None,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = _norm(norm_layer, dim)
         self.attn = attn_layer(dim, resolution)
@@ -74,8 +93,7 @@ class Block(nn.Module):
 class PoolProject(nn.Module):
     """2x2 average pooling of the token grid (ceil) then a linear + ``norm_layer`` to ``out_dim``."""
 
-    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *,
-                 norm_layer: LayerType = nn.BatchNorm1d) -> None:
+    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *, norm_layer: LayerType = nn.BatchNorm1d) -> None:
         super().__init__()
         self.resolution = tuple(resolution)
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
@@ -96,9 +114,17 @@ class Downsample(nn.Module):
 
     inplace = False  # in-place residual add (inference copies made by grafts.fuse)
 
-    def __init__(self, in_dim: int, out_dim: int, resolution: Grid, *,
-                 attn_layer: Callable[..., nn.Module], mlp_layer: Callable[..., nn.Module],
-                 norm_layer: LayerType = None, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        resolution: Grid,
+        *,
+        attn_layer: Callable[..., nn.Module],
+        mlp_layer: Callable[..., nn.Module],
+        norm_layer: LayerType = None,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = _norm(norm_layer, in_dim)
         self.attn = attn_layer(in_dim, out_dim, resolution)

@@ -11,6 +11,7 @@ default, fp16 on request), the largest power-of-two batch that fits (`find_max_b
 is the whole `lab bench` (the command line is lab.cli.bench); `log_bench` writes the figures
 onto a variant's MLflow run (names: lab.record).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,15 +48,15 @@ class ThroughputResult:
     samples: list[float]
     batch: int
     dtype: str
-    device: str              # 'cpu' | 'cuda' (the metric key)
-    device_name: str         # CPU model string / GPU name
+    device: str  # 'cpu' | 'cuda' (the metric key)
+    device_name: str  # CPU model string / GPU name
     threads: int
     torch_version: str
     compiled: bool
     channels_last: bool
     img_size: int
-    fused: bool = True       # no BatchNorm left un-folded in the measured model
-    fusion: str = ""         # how it was folded: grafts.fuse / timm fuse() + conv-bn / nothing to fold
+    fused: bool = True  # no BatchNorm left un-folded in the measured model
+    fusion: str = ""  # how it was folded: grafts.fuse / timm fuse() + conv-bn / nothing to fold
     warmup_s: float = 0.0
     duration_s: float = 0.0
     repeats: int = 0
@@ -70,20 +71,36 @@ class ThroughputResult:
 
     def metadata(self) -> dict[str, str]:
         """The context a figure must travel with (MLflow tags `bench.<device>.*`)."""
-        return {"device_name": self.device_name, "dtype": self.dtype, "batch": str(self.batch),
-                "threads": str(self.threads), "torch": self.torch_version, "compiled": str(self.compiled),
-                "channels_last": str(self.channels_last), "fused": str(self.fused), "fusion": self.fusion,
-                "img_size": str(self.img_size), "repeats": str(self.repeats), "duration_s": f"{self.duration_s:g}"}
+        return {
+            "device_name": self.device_name,
+            "dtype": self.dtype,
+            "batch": str(self.batch),
+            "threads": str(self.threads),
+            "torch": self.torch_version,
+            "compiled": str(self.compiled),
+            "channels_last": str(self.channels_last),
+            "fused": str(self.fused),
+            "fusion": self.fusion,
+            "img_size": str(self.img_size),
+            "repeats": str(self.repeats),
+            "duration_s": f"{self.duration_s:g}",
+        }
 
 
 def _summarise(samples: list[float], iters: list[int], **meta) -> ThroughputResult:
-    return ThroughputResult(images_per_s_min=min(samples), images_per_s_median=statistics.median(samples),
-                            images_per_s_max=max(samples), samples=list(samples), iterations=list(iters), **meta)
+    return ThroughputResult(
+        images_per_s_min=min(samples),
+        images_per_s_median=statistics.median(samples),
+        images_per_s_max=max(samples),
+        samples=list(samples),
+        iterations=list(iters),
+        **meta,
+    )
 
 
-
-def find_max_batch(try_fn: Callable[[int], Optional[int]], max_batch: int = 2048,
-                   mem_cap_bytes: Optional[int] = None) -> int:
+def find_max_batch(
+    try_fn: Callable[[int], Optional[int]], max_batch: int = 2048, mem_cap_bytes: Optional[int] = None
+) -> int:
     """Largest power of two <= max_batch for which `try_fn(batch)` fits.
 
     `try_fn` runs the model at that batch and returns its peak memory in bytes (or None when
@@ -109,8 +126,10 @@ def find_max_batch(try_fn: Callable[[int], Optional[int]], max_batch: int = 2048
         best = b
         b *= 2
     if best == 0:
-        raise BatchSearchError(f"no batch size fits, not even 1 ({last_reason}); lower the resolution, "
-                               f"raise the memory cap or use another device")
+        raise BatchSearchError(
+            f"no batch size fits, not even 1 ({last_reason}); lower the resolution, "
+            f"raise the memory cap or use another device"
+        )
     return best
 
 
@@ -120,8 +139,19 @@ def find_max_batch(try_fn: Callable[[int], Optional[int]], max_batch: int = 2048
 class _Timed:
     """One prepared model: fused, on device, input ready; `window(seconds)` -> (iterations, elapsed)."""
 
-    def __init__(self, model, *, img_size: int, device: str, batch: Optional[int], dtype: str, channels_last: bool,
-                 compile: bool, max_batch: int, mem_cap_bytes: Optional[int]):
+    def __init__(
+        self,
+        model,
+        *,
+        img_size: int,
+        device: str,
+        batch: Optional[int],
+        dtype: str,
+        channels_last: bool,
+        compile: bool,
+        max_batch: int,
+        mem_cap_bytes: Optional[int],
+    ):
         import torch
 
         self.device = device
@@ -201,8 +231,14 @@ def _same_batch(timed: Mapping[str, _Timed]) -> None:
             t.batch, t.x = common, t._input(common)
 
 
-def _interleaved(timed: Mapping[str, _Timed], *, repeats: int, duration: float, warmup: float,
-                 progress: Optional[Callable[[str], None]]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+def _interleaved(
+    timed: Mapping[str, _Timed],
+    *,
+    repeats: int,
+    duration: float,
+    warmup: float,
+    progress: Optional[Callable[[str], None]],
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Images/s and iterations per repeat of each model, the order reversed every other repeat
     (ABAB.. BA..), each model re-warmed briefly after the other one used the caches."""
     samples: dict[str, list[float]] = {k: [] for k in timed}
@@ -210,7 +246,7 @@ def _interleaved(timed: Mapping[str, _Timed], *, repeats: int, duration: float, 
     order = list(timed)
     rewarm = min(warmup, 0.1 * duration) if len(order) > 1 else 0.0
     for r in range(repeats):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             t = timed[k]
             if rewarm:  # caches were just used by the other model
                 t.window(rewarm)
@@ -222,11 +258,23 @@ def _interleaved(timed: Mapping[str, _Timed], *, repeats: int, duration: float, 
     return samples, iters
 
 
-def measure_many(models: Mapping[str, Any], *, img_size: int | Mapping[str, int], device: str = "cpu",
-                 batch: Optional[int] = None, dtype: Optional[str] = None, threads: Optional[int] = 1,
-                 warmup: float = 1.0, duration: float = 3.0, repeats: int = 3, channels_last: bool = False,
-                 compile: bool = False, max_batch: int = 2048, mem_cap_bytes: Optional[int] = None,
-                 progress: Optional[Callable[[str], None]] = None) -> dict[str, ThroughputResult]:
+def measure_many(
+    models: Mapping[str, Any],
+    *,
+    img_size: int | Mapping[str, int],
+    device: str = "cpu",
+    batch: Optional[int] = None,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = 1,
+    warmup: float = 1.0,
+    duration: float = 3.0,
+    repeats: int = 3,
+    channels_last: bool = False,
+    compile: bool = False,
+    max_batch: int = 2048,
+    mem_cap_bytes: Optional[int] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, ThroughputResult]:
     """Time several models with interleaved repeats (ABAB.., order reversed every other repeat).
 
     On GPU without an explicit batch each model gets its own largest power-of-two batch; the
@@ -243,9 +291,20 @@ def measure_many(models: Mapping[str, Any], *, img_size: int | Mapping[str, int]
     sizes = img_size if isinstance(img_size, Mapping) else {k: img_size for k in models}
     name = device_name(device)
     with _threads(device, threads) as n_threads:
-        timed = {k: _Timed(m, img_size=int(sizes[k]), device=device, batch=batch, dtype=dtype,
-                           channels_last=channels_last, compile=compile, max_batch=max_batch,
-                           mem_cap_bytes=mem_cap_bytes) for k, m in models.items()}
+        timed = {
+            k: _Timed(
+                m,
+                img_size=int(sizes[k]),
+                device=device,
+                batch=batch,
+                dtype=dtype,
+                channels_last=channels_last,
+                compile=compile,
+                max_batch=max_batch,
+                mem_cap_bytes=mem_cap_bytes,
+            )
+            for k, m in models.items()
+        }
         if batch is None:
             _same_batch(timed)
         for k, t in timed.items():
@@ -255,40 +314,80 @@ def measure_many(models: Mapping[str, Any], *, img_size: int | Mapping[str, int]
         samples, iters = _interleaved(timed, repeats=repeats, duration=duration, warmup=warmup, progress=progress)
         out = {}
         for k, t in timed.items():
-            out[k] = _summarise(samples[k], iters[k], batch=t.batch, dtype=dtype, device=device, device_name=name,
-                                threads=n_threads if device == "cpu" else torch.get_num_threads(),
-                                torch_version=torch.__version__, compiled=compile, channels_last=channels_last,
-                                img_size=t.img_size, fused=t.fused, fusion=t.fusion, warmup_s=warmup,
-                                duration_s=duration, repeats=repeats)
+            out[k] = _summarise(
+                samples[k],
+                iters[k],
+                batch=t.batch,
+                dtype=dtype,
+                device=device,
+                device_name=name,
+                threads=n_threads if device == "cpu" else torch.get_num_threads(),
+                torch_version=torch.__version__,
+                compiled=compile,
+                channels_last=channels_last,
+                img_size=t.img_size,
+                fused=t.fused,
+                fusion=t.fusion,
+                warmup_s=warmup,
+                duration_s=duration,
+                repeats=repeats,
+            )
     return out
 
 
-def measure_throughput(model, *, img_size: int, device: str = "cpu", batch: Optional[int] = None,
-                       dtype: Optional[str] = None, threads: Optional[int] = 1, warmup: float = 1.0,
-                       duration: float = 3.0, repeats: int = 3, channels_last: bool = False, compile: bool = False,
-                       max_batch: int = 2048, mem_cap_bytes: Optional[int] = None,
-                       progress: Optional[Callable[[str], None]] = None) -> ThroughputResult:
+def measure_throughput(
+    model,
+    *,
+    img_size: int,
+    device: str = "cpu",
+    batch: Optional[int] = None,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = 1,
+    warmup: float = 1.0,
+    duration: float = 3.0,
+    repeats: int = 3,
+    channels_last: bool = False,
+    compile: bool = False,
+    max_batch: int = 2048,
+    mem_cap_bytes: Optional[int] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> ThroughputResult:
     """Inference images/s of one model under the paper's protocol (see module docstring).
 
     The model is put in eval mode and BatchNorm-folded in place (grafts.fuse for grafts models,
     timm/torch folding otherwise); pass a copy if you still need the unfused one.
     """
-    return measure_many({"model": model}, img_size=img_size, device=device, batch=batch, dtype=dtype,
-                        threads=threads, warmup=warmup, duration=duration, repeats=repeats,
-                        channels_last=channels_last, compile=compile, max_batch=max_batch,
-                        mem_cap_bytes=mem_cap_bytes, progress=progress)["model"]
-
+    return measure_many(
+        {"model": model},
+        img_size=img_size,
+        device=device,
+        batch=batch,
+        dtype=dtype,
+        threads=threads,
+        warmup=warmup,
+        duration=duration,
+        repeats=repeats,
+        channels_last=channels_last,
+        compile=compile,
+        max_batch=max_batch,
+        mem_cap_bytes=mem_cap_bytes,
+        progress=progress,
+    )["model"]
 
 
 # --------------------------------------------------------------------------- MLflow
 
 
-def bench_record(result: ThroughputResult, timm: Optional[ThroughputResult] = None,
-                 timm_name: Optional[str] = None) -> tuple[dict[str, float], dict[str, str]]:
+def bench_record(
+    result: ThroughputResult, timm: Optional[ThroughputResult] = None, timm_name: Optional[str] = None
+) -> tuple[dict[str, float], dict[str, str]]:
     """The MLflow metrics (bench/<device>_imgs_per_s, _min, _max, ...) and tags (bench.<device>.*) of a result."""
     d = result.device
-    metrics = {R.bench_metric(d): result.images_per_s_median, R.bench_metric(d, "_min"): result.images_per_s_min,
-               R.bench_metric(d, "_max"): result.images_per_s_max}
+    metrics = {
+        R.bench_metric(d): result.images_per_s_median,
+        R.bench_metric(d, "_min"): result.images_per_s_min,
+        R.bench_metric(d, "_max"): result.images_per_s_max,
+    }
     tags = {R.bench_tag(d, k): v for k, v in result.metadata().items()}
     if timm is not None:
         metrics[R.bench_timm_metric(d)] = timm.images_per_s_median
@@ -297,8 +396,9 @@ def bench_record(result: ThroughputResult, timm: Optional[ThroughputResult] = No
     return metrics, tags
 
 
-def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult] = None,
-              timm_name: Optional[str] = None) -> Optional[str]:
+def log_bench(
+    variant, result: ThroughputResult, timm: Optional[ThroughputResult] = None, timm_name: Optional[str] = None
+) -> Optional[str]:
     """Write the figures onto the variant's latest FINISHED (else latest) child run; its run id or None."""
     from lab import track
 
@@ -307,8 +407,11 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
     exp_name = track.experiment_name(variant)
     if cl.get_experiment_by_name(exp_name) is None:
         raise LabError(f"no MLflow experiment '{exp_name}' in {uri} (run `lab run` first)")
-    runs = [r for r in track.find_variant_runs(cl, exp_name, key=variant.key)
-            if r.data.tags.get(R.EXPERIMENT, variant.experiment) == variant.experiment]
+    runs = [
+        r
+        for r in track.find_variant_runs(cl, exp_name, key=variant.key)
+        if r.data.tags.get(R.EXPERIMENT, variant.experiment) == variant.experiment
+    ]
     if not runs:
         return None
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -321,8 +424,10 @@ def log_bench(variant, result: ThroughputResult, timm: Optional[ThroughputResult
     if same:
         run = same[0]
     if run.data.tags.get(R.HASH) not in (None, variant.hash) and not same:
-        _stderr(f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get(R.HASH)}, "
-                f"the spec now resolves to {variant.hash}")
+        _stderr(
+            f"warning: {variant.key}: run {run.info.run_id} has hash {run.data.tags.get(R.HASH)}, "
+            f"the spec now resolves to {variant.hash}"
+        )
     metrics, tags = bench_record(result, timm, timm_name)
     for target in targets:
         track.log_metrics(cl, target.info.run_id, metrics, 0)
@@ -367,8 +472,9 @@ class BenchItem:
     zoo: Optional[str] = None
 
 
-def bench_models(items: list[BenchItem], *, compare: Optional[str] = None, log: bool = False,
-                 say: Callable[[str], None] = _stderr) -> list[dict[str, Any]]:
+def bench_models(
+    items: list[BenchItem], *, compare: Optional[str] = None, log: bool = False, say: Callable[[str], None] = _stderr
+) -> list[dict[str, Any]]:
     """Time every item (interleaved with timm's equivalent when compare='timm'); one row each.
 
     A row: model, params, macs, result (ThroughputResult.as_dict()), timm_model, timm, ratio,
@@ -393,15 +499,35 @@ def bench_models(items: list[BenchItem], *, compare: Optional[str] = None, log: 
             else:
                 say(f"{it.label}: no timm equivalent (the model differs from every zoo entry); not compared")
         size = model_img_size(model)
-        say(f"bench {it.label}: {params / 1e6:.2f}M params, {macs / 1e6:.0f}M MACs, {size}px on {device}"
-            + (f" (interleaved with timm {timm_name})" if timm_name else ""))
-        res = measure_many(models, img_size=size, device=device, batch=b.batch, dtype=b.dtype, threads=b.threads,
-                           warmup=b.warmup, duration=b.duration, repeats=b.repeats, channels_last=b.channels_last,
-                           compile=b.compile, max_batch=b.max_batch, progress=say)
+        say(
+            f"bench {it.label}: {params / 1e6:.2f}M params, {macs / 1e6:.0f}M MACs, {size}px on {device}"
+            + (f" (interleaved with timm {timm_name})" if timm_name else "")
+        )
+        res = measure_many(
+            models,
+            img_size=size,
+            device=device,
+            batch=b.batch,
+            dtype=b.dtype,
+            threads=b.threads,
+            warmup=b.warmup,
+            duration=b.duration,
+            repeats=b.repeats,
+            channels_last=b.channels_last,
+            compile=b.compile,
+            max_batch=b.max_batch,
+            progress=say,
+        )
         ours, theirs = res["ours"], res.get("timm")
-        row = {"model": it.label, "params": params, "macs": macs, "result": ours.as_dict(),
-               "timm_model": timm_name, "timm": theirs.as_dict() if theirs else None,
-               "ratio": ours.images_per_s_median / theirs.images_per_s_median if theirs else None}
+        row = {
+            "model": it.label,
+            "params": params,
+            "macs": macs,
+            "result": ours.as_dict(),
+            "timm_model": timm_name,
+            "timm": theirs.as_dict() if theirs else None,
+            "ratio": ours.images_per_s_median / theirs.images_per_s_median if theirs else None,
+        }
         if theirs is not None:
             row["timm_params"] = sum(p.numel() for p in models["timm"].parameters())
         if log and it.variant is not None:
@@ -420,9 +546,13 @@ def bench_models(items: list[BenchItem], *, compare: Optional[str] = None, log: 
 
 def footer(results: list[dict[str, Any]]) -> str:
     """The conditions of a bench table (ThroughputResult dicts), one line."""
+
     def vals(k):
         return "/".join(dict.fromkeys(str(r[k]) for r in results)) or "-"
-    return (f"device {vals('device')} ({vals('device_name')}), dtype {vals('dtype')}, batch {vals('batch')}, "
-            f"threads {vals('threads')}, torch {vals('torch_version')}, compiled {vals('compiled')}, "
-            f"channels_last {vals('channels_last')}, BN folded: {vals('fusion')}; "
-            f"{vals('repeats')} x {vals('duration_s')}s after {vals('warmup_s')}s warmup")
+
+    return (
+        f"device {vals('device')} ({vals('device_name')}), dtype {vals('dtype')}, batch {vals('batch')}, "
+        f"threads {vals('threads')}, torch {vals('torch_version')}, compiled {vals('compiled')}, "
+        f"channels_last {vals('channels_last')}, BN folded: {vals('fusion')}; "
+        f"{vals('repeats')} x {vals('duration_s')}s after {vals('warmup_s')}s warmup"
+    )

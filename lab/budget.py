@@ -18,6 +18,7 @@ the start/resume of training, or the end of an evaluation) to the end of the nex
 loading counts, evaluation, checkpointing done at eval time, and calibration do not; with
 torch.compile the first step of each `fit` (the compilation) is left out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,7 @@ CALIBRATION_WARMUP = 5  # untimed steps first: allocator, thread pools and cache
 @dataclass
 class BudgetPlan:
     kind: str
-    total_steps: Optional[int]          # None: wall-clock budget (stop on time)
+    total_steps: Optional[int]  # None: wall-clock budget (stop on time)
     global_batch: int
     max_seconds: Optional[float] = None  # wall-clock budget only
     steps_per_epoch: Optional[int] = None
@@ -53,8 +54,14 @@ class BudgetPlan:
         return f"{self.kind}: {self.total_steps} steps"
 
 
-def steps_for(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None,
-              macs_per_image: Optional[int] = None, images_per_s: Optional[float] = None) -> int:
+def steps_for(
+    budget,
+    *,
+    global_batch: int,
+    steps_per_epoch: Optional[int] = None,
+    macs_per_image: Optional[int] = None,
+    images_per_s: Optional[float] = None,
+) -> int:
     """Exact optimizer steps for a budget (seconds needs the calibrated images_per_s)."""
     kind = budget.kind
     if kind == "steps":
@@ -76,11 +83,22 @@ def steps_for(budget, *, global_batch: int, steps_per_epoch: Optional[int] = Non
     raise ValueError(f"unknown budget kind {kind}")
 
 
-def plan(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None, macs_per_image: Optional[int] = None,
-         calibrate: Optional[Callable[[], dict[str, float]]] = None) -> BudgetPlan:
+def plan(
+    budget,
+    *,
+    global_batch: int,
+    steps_per_epoch: Optional[int] = None,
+    macs_per_image: Optional[int] = None,
+    calibrate: Optional[Callable[[], dict[str, float]]] = None,
+) -> BudgetPlan:
     """The BudgetPlan; `calibrate()` (seconds budgets only) returns {'images_per_s', 'step_seconds', ...}."""
-    p = BudgetPlan(kind=budget.kind, total_steps=None, global_batch=global_batch,
-                   steps_per_epoch=steps_per_epoch, macs_per_image=macs_per_image)
+    p = BudgetPlan(
+        kind=budget.kind,
+        total_steps=None,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        macs_per_image=macs_per_image,
+    )
     if budget.kind == "seconds":
         if budget.wall_clock:
             p.max_seconds = float(budget.seconds)
@@ -90,8 +108,9 @@ def plan(budget, *, global_batch: int, steps_per_epoch: Optional[int] = None, ma
         p.calibration = dict(calibrate())
         p.total_steps = steps_for(budget, global_batch=global_batch, images_per_s=p.calibration["images_per_s"])
         return p
-    p.total_steps = steps_for(budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                              macs_per_image=macs_per_image)
+    p.total_steps = steps_for(
+        budget, global_batch=global_batch, steps_per_epoch=steps_per_epoch, macs_per_image=macs_per_image
+    )
     return p
 
 
@@ -230,15 +249,24 @@ class LightningSteps:
     a new optimizer and data iterator, so the calibrator leaves it out (`rewarm`). On a GPU the
     module goes back to the CPU between calls, so that several variants fit beside each other."""
 
-    def __init__(self, module: "pl.LightningModule", datamodule, trainer_kwargs: dict[str, Any],
-                 threads: Optional[int] = None):
+    def __init__(
+        self, module: "pl.LightningModule", datamodule, trainer_kwargs: dict[str, Any], threads: Optional[int] = None
+    ):
         self.module = module
         self.datamodule = datamodule
         self.threads = threads
         kw = dict(trainer_kwargs)
-        kw.update(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, val_check_interval=None,
-                  check_val_every_n_epoch=None)
+        kw.update(
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            val_check_interval=None,
+            check_val_every_n_epoch=None,
+        )
         kw.pop("ckpt_path", None)
         self.trainer_kwargs = kw
         self.calls = 0
@@ -256,8 +284,14 @@ class LightningSteps:
         return list(timer.step_times)
 
 
-def calibrate(make_module: Callable[[], "pl.LightningModule"], datamodule, trainer_kwargs: dict[str, Any],
-              steps: int, warmup: int = CALIBRATION_WARMUP, threads: Optional[int] = None) -> dict[str, float]:
+def calibrate(
+    make_module: Callable[[], "pl.LightningModule"],
+    datamodule,
+    trainer_kwargs: dict[str, Any],
+    steps: int,
+    warmup: int = CALIBRATION_WARMUP,
+    threads: Optional[int] = None,
+) -> dict[str, float]:
     """One variant alone (a distributed or remote worker): `warmup` untimed steps, then `steps` timed
     ones on a fresh module (thrown away) with lab.calibration's statistics.
 
@@ -272,8 +306,13 @@ def calibrate(make_module: Callable[[], "pl.LightningModule"], datamodule, train
     c = cal.costs["v"]
     batch = module.global_batch
     del module, runner
-    return {"images_per_s": batch / c.step_seconds, "step_seconds": c.step_seconds, "spread": c.spread,
-            "timed_steps": float(len(c.samples)), "seconds_spent": cal.seconds_spent}
+    return {
+        "images_per_s": batch / c.step_seconds,
+        "step_seconds": c.step_seconds,
+        "spread": c.spread,
+        "timed_steps": float(len(c.samples)),
+        "seconds_spent": cal.seconds_spent,
+    }
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> float:
@@ -289,13 +328,29 @@ def reset_peak_memory(device: Optional[torch.device] = None) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def usage(*, steps: int, global_batch: int, train_seconds: float, macs_per_image: int,
-          peak_mem_mb: float) -> dict[str, float]:
+def usage(
+    *, steps: int, global_batch: int, train_seconds: float, macs_per_image: int, peak_mem_mb: float
+) -> dict[str, float]:
     """What a run used, as the budget/* metrics."""
     images = steps * global_batch
-    return {R.BUDGET_STEPS: steps, R.BUDGET_IMAGES_SEEN: images, R.BUDGET_TRAIN_SECONDS: train_seconds,
-            R.BUDGET_TRAIN_FLOPS: 6.0 * macs_per_image * images, R.BUDGET_PEAK_MEM_MB: peak_mem_mb}
+    return {
+        R.BUDGET_STEPS: steps,
+        R.BUDGET_IMAGES_SEEN: images,
+        R.BUDGET_TRAIN_SECONDS: train_seconds,
+        R.BUDGET_TRAIN_FLOPS: 6.0 * macs_per_image * images,
+        R.BUDGET_PEAK_MEM_MB: peak_mem_mb,
+    }
 
 
-__all__ = ["BudgetPlan", "LightningSteps", "TrainTimer", "calibrate", "plan", "steps_for", "trainer_limits", "usage",
-           "peak_memory_mb", "reset_peak_memory"]
+__all__ = [
+    "BudgetPlan",
+    "LightningSteps",
+    "TrainTimer",
+    "calibrate",
+    "plan",
+    "steps_for",
+    "trainer_limits",
+    "usage",
+    "peak_memory_mb",
+    "reset_peak_memory",
+]

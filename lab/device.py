@@ -1,4 +1,5 @@
 """Device helpers for measuring: which device, its name, the default dtype, autocast, OOM detection."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,6 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device_type=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error (torch's, or a RuntimeError saying so)."""
     import torch
@@ -58,4 +58,3 @@ def is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-

@@ -1,4 +1,5 @@
 """One error type for everything a user can get wrong, so the CLI can print one line and exit 2."""
+
 from __future__ import annotations
 
 import difflib

@@ -14,6 +14,7 @@
 In a distributed worker only global rank 0 writes to MLflow (`Context.rank_zero`).
 The experiment around the variants (parent run, ordering, launchers) is lab.runner.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,9 +77,18 @@ class Context:
         datamodules or printer; the thread policy only for the local launcher (same machine); only
         that variant's calibration entry."""
         cal = {key: self.calibration[key]} if key in self.calibration else {}
-        return dataclasses.replace(self, cl=None, callbacks=[], datamodules={}, say=silent, progress=progress, keeper=None,
-                                   threads=self.threads if self.launcher == "local" else None, calibration=cal,
-                                   resolved={})
+        return dataclasses.replace(
+            self,
+            cl=None,
+            callbacks=[],
+            datamodules={},
+            say=silent,
+            progress=progress,
+            keeper=None,
+            threads=self.threads if self.launcher == "local" else None,
+            calibration=cal,
+            resolved={},
+        )
 
     def attach(self, *, rank_zero: bool = True) -> Context:
         """This (portable) context in a worker: its own MLflow client and rank."""
@@ -99,20 +109,32 @@ def preflight(variants: list, datamodules: dict) -> None:
             dm = datamodules[k]
             nc = cfg.num_classes
             if getattr(dm, "num_classes", nc) != nc:
-                raise LabError(f"the model has {nc} classes but the data has {dm.num_classes}", file=v.source,
-                               path=f"variants.{v.key}.model.num_classes")
+                raise LabError(
+                    f"the model has {nc} classes but the data has {dm.num_classes}",
+                    file=v.source,
+                    path=f"variants.{v.key}.model.num_classes",
+                )
         d = v.train.distill
         if d is not None and d.checkpoint and find_file(d.checkpoint, v.source) is None:
-            raise LabError(f"teacher checkpoint not found: {d.checkpoint}", file=v.source,
-                           path=f"variants.{v.key}.train.distill.checkpoint")
+            raise LabError(
+                f"teacher checkpoint not found: {d.checkpoint}",
+                file=v.source,
+                path=f"variants.{v.key}.train.distill.checkpoint",
+            )
         size = cfg.img_size
         if not cfg.dynamic_img_size and cfg.img_hw != (v.data.image_size, v.data.image_size):
-            raise LabError(f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
-                           "images); set them equal, or model.dynamic_img_size: true", file=v.source,
-                           path=f"variants.{v.key}.model.img_size")
+            raise LabError(
+                f"model.img_size {size} differs from data.image_size {v.data.image_size} (square "
+                "images); set them equal, or model.dynamic_img_size: true",
+                file=v.source,
+                path=f"variants.{v.key}.model.img_size",
+            )
         if v.init is not None and v.init.checkpoint and find_file(v.init.checkpoint, v.source) is None:
-            raise LabError(f"init checkpoint not found: {v.init.checkpoint}", file=v.source,
-                           path=f"variants.{v.key}.model.init.checkpoint")
+            raise LabError(
+                f"init checkpoint not found: {v.init.checkpoint}",
+                file=v.source,
+                path=f"variants.{v.key}.model.init.checkpoint",
+            )
 
 
 def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Optional[Path]]:
@@ -171,8 +193,7 @@ def other_claim(ctx: Context, v: Any, run_id: str) -> Any:
     """The run of another live process that holds this variant after all, else None (this process keeps
     `run_id`). A server store has no lock: read back; of two processes that claimed at once the oldest
     run wins, and the loser's run is ended KILLED with the reason."""
-    others = lease.first_live(track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash),
-                              exclude=run_id)
+    others = lease.first_live(track.find_variant_runs(ctx.cl, ctx.experiment, key=v.key, hash=v.hash), exclude=run_id)
     if others is not None and (others.info.start_time or 0, others.info.run_id) < start_key(ctx.cl, run_id):
         ctx.cl.set_terminated(run_id, status="KILLED")
         track.set_tags(ctx.cl, run_id, {R.ERROR: "another lab run claimed this variant at the same time"})
@@ -185,11 +206,19 @@ def other_claim(ctx: Context, v: Any, run_id: str) -> Any:
 def skipped(rec: VariantResult, run: Any, v: Any) -> VariantResult:
     """The result of a variant FINISHED before with the same hash, read from its run."""
     m = run.data.metrics
-    return rec.update(run_id=run.info.run_id, status="skipped", params=m.get(R.PARAMS), macs=m.get(R.MACS),
-                      steps=m.get(R.BUDGET_STEPS), top1=m.get(R.FINAL_VAL_TOP1), best_top1=m.get(R.BEST_VAL_TOP1),
-                      train_seconds=m.get(R.BUDGET_TRAIN_SECONDS), wall_seconds=0.0,
-                      budget=run.data.tags.get(R.BUDGET_PLAN, v.budget.kind),
-                      calibrated_step_seconds=m.get(R.calibration_metric("step_seconds")))
+    return rec.update(
+        run_id=run.info.run_id,
+        status="skipped",
+        params=m.get(R.PARAMS),
+        macs=m.get(R.MACS),
+        steps=m.get(R.BUDGET_STEPS),
+        top1=m.get(R.FINAL_VAL_TOP1),
+        best_top1=m.get(R.BEST_VAL_TOP1),
+        train_seconds=m.get(R.BUDGET_TRAIN_SECONDS),
+        wall_seconds=0.0,
+        budget=run.data.tags.get(R.BUDGET_PLAN, v.budget.kind),
+        calibrated_step_seconds=m.get(R.calibration_metric("step_seconds")),
+    )
 
 
 def checkpoint_owner(ckdir: Path) -> Optional[str]:
@@ -206,8 +235,13 @@ def reopen(ctx: Context, run: Any, last: Path, notes: list[str]) -> str:
     prev_owner = run.data.tags.get(lease.OWNER) if run.info.status == "RUNNING" else None
     ctx.cl.update_run(run_id, status="RUNNING")
     n = int(run.data.tags.get(R.RESUMED, "0")) + 1
-    tags = {R.RESUMED: n, R.RESUMED_BY: ctx.parent_run_id, R.LAUNCHER: ctx.launcher,
-            R.RESUMED_FROM: last.name, **lease.claim_tags(prev_owner)}
+    tags = {
+        R.RESUMED: n,
+        R.RESUMED_BY: ctx.parent_run_id,
+        R.LAUNCHER: ctx.launcher,
+        R.RESUMED_FROM: last.name,
+        **lease.claim_tags(prev_owner),
+    }
     if notes:
         tags[R.CHECKPOINT_RECOVERY] = "; ".join(notes)[:5000]
     track.set_tags(ctx.cl, run_id, tags)
@@ -221,8 +255,9 @@ def start_fresh(ctx: Context, v: Any, ckdir: Path, notes: list[str]) -> str:
     if ckdir.exists():
         paths.safe_rmtree(ckdir, track.checkpoint_root(ctx.uri))
     ckdir.mkdir(parents=True, exist_ok=True)
-    run_id = track.start_variant_run(ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id,
-                                     baseline=(v.key == ctx.baseline))
+    run_id = track.start_variant_run(
+        ctx.cl, ctx.experiment_id, v, parent_run_id=ctx.parent_run_id, baseline=(v.key == ctx.baseline)
+    )
     tags = {R.LAUNCHER: ctx.launcher, **lease.claim_tags()}
     if notes:
         tags[R.CHECKPOINT_RECOVERY] = ("; ".join(notes) + "; no readable checkpoint: restarted")[:5000]
@@ -238,8 +273,12 @@ def start_key(cl: Any, run_id: str) -> tuple:
 
 def busy(rec: VariantResult, run: Any) -> VariantResult:
     who = lease.describe(run.data.tags.get(lease.OWNER))
-    return rec.update(run_id=run.info.run_id, status="busy", wall_seconds=0.0,
-                      error=f"being trained by {who} (run {run.info.run_id}); skipped here")
+    return rec.update(
+        run_id=run.info.run_id,
+        status="busy",
+        wall_seconds=0.0,
+        error=f"being trained by {who} (run {run.info.run_id}); skipped here",
+    )
 
 
 def end_stale(cl: Any, run: Any) -> None:
@@ -253,8 +292,9 @@ def end_stale(cl: Any, run: Any) -> None:
         pass
 
 
-def execute_variant(v, ctx: Context, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path],
-                    started: Optional[float] = None) -> VariantResult:
+def execute_variant(
+    v, ctx: Context, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], started: Optional[float] = None
+) -> VariantResult:
     """The worker's half: train `v` into `run_id` (prepared by `prepare_variant`) and end the run.
 
     Never raises except when a signal stops it (lab.signals.Interrupted, a KeyboardInterrupt: SIGINT
@@ -295,8 +335,9 @@ def mark_worker(ctx: Context, run_id: str, t0: float) -> None:
     """Tag the run with the host and process that train it, and when they started."""
     import socket
 
-    track.set_tags(ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(),
-                                    R.WORKER_STARTED: f"{t0:.3f}"})
+    track.set_tags(
+        ctx.cl, run_id, {R.WORKER_HOST: socket.gethostname(), R.WORKER_PID: os.getpid(), R.WORKER_STARTED: f"{t0:.3f}"}
+    )
 
 
 def resolve_and_log(v, ctx: Context, run_id: str, resume_ckpt: Optional[Path]):
@@ -338,8 +379,9 @@ def end_failed(ctx: Context, run_id: str, rec: VariantResult, e: BaseException) 
 def retain(v, ctx: Context, ckdir: Path) -> None:
     """After FINISHED: keep what tracking.keep asks for (default: the final weights, once)."""
     try:
-        checkpoints.apply_retention(ckdir, v.tracking.keep,
-                                    final_logged=bool(v.tracking.log_checkpoint), root=track.checkpoint_root(ctx.uri))
+        checkpoints.apply_retention(
+            ckdir, v.tracking.keep, final_logged=bool(v.tracking.log_checkpoint), root=track.checkpoint_root(ctx.uri)
+        )
     except Exception as e:  # noqa: BLE001 - the run is FINISHED; a leftover file is no failure
         ctx.say(f"{v.key}: could not clean up its checkpoints ({track.short_error(e)})")
 
@@ -373,10 +415,23 @@ def quiet_logs() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading calibration.json back
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning", "mlflow.store.db.utils",
-                 "alembic", "alembic.runtime.migration"):
+    for name in (
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning",
+        "pytorch_lightning",
+        "mlflow.store.db.utils",
+        "alembic",
+        "alembic.runtime.migration",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for msg in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*", ".*resuming from a checkpoint that ended.*",
-                ".*is not a valid metric.*", r".*module\(s\) in eval mode.*",
-                ".*Using `DistributedSampler` with the dataloaders.*"):  # DDP eval pads < world_size samples
+    for msg in (
+        ".*does not have many workers.*",
+        ".*LeafSpec.*",
+        ".*litlogger.*",
+        ".*resuming from a checkpoint that ended.*",
+        ".*is not a valid metric.*",
+        r".*module\(s\) in eval mode.*",
+        ".*Using `DistributedSampler` with the dataloaders.*",
+    ):  # DDP eval pads < world_size samples
         warnings.filterwarnings("ignore", message=msg)

@@ -6,6 +6,7 @@ PyTorch output of the unfused model on the same random batch.
 (``--variant KEY``) or a weights file (``--checkpoint final.pt``). ONNX checking needs the
 ``export`` extra (``onnx``, ``onnxruntime``).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "torch_export": ".
 class ExportResult:
     format: str
     path: Optional[str]
-    max_abs_diff: Optional[float] = None   # vs the unfused PyTorch model
+    max_abs_diff: Optional[float] = None  # vs the unfused PyTorch model
     ok: bool = False
     error: Optional[str] = None
 
@@ -66,8 +67,16 @@ def _onnx(fused, x, path: Path) -> Any:
         import onnxruntime as ort
     except ImportError as e:  # the `export` extra is missing
         raise LabError("ONNX export needs the 'export' extra: pip install -e '.[export]'") from e
-    torch.onnx.export(fused, (x,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    torch.onnx.export(
+        fused,
+        (x,),
+        str(path),
+        dynamo=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
 
@@ -91,8 +100,15 @@ def _torch_export(fused, x, path: Path) -> Any:
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "torch_export": _torch_export}
 
 
-def export_model(model, out_dir: Path, name: str = "model", formats: Sequence[str] = FORMATS,
-                 batch: int = 2, tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+def export_model(
+    model,
+    out_dir: Path,
+    name: str = "model",
+    formats: Sequence[str] = FORMATS,
+    batch: int = 2,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> ExportReport:
     """Fuse ``model`` and write each format under ``out_dir``; every file is run back and compared
     with the unfused model's output (max |diff| <= tolerance * max |output| + 1e-6 to pass).
     ONNX failures raise; TorchScript / torch.export failures are reported (``ok=False``)."""
@@ -127,6 +143,8 @@ def export_model(model, out_dir: Path, name: str = "model", formats: Sequence[st
         except Exception as e:  # noqa: BLE001 - reported per format
             if fmt == "onnx":
                 raise LabError(f"ONNX export of {name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-            rep.results.append(ExportResult(fmt, None, None, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            rep.results.append(
+                ExportResult(fmt, None, None, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            )
     (out_dir / f"{name}.export.json").write_text(json.dumps(rep.as_dict(), indent=1))
     return rep

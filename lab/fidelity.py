@@ -6,6 +6,7 @@ cause and what to do. `lab run`'s summary and `lab table` print them. Only time 
 (`seconds`, calibrated or wall-clock) are checked: under a steps/epochs/images/FLOPs budget the
 variants are meant to take different times.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def off_budget(row: dict, tol: float = TOLERANCE) -> Optional[str]:
         real = got / steps
         msg += f": its steps took {real:.2f} s/step in training but {cal:.2f} s/step in calibration"
         if dev > 0:
-            msg += (", so the machine was probably busier while it trained (another process competing for the "
-                    "CPU or GPU)")
+            msg += (
+                ", so the machine was probably busier while it trained (another process competing for the CPU or GPU)"
+            )
         else:
             msg += ", so the machine was probably quieter while it trained than while it was calibrated"
     elif dev > 0:
@@ -46,8 +48,10 @@ def off_budget(row: dict, tol: float = TOLERANCE) -> Optional[str]:
     else:
         msg += ": training stopped before the budget (the data ran out, or it was interrupted)"
     # `--variant` takes the variant key (all its seeds), not a per-seed label like 'KEY seed 0'
-    msg += (f". Re-run it on a quiet machine (`lab run SPEC --force --variant {row.get('variant') or key}`), or set "
-            f"`budget.wall_clock: true` to stop on training time.")
+    msg += (
+        f". Re-run it on a quiet machine (`lab run SPEC --force --variant {row.get('variant') or key}`), or set "
+        f"`budget.wall_clock: true` to stop on training time."
+    )
     return msg
 
 
@@ -61,10 +65,12 @@ def apart(rows: list[dict], tol: float = TOLERANCE) -> Optional[str]:
     spread = hi[1] / lo[1] - 1.0
     if spread <= tol:
         return None
-    return (f"the variants trained between {lo[1]:.1f} s ('{lo[0]}') and {hi[1]:.1f} s ('{hi[0]}'), {spread:.0%} apart: "
-            f"they were not compared at the same runtime. Likely cause: the load from other processes changed while "
-            f"they trained. Re-run them together on a quiet machine (`lab run SPEC --force`), where the calibration "
-            f"before training then holds.")
+    return (
+        f"the variants trained between {lo[1]:.1f} s ('{lo[0]}') and {hi[1]:.1f} s ('{hi[0]}'), {spread:.0%} apart: "
+        f"they were not compared at the same runtime. Likely cause: the load from other processes changed while "
+        f"they trained. Re-run them together on a quiet machine (`lab run SPEC --force`), where the calibration "
+        f"before training then holds."
+    )
 
 
 def budget_warnings(rows: Iterable[dict], tol: float = TOLERANCE) -> list[str]:

@@ -1,4 +1,5 @@
 """matplotlib set-up and figure files shared by every plot the lab draws (report, inspection)."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """BatchNorm folding before inference: grafts models fold with grafts.fuse, other models (timm
 baselines) with timm's own `fuse()` and torch's conv-bn folding (`prepare_for_inference`)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,12 +38,20 @@ def fold_batchnorm(model) -> tuple[Any, int]:
         pairs: list[tuple[str, str]] = []
         kids = list(mod._modules.items())
         if isinstance(mod, nn.Sequential):
-            pairs = [(a, b) for (a, ma), (b, mb) in zip(kids, kids[1:])
-                     if type(ma) is nn.Conv2d and type(mb) is nn.BatchNorm2d]
+            pairs = [
+                (a, b)
+                for (a, ma), (b, mb) in zip(kids, kids[1:])
+                if type(ma) is nn.Conv2d and type(mb) is nn.BatchNorm2d
+            ]
         elif type(mod).__module__.startswith("timm.models.resnet"):
             names = dict(kids)
-            pairs = [(n, "bn" + n[4:]) for n in names if n.startswith("conv") and type(names[n]) is nn.Conv2d
-                     and type(names.get("bn" + n[4:])) is nn.BatchNorm2d]
+            pairs = [
+                (n, "bn" + n[4:])
+                for n in names
+                if n.startswith("conv")
+                and type(names[n]) is nn.Conv2d
+                and type(names.get("bn" + n[4:])) is nn.BatchNorm2d
+            ]
         for a, b in pairs:
             conv, bn = mod._modules[a], mod._modules[b]
             if conv.out_channels != bn.num_features:
@@ -77,4 +86,3 @@ def prepare_for_inference(model) -> tuple[Any, bool, str]:
     elif how == "none needed":
         how = "no BatchNorm to fold"
     return model, left == 0, how
-

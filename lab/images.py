@@ -6,6 +6,7 @@ empty, unreadable). Results are cached per file by (size, mtime) in
 `<cache dir>/imagecheck/<hash of root>.json`, so a second run over an unchanged ImageNet tree only
 stats the files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,14 @@ def _cache_file(cache_dir: Path, root: Path) -> Path:
     return cache_dir / "imagecheck" / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
 
 
-def verify_files(files: Iterable[str], *, cache_dir: Optional[Path] = None, root: Optional[Path] = None,
-                 workers: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> dict[str, str]:
+def verify_files(
+    files: Iterable[str],
+    *,
+    cache_dir: Optional[Path] = None,
+    root: Optional[Path] = None,
+    workers: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> dict[str, str]:
     """{path: reason} of the files that do not verify."""
     files = list(files)
     cache: dict[str, list] = {}

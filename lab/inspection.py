@@ -27,6 +27,7 @@ materialises them. Conventions (also in the README):
 - Shrink attention (LeViT's downsampling) has queries on the stride-2 subsampled grid of its
   keys: a query sits at its key-grid position (2i, 2j), distances are in the key grid's stride.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -66,9 +67,9 @@ __all__ = [
 LOW_FREQ_CUTOFF = 0.25  # cycles/pixel: half of Nyquist
 
 # MLflow metric names (logged once, at the run's last step; defined in lab.record)
-SMOOTHNESS_METRIC = R.INSPECT_SMOOTHNESS                       # mean over first-layer filters
+SMOOTHNESS_METRIC = R.INSPECT_SMOOTHNESS  # mean over first-layer filters
 SMOOTHNESS_MEDIAN_METRIC = R.INSPECT_SMOOTHNESS_MEDIAN
-DISTANCE_METRIC = R.INSPECT_DISTANCE                           # mean over layers and heads (pixels)
+DISTANCE_METRIC = R.INSPECT_DISTANCE  # mean over layers and heads (pixels)
 
 
 def distance_metric(layer: int, head: int | None = None) -> str:
@@ -121,15 +122,23 @@ def first_layer(model: nn.Module, grey: bool = False) -> FirstLayer:
 def _first_layer(model: nn.Module) -> FirstLayer:
     stem = _get(model, "prefix.conv1") if getattr(model, "prefix", None) is not None else None
     if isinstance(stem, nn.Conv2d):
-        return FirstLayer("resnet_stem", "prefix.conv1", _fold_bn(stem.weight, _get(model, "prefix.bn1")).detach(),
-                          int(stem.stride[0]))
+        return FirstLayer(
+            "resnet_stem",
+            "prefix.conv1",
+            _fold_bn(stem.weight, _get(model, "prefix.bn1")).detach(),
+            int(stem.stride[0]),
+        )
     proj = _get(model, "embed.proj")
     if isinstance(proj, nn.Conv2d) and proj.kernel_size[0] == proj.stride[0] and proj.in_channels <= 4:
         return FirstLayer("vit_patch", "embed.proj", proj.weight.detach(), int(proj.stride[0]))
     conv = _get(model, "embed.conv1.conv")
     if isinstance(conv, nn.Conv2d):
-        return FirstLayer("levit_conv", "embed.conv1", _fold_bn(conv.weight, _get(model, "embed.conv1.bn")).detach(),
-                          int(conv.stride[0]))
+        return FirstLayer(
+            "levit_conv",
+            "embed.conv1",
+            _fold_bn(conv.weight, _get(model, "embed.conv1.bn")).detach(),
+            int(conv.stride[0]),
+        )
     raise ValueError(f"{type(model).__name__}: no first convolution found (prefix.conv1, embed.proj, embed.conv1)")
 
 
@@ -143,7 +152,9 @@ def smoothness(weight: torch.Tensor, cutoff: float = LOW_FREQ_CUTOFF) -> torch.T
     fy, fx = torch.fft.fftfreq(k_h, dtype=torch.float64), torch.fft.fftfreq(k_w, dtype=torch.float64)
     low = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() <= cutoff + 1e-9
     total = power.flatten(1).sum(1)
-    return torch.where(total > 0, (power * low).flatten(1).sum(1) / total.clamp_min(1e-300), torch.zeros_like(total)).float()
+    return torch.where(
+        total > 0, (power * low).flatten(1).sum(1) / total.clamp_min(1e-300), torch.zeros_like(total)
+    ).float()
 
 
 def filter_images(weight: torch.Tensor) -> torch.Tensor:
@@ -167,15 +178,15 @@ def filter_images(weight: torch.Tensor) -> torch.Tensor:
 class AttentionSite:
     """One attention layer: where it sits and the geometry of its tokens."""
 
-    index: int          # depth order among attention layers (0 = first)
-    name: str           # module path, e.g. stages.0.blocks.1.attn
+    index: int  # depth order among attention layers (0 = first)
+    name: str  # module path, e.g. stages.0.blocks.1.attn
     module: nn.Module
     stage: int
-    kind: str           # block | shrink
-    key_grid: int       # side of the key token grid
-    query_step: int     # 1 (block) or 2 (shrink: queries on the subsampled key grid)
-    n_extra: int        # cls/dist tokens in front of the keys (and queries)
-    stride_px: float    # pixels between neighbouring keys
+    kind: str  # block | shrink
+    key_grid: int  # side of the key token grid
+    query_step: int  # 1 (block) or 2 (shrink: queries on the subsampled key grid)
+    n_extra: int  # cls/dist tokens in front of the keys (and queries)
+    stride_px: float  # pixels between neighbouring keys
     heads: int
     has_bias: bool
 
@@ -185,7 +196,8 @@ _SITE = re.compile(r"^stages\.(\d+)\.(?:blocks\.(\d+)|(downsample))\.attn$")
 
 def _is_attention(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("heads", "key_dim", "scale")) and (
-        hasattr(m, "qkv") or (hasattr(m, "q") and hasattr(m, "kv")))
+        hasattr(m, "qkv") or (hasattr(m, "q") and hasattr(m, "kv"))
+    )
 
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
@@ -208,11 +220,21 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
         stage = int(hit.group(1))
         shrink = hit.group(3) is not None
         grid_stage = stage - 1 if shrink else stage
-        sites.append(AttentionSite(
-            index=len(sites), name=name, module=m, stage=stage, kind="shrink" if shrink else "block",
-            key_grid=res[grid_stage], query_step=2 if shrink else 1, n_extra=0 if shrink else n_extra,
-            stride_px=stride0 * (2 ** grid_stage if halves else 1), heads=int(m.heads),
-            has_bias=getattr(m, "pos_bias", None) is not None))
+        sites.append(
+            AttentionSite(
+                index=len(sites),
+                name=name,
+                module=m,
+                stage=stage,
+                kind="shrink" if shrink else "block",
+                key_grid=res[grid_stage],
+                query_step=2 if shrink else 1,
+                n_extra=0 if shrink else n_extra,
+                stride_px=stride0 * (2**grid_stage if halves else 1),
+                heads=int(m.heads),
+                has_bias=getattr(m, "pos_bias", None) is not None,
+            )
+        )
     return sites
 
 
@@ -246,7 +268,7 @@ def _probs(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
         xq = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, -1, C)
         q = m.q(xq).view(B, xq.shape[1], m.heads, kd)
     else:
-        q, k = m.qkv(x).view(B, N, m.heads, -1)[..., :2 * kd].split([kd, kd], dim=3)
+        q, k = m.qkv(x).view(B, N, m.heads, -1)[..., : 2 * kd].split([kd, kd], dim=3)
     attn = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)).float() * m.scale
     if site.has_bias:
         attn = attn + m.pos_bias().float()
@@ -254,17 +276,20 @@ def _probs(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def capture_attention(model: nn.Module, sites: list[AttentionSite] | None = None,
-                      reduce: Any | None = None) -> Iterator[dict[int, list]]:
+def capture_attention(
+    model: nn.Module, sites: list[AttentionSite] | None = None, reduce: Any | None = None
+) -> Iterator[dict[int, list]]:
     """While active, every forward of an attention site appends its probabilities (B, H, Nq, Nk)
     to `captured[site.index]` (or `reduce(site, probs)` when given, to keep memory bounded)."""
     sites = attention_sites(model) if sites is None else sites
     captured: dict[int, list] = {s.index: [] for s in sites}
     handles = []
     for s in sites:
+
         def hook(module, args, output, s=s):
             p = _probs(s, args[0])
             captured[s.index].append(reduce(s, p) if reduce is not None else p)
+
         handles.append(s.module.register_forward_hook(hook))
     try:
         yield captured
@@ -290,8 +315,9 @@ def mean_distance(probs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
         p = p[:, :, n_extra:, n_extra:]
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
     if p.shape[-2:] != (q_pos.shape[0], k_pos.shape[0]):
-        raise ValueError(f"attention {tuple(p.shape[-2:])} does not match {q_pos.shape[0]} queries x "
-                         f"{k_pos.shape[0]} keys")
+        raise ValueError(
+            f"attention {tuple(p.shape[-2:])} does not match {q_pos.shape[0]} queries x {k_pos.shape[0]} keys"
+        )
     dist = torch.cdist(q_pos.double(), k_pos.double())  # (Nq, Nk)
     return (p * dist).sum(-1).mean(dim=(0, 2))
 
@@ -302,7 +328,9 @@ def _site_positions(s: AttentionSite) -> tuple[torch.Tensor, torch.Tensor]:
     return q, k
 
 
-def attention_distances(model: nn.Module, batches: Iterable[torch.Tensor], max_images: int = 64) -> list[dict[str, Any]]:
+def attention_distances(
+    model: nn.Module, batches: Iterable[torch.Tensor], max_images: int = 64
+) -> list[dict[str, Any]]:
     """Mean attention distance (pixels) per head and layer over at most `max_images` images of
     `batches` (image tensors at the model's resolution). One dict per (layer, head): layer (depth
     order), name, stage, kind, head, distance_px, images. Empty for models without attention."""
@@ -338,8 +366,17 @@ def attention_distances(model: nn.Module, batches: Iterable[torch.Tensor], max_i
     rows = []
     for s in sites:
         for h, d in enumerate((sums[s.index] / seen).tolist()):
-            rows.append({"layer": s.index, "name": s.name, "stage": s.stage, "kind": s.kind, "head": h,
-                         "distance_px": d, "images": seen})
+            rows.append(
+                {
+                    "layer": s.index,
+                    "name": s.name,
+                    "stage": s.stage,
+                    "kind": s.kind,
+                    "head": h,
+                    "distance_px": d,
+                    "images": seen,
+                }
+            )
     return rows
 
 
@@ -378,13 +415,21 @@ class Inspection:
         """Plain numbers for an artifact (`inspection.json`): everything the plots need but the weights."""
         f = self.filters
         return {
-            "filters": None if f is None else {"kind": f.kind, "name": f.name, "shape": list(f.weight.shape),
-                                               "stride": f.stride, "grey": f.grey},
+            "filters": None
+            if f is None
+            else {"kind": f.kind, "name": f.name, "shape": list(f.weight.shape), "stride": f.stride, "grey": f.grey},
             "smoothness": None if self.smoothness is None else [round(float(v), 6) for v in self.smoothness],
             "smoothness_cutoff": LOW_FREQ_CUTOFF,
-            "bias": [{"layer": b["site"].index, "name": b["site"].name, "stage": b["site"].stage,
-                      "kind": b["site"].kind, "maps": [[[round(float(v), 5) for v in row] for row in head]
-                                                       for head in b["maps"]]} for b in self.bias],
+            "bias": [
+                {
+                    "layer": b["site"].index,
+                    "name": b["site"].name,
+                    "stage": b["site"].stage,
+                    "kind": b["site"].kind,
+                    "maps": [[[round(float(v), 5) for v in row] for row in head] for head in b["maps"]],
+                }
+                for b in self.bias
+            ],
             "distances": [{k: v for k, v in r.items()} for r in self.distances],
             "note": self.note,
         }
@@ -397,13 +442,17 @@ def peek_grey(batches: Iterable[torch.Tensor]) -> tuple[bool, Iterator[torch.Ten
         first = next(it)
     except StopIteration:
         return False, iter(())
-    grey = first.dim() == 4 and first.shape[1] == 3 and bool(
-        torch.equal(first[:, 0], first[:, 1]) and torch.equal(first[:, 1], first[:, 2]))
+    grey = (
+        first.dim() == 4
+        and first.shape[1] == 3
+        and bool(torch.equal(first[:, 0], first[:, 1]) and torch.equal(first[:, 1], first[:, 2]))
+    )
     return grey, itertools.chain([first], it)
 
 
-def inspect_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = None,
-                  max_images: int = 64, grey: bool | None = None) -> Inspection:
+def inspect_model(
+    model: nn.Module, batches: Iterable[torch.Tensor] | None = None, max_images: int = 64, grey: bool | None = None
+) -> Inspection:
     """Filters + smoothness, bias maps and (with `batches`) attention distances of `model`.
     `grey` (see `first_layer`): None = decided from the first batch (False without batches)."""
     if batches is not None and grey is None:
@@ -422,4 +471,3 @@ def inspect_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = Non
     if batches is not None and max_images > 0:
         ins.distances = attention_distances(model, batches, max_images)
     return ins
-

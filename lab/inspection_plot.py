@@ -12,6 +12,7 @@
   variants at once; seeds of one variant (keys differing only in `seed=`) are aggregated.
 - `cmd_plot`: `lab plot EXP --kind filters | attention-bias`.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,7 @@ def filter_mosaic(images: torch.Tensor, cols: int = 8, pad: int = 1):
     arr = images.numpy()
     for i in range(n):
         r, c = divmod(i, cols)
-        out[pad + r * (k + pad): pad + r * (k + pad) + k, pad + c * (k + pad): pad + c * (k + pad) + k] = arr[i]
+        out[pad + r * (k + pad) : pad + r * (k + pad) + k, pad + c * (k + pad) : pad + c * (k + pad) + k] = arr[i]
     return out
 
 
@@ -96,10 +97,13 @@ def plot_filters(panels: list[dict[str, Any]], title: str | None = None, max_fil
         k = p["weight"].shape[-1]
         grey = "\nsummed over R, G, B (grey input)" if p["weight"].shape[1] == 1 else ""
         seeds = p.get("seeds_smoothness") or []
-        spread = (f" ± {torch.tensor(seeds).std().item():.2f} ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+        spread = f" ± {torch.tensor(seeds).std().item():.2f} ({len(seeds)} seeds)" if len(seeds) > 1 else ""
         shown = f"{len(order)} of {p['weight'].shape[0]}" if len(order) < p["weight"].shape[0] else f"{len(order)}"
-        ax.set_title(f"{p['label']}\n{p['kind'].replace('_', ' ')} {k}x{k}, {shown} filters{grey}\n"
-                     f"low-freq. energy {float(s.mean()):.2f}{spread}", fontsize=9)
+        ax.set_title(
+            f"{p['label']}\n{p['kind'].replace('_', ' ')} {k}x{k}, {shown} filters{grey}\n"
+            f"low-freq. energy {float(s.mean()):.2f}{spread}",
+            fontsize=9,
+        )
     fig.suptitle(title or "first-layer filters (each normalised on its own; smoothest first)", fontsize=11)
     fig.tight_layout()
     return fig
@@ -126,7 +130,7 @@ def bias_mosaic(layers: list[dict[str, Any]], cell: int | None = None):
         off = (cell - big.shape[-1]) // 2
         for h in range(m.shape[0]):
             y, x = 1 + i * (cell + 1) + off, 1 + h * (cell + 1) + off
-            img[y: y + big.shape[-1], x: x + big.shape[-1]] = big[h]
+            img[y : y + big.shape[-1], x : x + big.shape[-1]] = big[h]
     return img, cell, scales
 
 
@@ -149,16 +153,27 @@ def plot_attention_bias(label: str, layers: list[dict[str, Any]], title: str | N
     pts = [(x, y) for i, y in enumerate(ys) for h, x in enumerate(xs) if h < layers[i]["maps"].shape[0]]
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="+", color="black", s=14, linewidths=0.7)
     ax.set_xticks(xs, [f"head {h}" for h in range(heads)], fontsize=7)
-    ax.set_yticks(ys, [f"stage {lay['stage']} {'shrink' if lay['kind'] == 'shrink' else 'block ' + _block_no(lay['name'])}"
-                       f" (±{sc:.2g})" for lay, sc in zip(layers, scales)], fontsize=7)
+    ax.set_yticks(
+        ys,
+        [
+            f"stage {lay['stage']} {'shrink' if lay['kind'] == 'shrink' else 'block ' + _block_no(lay['name'])}"
+            f" (±{sc:.2g})"
+            for lay, sc in zip(layers, scales)
+        ],
+        fontsize=7,
+    )
     ax.xaxis.tick_top()
     ax.grid(False)
     for side in ax.spines.values():
         side.set_visible(False)
     cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, ticks=[-1, 0, 1])
     cb.ax.set_yticklabels(["-max", "0", "+max"], fontsize=7)
-    ax.set_title(title or f"{label}: learnt attention bias per head over the (dy, dx) offset\n"
-                          "(red: attend more, blue: less; + = the query's own position)", fontsize=9)
+    ax.set_title(
+        title
+        or f"{label}: learnt attention bias per head over the (dy, dx) offset\n"
+        "(red: attend more, blue: less; + = the query's own position)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -200,9 +215,19 @@ def plot_attention_distance(data: pd.DataFrame, title: str | None = None):
 
 
 def distance_frame(label: str, run_id: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame([{"label": label, "run_id": run_id, "layer": int(r["layer"]), "head": int(r["head"]),
-                          "distance_px": float(r["distance_px"])} for r in rows],
-                        columns=["label", "run_id", "layer", "head", "distance_px"])
+    return pd.DataFrame(
+        [
+            {
+                "label": label,
+                "run_id": run_id,
+                "layer": int(r["layer"]),
+                "head": int(r["head"]),
+                "distance_px": float(r["distance_px"]),
+            }
+            for r in rows
+        ],
+        columns=["label", "run_id", "layer", "head", "distance_px"],
+    )
 
 
 def _bias_layers(bias: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -213,13 +238,15 @@ def inspection_figures(ins: Inspection, label: str, run_id: str = "") -> dict[st
     """The figures of one trained model: {'filters', 'attention_bias', 'attention_distance'} (those that apply)."""
     figs: dict[str, Any] = {}
     if ins.filters is not None and ins.smoothness is not None:
-        figs["filters"] = plot_filters([{"label": label, "kind": ins.filters.kind, "weight": ins.filters.weight,
-                                         "smoothness": ins.smoothness}])
+        figs["filters"] = plot_filters(
+            [{"label": label, "kind": ins.filters.kind, "weight": ins.filters.weight, "smoothness": ins.smoothness}]
+        )
     if ins.bias:
         figs["attention_bias"] = plot_attention_bias(label, _bias_layers(ins.bias))
     if ins.distances:
-        figs["attention_distance"] = plot_attention_distance(distance_frame(label, run_id, ins.distances),
-                                                             title=f"{label}: mean attention distance per layer")
+        figs["attention_distance"] = plot_attention_distance(
+            distance_frame(label, run_id, ins.distances), title=f"{label}: mean attention distance per layer"
+        )
     return figs
 
 
@@ -233,8 +260,16 @@ def save_and_close(fig, stem: Path) -> list[Path]:
 # --------------------------------------------------------------------------- after training
 
 
-def log_inspection(cl, run_id: str, model: torch.nn.Module, batches: Iterable[torch.Tensor] | None, *,
-                   label: str, max_images: int, step: int) -> dict[str, float]:
+def log_inspection(
+    cl,
+    run_id: str,
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor] | None,
+    *,
+    label: str,
+    max_images: int,
+    step: int,
+) -> dict[str, float]:
     """Inspect the trained `model` and log metrics, `inspect/inspection.json` and the figures on
     `run_id`. Returns the metrics."""
     from lab import track
@@ -261,9 +296,9 @@ class RunInspection:
 
     row: pd.Series
     label: str
-    filters: dict[str, Any] | None      # {kind, weight, smoothness}
-    bias: list[dict[str, Any]]             # plot_attention_bias layers
-    distances: pd.DataFrame                # distance_frame
+    filters: dict[str, Any] | None  # {kind, weight, smoothness}
+    bias: list[dict[str, Any]]  # plot_attention_bias layers
+    distances: pd.DataFrame  # distance_frame
     note: str = ""
 
 
@@ -330,8 +365,9 @@ def _val_batches(cl, run_id: str):
     return (x for x, _ in dm.val_dataloader())
 
 
-def collect(df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 64,
-            say: Callable[[str], None] = print) -> list[RunInspection]:
+def collect(
+    df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 64, say: Callable[[str], None] = print
+) -> list[RunInspection]:
     """Inspect every FINISHED run of `df` (from `lab.report.load_runs`) from its final weights."""
     from lab import track
 
@@ -359,15 +395,24 @@ def collect(df: pd.DataFrame, *, want_distances: bool = True, max_images: int = 
             bias = _bias_layers(bias_maps(model))
         except ValueError as e:  # a non-square token grid: filters only
             say(f"{row['key']}: attention not inspected ({e})")
-            out.append(RunInspection(row=row, label=label, filters=filters, bias=[],
-                                     distances=distance_frame(label, row["run_id"], []), note=str(e)))
+            out.append(
+                RunInspection(
+                    row=row,
+                    label=label,
+                    filters=filters,
+                    bias=[],
+                    distances=distance_frame(label, row["run_id"], []),
+                    note=str(e),
+                )
+            )
             continue
         dist = _logged_distances(row, label) if want_distances else distance_frame(label, row["run_id"], [])
         note = ""
         if want_distances and dist.empty and getattr(model, "has_transformer", False):
             try:
-                dist = distance_frame(label, row["run_id"],
-                                      attention_distances(model, _val_batches(cl, row["run_id"]), max_images))
+                dist = distance_frame(
+                    label, row["run_id"], attention_distances(model, _val_batches(cl, row["run_id"]), max_images)
+                )
                 note = f"attention distance computed now on {max_images} validation images"
             except Exception as e:  # noqa: BLE001 - e.g. the data root of an old run is gone
                 note = f"no attention distance ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -385,8 +430,15 @@ def filter_panels(found: list[RunInspection]) -> list[dict[str, Any]]:
     panels = []
     for label, filters in groups.items():
         f = filters[0]
-        panels.append({"label": label, "kind": f["kind"], "weight": f["weight"], "smoothness": f["smoothness"],
-                       "seeds_smoothness": [float(x["smoothness"].mean()) for x in filters]})
+        panels.append(
+            {
+                "label": label,
+                "kind": f["kind"],
+                "weight": f["weight"],
+                "smoothness": f["smoothness"],
+                "seeds_smoothness": [float(x["smoothness"].mean()) for x in filters],
+            }
+        )
     return panels
 
 
@@ -396,21 +448,40 @@ def summary(found: list[RunInspection]) -> pd.DataFrame:
     rows = []
     for r in found:
         d = r.distances.groupby("layer")["distance_px"].mean() if not r.distances.empty else pd.Series(dtype=float)
-        rows.append({"variant": r.label, "first layer": r.filters["kind"] if r.filters else None,
-                     "smoothness": float(r.filters["smoothness"].mean()) if r.filters else float("nan"),
-                     "bias layers": len(r.bias),
-                     "distance first (px)": float(d.iloc[0]) if len(d) else float("nan"),
-                     "distance last (px)": float(d.iloc[-1]) if len(d) else float("nan"),
-                     "distance mean (px)": float(d.mean()) if len(d) else float("nan")})
-    cols = ["variant", "first layer", "smoothness", "bias layers", "distance first (px)", "distance last (px)",
-            "distance mean (px)"]
+        rows.append(
+            {
+                "variant": r.label,
+                "first layer": r.filters["kind"] if r.filters else None,
+                "smoothness": float(r.filters["smoothness"].mean()) if r.filters else float("nan"),
+                "bias layers": len(r.bias),
+                "distance first (px)": float(d.iloc[0]) if len(d) else float("nan"),
+                "distance last (px)": float(d.iloc[-1]) if len(d) else float("nan"),
+                "distance mean (px)": float(d.mean()) if len(d) else float("nan"),
+            }
+        )
+    cols = [
+        "variant",
+        "first layer",
+        "smoothness",
+        "bias layers",
+        "distance first (px)",
+        "distance last (px)",
+        "distance mean (px)",
+    ]
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows, columns=cols)
     n = df.groupby("variant", sort=False).size().rename("seeds")
-    out = df.groupby("variant", sort=False).agg({"first layer": "first", "smoothness": "mean", "bias layers": "first",
-                                                 "distance first (px)": "mean", "distance last (px)": "mean",
-                                                 "distance mean (px)": "mean"})
+    out = df.groupby("variant", sort=False).agg(
+        {
+            "first layer": "first",
+            "smoothness": "mean",
+            "bias layers": "first",
+            "distance first (px)": "mean",
+            "distance last (px)": "mean",
+            "distance mean (px)": "mean",
+        }
+    )
     return out.join(n).reset_index()
 
 
@@ -421,8 +492,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("._") or "variant"
 
 
-def cmd_plot(df: pd.DataFrame, kind: str, stem: Path, *, max_images: int = 64,
-             say: Callable[[str], None] = print) -> list[Path]:
+def cmd_plot(
+    df: pd.DataFrame, kind: str, stem: Path, *, max_images: int = 64, say: Callable[[str], None] = print
+) -> list[Path]:
     """Write the figures of `kind` for the runs of `df`; returns the files written.
 
     filters: STEM.{png,svg}, one panel per variant. attention-bias: STEM_<variant>.{png,svg} per
@@ -439,14 +511,20 @@ def cmd_plot(df: pd.DataFrame, kind: str, stem: Path, *, max_images: int = 64,
     for r in found:
         if r.bias and r.label not in seen:  # one bias figure per variant (the first seed)
             seen.add(r.label)
-            written += save_and_close(plot_attention_bias(r.label, r.bias), stem.with_name(f"{stem.name}_{_safe(r.label)}"))
+            written += save_and_close(
+                plot_attention_bias(r.label, r.bias), stem.with_name(f"{stem.name}_{_safe(r.label)}")
+            )
     if not seen:
         say("no variant has position: attention_bias: no bias maps")
-    dist = pd.concat([r.distances for r in found if not r.distances.empty] or [distance_frame("", "", [])],
-                     ignore_index=True)
+    dist = pd.concat(
+        [r.distances for r in found if not r.distances.empty] or [distance_frame("", "", [])], ignore_index=True
+    )
     if not dist.empty:
-        name = (stem.name.replace("attention_bias", "attention_distance") if "attention_bias" in stem.name
-                else f"{stem.name}_distance")
+        name = (
+            stem.name.replace("attention_bias", "attention_distance")
+            if "attention_bias" in stem.name
+            else f"{stem.name}_distance"
+        )
         written += save_and_close(plot_attention_distance(dist), stem.with_name(name))
     elif not seen:
         raise LabError("nothing to plot: no variant has attention layers")

@@ -31,6 +31,7 @@ child runs are created by the driver with tag `mlflow.parentRunId`, so whichever
 them, `lab table` sees one sweep. A worker that dies without ending its run (killed, OOM,
 scheduler time limit) is marked FAILED by the driver when it collects the job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,14 @@ LAUNCHERS = ("local", "ray", "slurm")
 # a worker that exits with these (Ctrl-C / SIGTERM, lab.signals) was stopped, not broken
 KILLED_EXIT_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-_SLURM_TASK_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
-                    "SLURM_STEP_NUM_TASKS")
+_SLURM_TASK_VARS = (
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_STEP_NUM_TASKS",
+)
 _ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds the `lab` package
 
 
@@ -104,9 +111,16 @@ class VariantJob:
         return next(v for v in self.ctx.variants if v.uid == self.key)
 
 
-def make_job(v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False) -> VariantJob:
-    return VariantJob(ctx=ctx.portable(v.key, progress=progress), key=v.uid, run_id=run_id,
-                      resume_ckpt=str(resume_ckpt) if resume_ckpt else None, record=dataclasses.replace(rec))
+def make_job(
+    v, ctx, rec: VariantResult, run_id: str, resume_ckpt: Optional[Path], progress: bool = False
+) -> VariantJob:
+    return VariantJob(
+        ctx=ctx.portable(v.key, progress=progress),
+        key=v.uid,
+        run_id=run_id,
+        resume_ckpt=str(resume_ckpt) if resume_ckpt else None,
+        record=dataclasses.replace(rec),
+    )
 
 
 def execute_job(job: VariantJob, started: Optional[float] = None) -> VariantResult:
@@ -165,8 +179,11 @@ def _run_worker_process(job: VariantJob) -> VariantResult:
         if resfile.is_file():
             rec = VariantResult.from_dict(json.loads(resfile.read_text()))
         else:
-            rec = dataclasses.replace(job.record, status="failed" if rc not in KILLED_EXIT_CODES else "killed",
-                                      error=f"worker process exited with code {rc} without a result")
+            rec = dataclasses.replace(
+                job.record,
+                status="failed" if rc not in KILLED_EXIT_CODES else "killed",
+                error=f"worker process exited with code {rc} without a result",
+            )
         rec.worker_exit_code = rc
         return rec
     finally:
@@ -213,8 +230,9 @@ def finish_record(ctx, rec: VariantResult, outcome: Any) -> VariantResult:
     if isinstance(outcome, VariantResult) and outcome.status in ("finished", "failed", "killed"):
         rec = outcome
     else:
-        err = outcome if isinstance(outcome, BaseException) else RuntimeError(
-            f"worker returned no result ({outcome!r})")
+        err = (
+            outcome if isinstance(outcome, BaseException) else RuntimeError(f"worker returned no result ({outcome!r})")
+        )
         rec = dataclasses.replace(rec, status="failed", error=track.short_error(err))
     if ctx.keeper is not None and rec.run_id:
         ctx.keeper.release(rec.run_id)
@@ -284,9 +302,12 @@ class Launcher:
     def check(self, variants: list) -> None:
         for v in variants:
             if v.train.num_nodes > 1:
-                raise LabError(f"variant '{v.key}' asks for train.num_nodes={v.train.num_nodes}: "
-                               f"multi-node training needs --launcher slurm", file=v.source,
-                               path=f"variants.{v.key}.train.num_nodes")
+                raise LabError(
+                    f"variant '{v.key}' asks for train.num_nodes={v.train.num_nodes}: "
+                    f"multi-node training needs --launcher slurm",
+                    file=v.source,
+                    path=f"variants.{v.key}.train.num_nodes",
+                )
 
     def start(self) -> None:
         pass
@@ -336,8 +357,10 @@ class _Parallel(Launcher):
 
     def run(self, ordered: list, ctx) -> list[VariantResult]:
         if self.spans_machines() and (ctx.uri.startswith(("sqlite:", "file:")) or "://" not in ctx.uri):
-            ctx.say(f"note: the tracking store {ctx.uri} is a local file; every worker machine must see it at "
-                    f"that path. A tracking server is safer: export MLFLOW_TRACKING_URI=http://HOST:PORT")
+            ctx.say(
+                f"note: the tracking store {ctx.uri} is a local file; every worker machine must see it at "
+                f"that path. A tracking server is safer: export MLFLOW_TRACKING_URI=http://HOST:PORT"
+            )
         results: dict[str, VariantResult] = {}
         for wave in waves(ordered):
             pending: dict[int, tuple[Any, Any, VariantResult]] = {}
@@ -426,8 +449,7 @@ class RayLauncher(_Parallel):
     def submit(self, v, job: VariantJob) -> Any:
         import ray
 
-        task = ray.remote(run_job).options(name=f"lab:{job.ctx.experiment}:{v.uid}", max_retries=0,
-                                           **self.resources(v))
+        task = ray.remote(run_job).options(name=f"lab:{job.ctx.experiment}:{v.uid}", max_retries=0, **self.resources(v))
         return task.remote(job)
 
     def completed(self, handles: list):
@@ -475,8 +497,10 @@ class SlurmLauncher(_Parallel):
         if self.opts.slurm_cluster == "slurm":
             missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
             if missing:
-                raise LabError(f"--launcher slurm: {' and '.join(missing)} not on PATH (run on a SLURM login node, "
-                               f"or use --slurm-cluster local to run the jobs on this machine)")
+                raise LabError(
+                    f"--launcher slurm: {' and '.join(missing)} not on PATH (run on a SLURM login node, "
+                    f"or use --slurm-cluster local to run the jobs on this machine)"
+                )
         else:
             super().check(variants)  # the local executor is one node
 
@@ -503,10 +527,14 @@ class SlurmLauncher(_Parallel):
             "mem_gb": o.slurm_mem_gb,
         }
         if not local:
-            extra = {"slurm_partition": o.slurm_partition, "slurm_account": o.slurm_account,
-                     "slurm_qos": o.slurm_qos, "slurm_constraint": o.slurm_constraint,
-                     "slurm_setup": list(o.slurm_setup) or None,
-                     "slurm_additional_parameters": dict(o.slurm_params) or None}
+            extra = {
+                "slurm_partition": o.slurm_partition,
+                "slurm_account": o.slurm_account,
+                "slurm_qos": o.slurm_qos,
+                "slurm_constraint": o.slurm_constraint,
+                "slurm_setup": list(o.slurm_setup) or None,
+                "slurm_additional_parameters": dict(o.slurm_params) or None,
+            }
             p.update({k: val for k, val in extra.items() if val is not None})
         return {k: val for k, val in p.items() if val is not None}
 

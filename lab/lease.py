@@ -23,6 +23,7 @@ Settings (environment): LAB_LEASE_TIMEOUT (seconds without a heartbeat after whi
 owned by another host is stale; default 300), LAB_HEARTBEAT (seconds between heartbeats;
 default 30).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Models by name or config for benchmarking and matching: build a grafts config, its complexity,
 its input size, the zoo config of a name, and the timm model with the same architecture."""
+
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,15 @@ from lab.errors import LabError, close_matches
 
 # grafts zoo name -> timm model name, for `bench --compare timm`
 TIMM_EQUIVALENT = {
-    "levit_128s": "levit_128s", "levit_128": "levit_128", "levit_192": "levit_192",
-    "levit_256": "levit_256", "levit_384": "levit_384",
-    "deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+    "levit_128s": "levit_128s",
+    "levit_128": "levit_128",
+    "levit_192": "levit_192",
+    "levit_256": "levit_256",
+    "levit_384": "levit_384",
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
     "resnet50": "resnet50",
 }
-
 
 
 def model_img_size(model, default: int = 224) -> int:
@@ -52,6 +56,7 @@ def resolve_model(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def timm_equivalent(cfg: Mapping[str, Any]) -> Optional[str]:
     """The timm model with the same architecture as this grafts config (ignoring `zoo`), if any."""
+
     def arch(c):
         d = resolve_model(c)
         d.pop("zoo", None)
@@ -87,4 +92,3 @@ def create_timm(name: str, num_classes: Optional[int] = None):
 
     kw = {"num_classes": num_classes} if num_classes else {}
     return timm.create_model(name, pretrained=False, **kw)
-

@@ -16,6 +16,7 @@
   label smoothing. Top-1/top-5 (%) via torchmetrics.
 - A non-finite loss raises `NonFiniteLoss` (the variant fails; the others go on).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name in skip or name.endswith(".bias") or "token" in name.split(".")[-1] or "pos" in name.split(".")[-1]:
+        if (
+            p.ndim < 2
+            or name in skip
+            or name.endswith(".bias")
+            or "token" in name.split(".")[-1]
+            or "pos" in name.split(".")[-1]
+        ):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -80,9 +87,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class LabModule(pl.LightningModule):
-    def __init__(self, model: nn.Module, train, *, num_classes: int, total_steps: Optional[int] = None,
-                 global_batch: int = 1, mixup_fn: Optional[Callable] = None, label_smoothing: float = 0.0,
-                 teacher: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train,
+        *,
+        num_classes: int,
+        total_steps: Optional[int] = None,
+        global_batch: int = 1,
+        mixup_fn: Optional[Callable] = None,
+        label_smoothing: float = 0.0,
+        teacher: Optional[nn.Module] = None,
+    ):
         super().__init__()
         from torchmetrics import MeanMetric
         from torchmetrics.classification import MulticlassAccuracy
@@ -104,7 +120,9 @@ class LabModule(pl.LightningModule):
         object.__setattr__(self, "_teacher", teacher.eval().requires_grad_(False) if teacher is not None else None)
         self.distill_alpha = float(train.distill.alpha) if (train.distill is not None and teacher is not None) else 0.0
         self.val_top1 = MulticlassAccuracy(num_classes=self.num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes=self.num_classes, top_k=min(5, self.num_classes), average="micro")
+        self.val_top5 = MulticlassAccuracy(
+            num_classes=self.num_classes, top_k=min(5, self.num_classes), average="micro"
+        )
         self.val_loss = MeanMetric()
         if mixup_fn is not None:
             from timm.loss import SoftTargetCrossEntropy
@@ -181,8 +199,10 @@ class LabModule(pl.LightningModule):
         self.last_loss = loss.detach()
         if self.device.type == "cpu" or (self.global_step + 1) % self.cfg.log_every == 0:
             if not torch.isfinite(self.last_loss).all():
-                raise NonFiniteLoss(f"training loss is {self.last_loss.item()} at step {self.global_step + 1} "
-                                    f"(lr {self.last_lr:.3g}); lower train.lr or set train.grad_clip")
+                raise NonFiniteLoss(
+                    f"training loss is {self.last_loss.item()} at step {self.global_step + 1} "
+                    f"(lr {self.last_lr:.3g}); lower train.lr or set train.grad_clip"
+                )
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -238,21 +258,26 @@ def model_state_from_file(path: str | Path) -> tuple[Optional[dict[str, Any]], d
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         cfg = obj.get("model") if isinstance(obj.get("model"), dict) else None
         sd = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) and all(
-            isinstance(v, torch.Tensor) for v in obj["model"].values()):
+    elif (
+        isinstance(obj, dict)
+        and "model" in obj
+        and isinstance(obj["model"], dict)
+        and all(isinstance(v, torch.Tensor) for v in obj["model"].values())
+    ):
         sd = obj["model"]  # DeiT/timm-style {'model': state_dict}
     elif isinstance(obj, dict):
         sd = obj
     else:
         raise ValueError(f"{path}: not a checkpoint or state_dict")
     if any(k.startswith("ema.module.") for k in sd):  # Lightning checkpoint with EMA: use the EMA weights
-        sd = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
+        sd = {k[len("ema.module.") :]: v for k, v in sd.items() if k.startswith("ema.module.")}
     elif any(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     return cfg, sd
 
 
 # --------------------------------------------------------------------------- callbacks (used by lab.runner)
+
 
 class MlflowMetrics(pl.Callback):
     """train/loss + lr every `log_every` steps; val/* + epoch, images_seen, train_seconds at each eval.
@@ -266,17 +291,26 @@ class MlflowMetrics(pl.Callback):
         step = trainer.global_step
         if trainer.is_global_zero and step % self.log_every == 0 and pl_module.last_loss is not None:
             with self.timer.paused():
-                track.log_metrics(self.cl, self.run_id, {R.TRAIN_LOSS: float(pl_module.last_loss),
-                                                         R.LR: pl_module.last_lr}, step)
+                track.log_metrics(
+                    self.cl, self.run_id, {R.TRAIN_LOSS: float(pl_module.last_loss), R.LR: pl_module.last_lr}, step
+                )
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero or not pl_module.last_val:
             return
         step = trainer.global_step
         images = step * self.global_batch
-        track.log_metrics(self.cl, self.run_id, {**pl_module.last_val, R.EPOCH: images / self.train_size,
-                                                 R.IMAGES_SEEN: images, R.TRAIN_SECONDS: self.timer.train_seconds},
-                          step)
+        track.log_metrics(
+            self.cl,
+            self.run_id,
+            {
+                **pl_module.last_val,
+                R.EPOCH: images / self.train_size,
+                R.IMAGES_SEEN: images,
+                R.TRAIN_SECONDS: self.timer.train_seconds,
+            },
+            step,
+        )
 
 
 class LastCheckpoint(pl.Callback):
@@ -330,8 +364,11 @@ class LastCheckpoint(pl.Callback):
         from lab import signals
 
         self.exception = exception
-        if (signals.as_interrupted(exception) is not None and trainer.global_step > 0
-                and self.saved_step != trainer.global_step):
+        if (
+            signals.as_interrupted(exception) is not None
+            and trainer.global_step > 0
+            and self.saved_step != trainer.global_step
+        ):
             try:
                 self.save(trainer)
             except Exception:  # noqa: BLE001 - best effort; the periodic checkpoint remains
@@ -351,11 +388,24 @@ class StepProgress(pl.Callback):
         from tqdm.auto import tqdm
 
         if self.total_steps is not None:
-            self.bar = tqdm(total=self.total_steps, initial=trainer.global_step, desc=self.label, unit="step",
-                            dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=trainer.global_step,
+                desc=self.label,
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+                file=sys.stderr,
+            )
         else:
-            self.bar = tqdm(total=int(math.ceil(self.max_seconds or 0)), desc=self.label, unit="s", dynamic_ncols=True,
-                            leave=False, file=sys.stderr)
+            self.bar = tqdm(
+                total=int(math.ceil(self.max_seconds or 0)),
+                desc=self.label,
+                unit="s",
+                dynamic_ncols=True,
+                leave=False,
+                file=sys.stderr,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.bar is None:

@@ -11,6 +11,7 @@ Layout under a store directory (see lab.track.store_dir):
   checkpoints/<slug(experiment)>-<h(experiment)>/<slug(variant key)>-<variant hash>/
 so two MLflow experiments never share a checkpoint folder, even with one spec name and hash.
 """
+
 from __future__ import annotations
 
 import hashlib

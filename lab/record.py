@@ -9,6 +9,7 @@ tests/test_architecture.py checks the README matches).
 Names with a `{...}` placeholder are families; the functions next to them fill them in.
 Metrics use the global optimizer step as their step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,9 +51,11 @@ PARAMS = _add("metric", "params", "parameter count (also at the end)")
 MACS = _add("metric", "macs", "multiply-accumulates per image (also at the end)")
 BUDGET_PLANNED_STEPS = _add("metric", "budget/planned_steps", "optimizer steps the budget plan allows")
 BUDGET_PLANNED_SECONDS = _add("metric", "budget/planned_seconds", "a seconds budget: the training seconds planned")
-BUDGET_CALIBRATION = _add("metric", "budget/calibration_{key}",
-                          "a seconds budget's calibration: step_seconds, images_per_s, spread, timed_steps, "
-                          "relative, seconds_spent")
+BUDGET_CALIBRATION = _add(
+    "metric",
+    "budget/calibration_{key}",
+    "a seconds budget's calibration: step_seconds, images_per_s, spread, timed_steps, relative, seconds_spent",
+)
 # at the last step (lab.train; budget/* from lab.budget.usage)
 FINAL_VAL_TOP1 = _add("metric", "final/val_top1", "top-1 (%) of the final evaluation")
 FINAL_VAL_TOP5 = _add("metric", "final/val_top5", "top-5 (%) of the final evaluation")
@@ -64,23 +67,39 @@ BUDGET_TRAIN_SECONDS = _add("metric", "budget/train_seconds", "timed training se
 BUDGET_TRAIN_FLOPS = _add("metric", "budget/train_flops", "training FLOPs (6 x MACs x images)")
 BUDGET_PEAK_MEM_MB = _add("metric", "budget/peak_mem_mb", "peak accelerator memory (MB; CPU: none)")
 # `lab bench --log` (lab.bench.log_bench), step 0
-BENCH_IMGS_PER_S = _add("metric", "bench/{device}_imgs_per_s",
-                        "median inference images/s (device cpu or cuda); also _min, _max")
+BENCH_IMGS_PER_S = _add(
+    "metric", "bench/{device}_imgs_per_s", "median inference images/s (device cpu or cuda); also _min, _max"
+)
 BENCH_TIMM_IMGS_PER_S = _add("metric", "bench/{device}_timm_imgs_per_s", "timm's model, with --compare timm")
 BENCH_RATIO_VS_TIMM = _add("metric", "bench/{device}_ratio_vs_timm", "our median / timm's median")
 # after training (lab.inspection, tracking.inspect), at the last step
 INSPECT_SMOOTHNESS = _add("metric", "inspect/filter_smoothness", "first-layer filters: mean low-frequency energy share")
 INSPECT_SMOOTHNESS_MEDIAN = _add("metric", "inspect/filter_smoothness_median", "the median over the filters")
-INSPECT_DISTANCE = _add("metric", "inspect/attn_distance",
-                        "mean attention distance (pixels) over layers and heads; also /layerNN and /layerNN/headMM")
+INSPECT_DISTANCE = _add(
+    "metric",
+    "inspect/attn_distance",
+    "mean attention distance (pixels) over layers and heads; also /layerNN and /layerNN/headMM",
+)
 # on the parent run (lab.run_calibration)
-CALIBRATION_SECONDS_SPENT = _add("metric", "calibration/seconds_spent",
-                                 "parent: wall time of calibrating the variants together")
+CALIBRATION_SECONDS_SPENT = _add(
+    "metric", "calibration/seconds_spent", "parent: wall time of calibrating the variants together"
+)
 
 TRAIN_METRICS = (TRAIN_LOSS, LR)
 EVAL_METRICS = (VAL_TOP1, VAL_TOP5, VAL_LOSS, EPOCH, IMAGES_SEEN, TRAIN_SECONDS)
-FINAL_METRICS = (FINAL_VAL_TOP1, FINAL_VAL_TOP5, FINAL_VAL_LOSS, BEST_VAL_TOP1, BUDGET_STEPS, BUDGET_IMAGES_SEEN,
-                 BUDGET_TRAIN_SECONDS, BUDGET_TRAIN_FLOPS, BUDGET_PEAK_MEM_MB, PARAMS, MACS)
+FINAL_METRICS = (
+    FINAL_VAL_TOP1,
+    FINAL_VAL_TOP5,
+    FINAL_VAL_LOSS,
+    BEST_VAL_TOP1,
+    BUDGET_STEPS,
+    BUDGET_IMAGES_SEEN,
+    BUDGET_TRAIN_SECONDS,
+    BUDGET_TRAIN_FLOPS,
+    BUDGET_PEAK_MEM_MB,
+    PARAMS,
+    MACS,
+)
 
 
 def init_tag(field: str) -> str:
@@ -139,8 +158,9 @@ RESUMED = _add("tag", "lab.resumed", "how many times the run was resumed")
 RESUMED_BY = _add("tag", "lab.resumed_by", "the parent run that resumed it last")
 RESUMED_FROM = _add("tag", "lab.resumed_from", "the checkpoint file the last resume started from")
 REQUEUED = _add("tag", "lab.requeued", "how many times SLURM requeued the job (preemption, time limit)")
-CHECKPOINT_RECOVERY = _add("tag", "lab.checkpoint_recovery",
-                           "unreadable checkpoints moved aside, and which one was used instead")
+CHECKPOINT_RECOVERY = _add(
+    "tag", "lab.checkpoint_recovery", "unreadable checkpoints moved aside, and which one was used instead"
+)
 LEASE_OWNER = _add("tag", "lab.lease.owner", "the process that holds a RUNNING run (host, pid, start) (lab.lease)")
 LEASE_HEARTBEAT = _add("tag", "lab.lease.heartbeat", "the owner's last heartbeat (epoch seconds); stale when old")
 LEASE_TAKEN_FROM = _add("tag", "lab.lease.taken_from", "the dead owner a resumed run was taken over from")
@@ -149,20 +169,29 @@ WORKER_HOST = _add("tag", "lab.worker.host", "host that trained the variant")
 WORKER_PID = _add("tag", "lab.worker.pid", "process that trained the variant")
 WORKER_STARTED = _add("tag", "lab.worker.started", "when the worker started (epoch seconds)")
 RESOLVED_HASH = _add("tag", "lab.resolved_hash", "hash after runtime matching resized the model")
-THREADS = _add("tag", "lab.threads", "CPU threads used (parent: the invocation's policy); also lab.threads.source, "
-                                     ".reason, .wait_policy, .cpus, .load")
+THREADS = _add(
+    "tag",
+    "lab.threads",
+    "CPU threads used (parent: the invocation's policy); also lab.threads.source, .reason, .wait_policy, .cpus, .load",
+)
 CALIBRATION = _add("tag", "lab.calibration", "how a seconds budget was calibrated (together, alone, scaled)")
 CALIBRATION_REFERENCE = _add("tag", "lab.calibration.reference", "parent: the calibration's reference variant")
 CALIBRATION_HOW = _add("tag", "lab.calibration.how", "parent: how the variants were calibrated")
 BENCH_ERROR = _add("tag", "lab.bench_error", "why the inference throughput after training is missing")
 INSPECT_ERROR = _add("tag", "lab.inspect_error", "why the inspection after training is missing")
-INIT = _add("tag", "lab.init.{field}", "a run started from weights (model.init): source, loaded, resized, random, "
-                                        "skipped")
-MATCH = _add("tag", "match.{field}",
-             "runtime matching (spec `match:`): throughput_of, vary, value, device, target_imgs_per_s, imgs_per_s, "
-             "miss_pct")
-BENCH_TAG = _add("tag", "bench.{device}.{field}",
-                 "`lab bench --log` conditions: dtype, batch, threads, torch, device_name, compiled, ... timm_model")
+INIT = _add(
+    "tag", "lab.init.{field}", "a run started from weights (model.init): source, loaded, resized, random, skipped"
+)
+MATCH = _add(
+    "tag",
+    "match.{field}",
+    "runtime matching (spec `match:`): throughput_of, vary, value, device, target_imgs_per_s, imgs_per_s, miss_pct",
+)
+BENCH_TAG = _add(
+    "tag",
+    "bench.{device}.{field}",
+    "`lab bench --log` conditions: dtype, batch, threads, torch, device_name, compiled, ... timm_model",
+)
 
 ROLE_PARENT = "parent"
 ROLE_VARIANT = "variant"
@@ -183,17 +212,21 @@ def bench_tag(device: str, field: str) -> str:
 # --------------------------------------------------------------------------- params and artifacts
 PARAM_EXPERIMENT = _add("param", "experiment", "the spec's name")
 PARAM_KEY = _add("param", "key", "the variant key")
-SPEC_PARAMS = _add("param", "<section>.<field>",
-                   "the flattened resolved spec (data.*, model.*, train.*, budget.*, ...; lists as JSON)")
+SPEC_PARAMS = _add(
+    "param", "<section>.<field>", "the flattened resolved spec (data.*, model.*, train.*, budget.*, ...; lists as JSON)"
+)
 SPEC_YAML = _add("artifact", "spec.yaml", "the resolved variant spec")
 ERROR_TXT = _add("artifact", "error.txt", "a failed run's traceback")
 INIT_REPORT = _add("artifact", "init_report.json", "model.init: the full lists of loaded, resized and skipped keys")
 CALIBRATION_FILE = _add("artifact", "calibration.json", "parent: the calibration of the variants (lab.calibration)")
-INSPECTION_FILE = _add("artifact", "inspect/inspection.json",
-                       "the inspection's figures as data; figures inspect/filters, attention_bias, attention_distance "
-                       "(.png, .svg)")
-FINAL_CHECKPOINT = _add("artifact", "checkpoint/final.pt",
-                        "final weights and model config (when tracking.log_checkpoint)")
+INSPECTION_FILE = _add(
+    "artifact",
+    "inspect/inspection.json",
+    "the inspection's figures as data; figures inspect/filters, attention_bias, attention_distance (.png, .svg)",
+)
+FINAL_CHECKPOINT = _add(
+    "artifact", "checkpoint/final.pt", "final weights and model config (when tracking.log_checkpoint)"
+)
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
 
@@ -237,9 +270,15 @@ class VariantResult:
     @classmethod
     def new(cls, variant: Any) -> VariantResult:
         b = variant.budget
-        return cls(key=variant.key, hash=variant.hash, budget=b.kind, budget_kind=b.kind,
-                   uid=getattr(variant, "uid", variant.key), seed=getattr(variant, "seed", None),
-                   planned_seconds=float(b.seconds) if b.kind == "seconds" else None)
+        return cls(
+            key=variant.key,
+            hash=variant.hash,
+            budget=b.kind,
+            budget_kind=b.kind,
+            uid=getattr(variant, "uid", variant.key),
+            seed=getattr(variant, "seed", None),
+            planned_seconds=float(b.seconds) if b.kind == "seconds" else None,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VariantResult:
@@ -275,8 +314,10 @@ class VariantResult:
 
         top1 = f"{self.top1:.2f}%" if isinstance(self.top1, (int, float)) else "-"
         secs = f"{self.train_seconds:.1f}s" if isinstance(self.train_seconds, (int, float)) else "-"
-        line = (f"{self.uid or self.key:<22} params {num(self.params, 1e6, '.2f')}M  MACs {num(self.macs, 1e6, '.1f')}M  "
-                f"{self.budget:<24} {self.status or '-':<8} top-1 {top1:>7}  train {secs:>7}")
+        line = (
+            f"{self.uid or self.key:<22} params {num(self.params, 1e6, '.2f')}M  MACs {num(self.macs, 1e6, '.1f')}M  "
+            f"{self.budget:<24} {self.status or '-':<8} top-1 {top1:>7}  train {secs:>7}"
+        )
         if isinstance(self.imgs_per_s, (int, float)):
             line += f"  {self.imgs_per_s:.0f} img/s"
         if self.error:

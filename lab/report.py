@@ -8,6 +8,7 @@ Data functions (`load_runs`, `history`, `ablation_table`, `pareto_data`, `conver
 return plain DataFrames so tests and notebooks can assert on them; plotting functions only
 draw what those return; `register()` adds the `table` and `plot` subcommands.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,12 @@ from lab.errors import LabError, close_matches
 from lab.figures import pyplot
 
 X_KINDS = ("images_seen", "epoch", "train_seconds", "step")
-X_LABELS = {"images_seen": "images seen", "epoch": "epoch", "train_seconds": "training time (s)",
-            "step": "optimizer step"}
+X_LABELS = {
+    "images_seen": "images seen",
+    "epoch": "epoch",
+    "train_seconds": "training time (s)",
+    "step": "optimizer step",
+}
 DEVICES = ("cpu", "cuda")
 FORMATS = ("terminal", "markdown", "csv", "latex", "json")
 BENCH_METRIC = {d: R.bench_metric(d) for d in DEVICES}
@@ -38,6 +43,7 @@ def metric_col(name: str) -> str:
 def tag_col(name: str) -> str:
     """The load_runs column of tag `name` (a lab.record name)."""
     return f"tags.{name}"
+
 
 SMOKE_SUFFIX = " (smoke)"
 
@@ -58,8 +64,9 @@ def _client(uri: str):
 
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading must not create an empty store as a side effect
-        raise LabError(f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / "
-                       f"set MLFLOW_TRACKING_URI)")
+        raise LabError(
+            f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI)"
+        )
     return MlflowClient(tracking_uri=uri)
 
 
@@ -111,9 +118,28 @@ def _seed_of(t: dict, params: dict) -> int:
         return 0
 
 
-RUN_COLUMNS = ["run_id", "parent_run_id", "experiment", "key", "seed", "status", "baseline", "changes", "hash",
-               "config_hash", "smoke", "git_commit", "device", "error", "start_time", "end_time", "first_start",
-               "n_runs", "n_hashes", "other_hashes"]
+RUN_COLUMNS = [
+    "run_id",
+    "parent_run_id",
+    "experiment",
+    "key",
+    "seed",
+    "status",
+    "baseline",
+    "changes",
+    "hash",
+    "config_hash",
+    "smoke",
+    "git_commit",
+    "device",
+    "error",
+    "start_time",
+    "end_time",
+    "first_start",
+    "n_runs",
+    "n_hashes",
+    "other_hashes",
+]
 
 
 def _is_smoke(t: dict) -> bool:
@@ -159,8 +185,9 @@ def run_row(r, experiment_names: dict[str, str]) -> dict[str, Any]:
     return row
 
 
-def _variant_rows(client, experiments: Sequence[str], tags: dict[str, str] | None,
-                  include_smoke: bool) -> tuple[list[dict[str, Any]], int]:
+def _variant_rows(
+    client, experiments: Sequence[str], tags: dict[str, str] | None, include_smoke: bool
+) -> tuple[list[dict[str, Any]], int]:
     """A row (`run_row`) for every variant run of `experiments` whose tags match `tags`, and how
     many smoke runs were left out (all of them unless `include_smoke`)."""
     ids = _experiment_ids(client, experiments)
@@ -198,23 +225,27 @@ def _matching_hash(runs: pd.DataFrame, hash: str, experiments: Sequence[str]) ->
     """The runs whose config hash or run hash starts with `hash` (an error when there are none)."""
     hit = runs["config_hash"].fillna("").str.startswith(hash) | runs["hash"].fillna("").str.startswith(hash)
     if not hit.any():
-        raise LabError(f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
-                       f"{', '.join(sorted(set(runs['config_hash'].dropna())))}")
+        raise LabError(
+            f"no run with hash '{hash}' in {', '.join(experiments)}; hashes there: "
+            f"{', '.join(sorted(set(runs['config_hash'].dropna())))}"
+        )
     return runs[hit]
 
 
 def _spec_versions(newest: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
     """(experiment, key) -> its config hashes, the one of its first run in `newest` first."""
-    return {(e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in
-            newest.groupby(["experiment", "key"], sort=False)}
+    return {
+        (e, k): list(dict.fromkeys(g["config_hash"])) for (e, k), g in newest.groupby(["experiment", "key"], sort=False)
+    }
 
 
 def _with_first_start(newest: pd.DataFrame) -> pd.DataFrame:
     """Adds first_start: the spec order, roughly: when each version of each variant first started
     (any seed or status)."""
     first = newest.groupby(["experiment", "key", "config_hash"])["start_time"].min().to_dict()
-    return newest.assign(first_start=[first[(e, k, c)] for e, k, c in
-                                      zip(newest["experiment"], newest["key"], newest["config_hash"])])
+    return newest.assign(
+        first_start=[first[(e, k, c)] for e, k, c in zip(newest["experiment"], newest["key"], newest["config_hash"])]
+    )
 
 
 def _every_version(newest: pd.DataFrame) -> pd.DataFrame:
@@ -235,15 +266,20 @@ def _shown_version(newest: pd.DataFrame) -> pd.DataFrame:
 
 def _other_hashes(chosen: pd.DataFrame, versions: dict[tuple[str, str], list[str]]) -> list[str]:
     """Per row: the other config hashes of its key, comma-separated."""
-    return [", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
-            for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])]
+    return [
+        ", ".join(h for h in versions[(e, k.split("@")[0])] if h != c)
+        for e, k, c in zip(chosen["experiment"], chosen["key"], chosen["config_hash"])
+    ]
 
 
 def _version_notes(versions: dict[tuple[str, str], list[str]]) -> list[str]:
     """A note for each key with runs of several spec versions, naming the one shown."""
-    return [f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
-            f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one"
-            for (e, k), hs in versions.items() if len(hs) > 1]
+    return [
+        f"{e}/{k}: runs of {len(hs)} spec versions; showing config hash {hs[0]} (its latest finished run), "
+        f"not {', '.join(hs[1:])}: `--all-hashes` lists every version, `--hash HASH` picks one"
+        for (e, k), hs in versions.items()
+        if len(hs) > 1
+    ]
 
 
 def _in_spec_order(chosen: pd.DataFrame, experiments: Sequence[str]) -> pd.DataFrame:
@@ -258,8 +294,9 @@ def _in_spec_order(chosen: pd.DataFrame, experiments: Sequence[str]) -> pd.DataF
     return chosen[RUN_COLUMNS + extra]
 
 
-def _shown_runs(rows: list[dict[str, Any]], experiments: Sequence[str], *, all_hashes: bool,
-                hash: str | None) -> tuple[pd.DataFrame, list[str]]:
+def _shown_runs(
+    rows: list[dict[str, Any]], experiments: Sequence[str], *, all_hashes: bool, hash: str | None
+) -> tuple[pd.DataFrame, list[str]]:
     """load_runs' rows from every variant run's: the shown spec version(s) of each key, per seed its
     latest FINISHED run, else its latest run; and notes on the versions left out."""
     newest = _newest_first(rows)
@@ -274,9 +311,15 @@ def _shown_runs(rows: list[dict[str, Any]], experiments: Sequence[str], *, all_h
     return _in_spec_order(chosen, experiments), notes
 
 
-def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
-              tags: dict[str, str] | None = None, *, include_smoke: bool = False, all_hashes: bool = False,
-              hash: str | None = None) -> pd.DataFrame:
+def load_runs(
+    experiments: Sequence[str] | str,
+    tracking_uri: str | None = None,
+    tags: dict[str, str] | None = None,
+    *,
+    include_smoke: bool = False,
+    all_hashes: bool = False,
+    hash: str | None = None,
+) -> pd.DataFrame:
     """One row per variant and seed: for each variant key, the runs of one spec version (its
     `config_hash`, the content hash without train.seed), and per seed the latest FINISHED run,
     else the latest run of any status.
@@ -314,8 +357,9 @@ def load_runs(experiments: Sequence[str] | str, tracking_uri: str | None = None,
     return chosen
 
 
-def history(run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.IMAGES_SEEN,
-            tracking_uri: str | None = None) -> pd.DataFrame:
+def history(
+    run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.IMAGES_SEEN, tracking_uri: str | None = None
+) -> pd.DataFrame:
     """`metric` of each run against `x`, joined on the optimizer step.
 
     Columns: run_id, step, x, value (x is the step itself for x='step'); rows sorted by run
@@ -328,8 +372,10 @@ def history(run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.I
     client = _client(resolve_tracking_uri(tracking_uri))
     parts = []
     for rid in run_ids:
-        ys = pd.DataFrame([(m.step, m.value, m.timestamp) for m in client.get_metric_history(rid, metric)],
-                          columns=["step", "value", "ts"])
+        ys = pd.DataFrame(
+            [(m.step, m.value, m.timestamp) for m in client.get_metric_history(rid, metric)],
+            columns=["step", "value", "ts"],
+        )
         if ys.empty:
             continue
         # a resumed run may log a step twice: keep the last write
@@ -337,15 +383,22 @@ def history(run_ids: Sequence[str] | str, metric: str = R.VAL_TOP1, x: str = R.I
         if x == "step":
             ys["x"] = ys["step"].astype(float)
         else:
-            xs = pd.DataFrame([(m.step, m.value, m.timestamp) for m in client.get_metric_history(rid, x)],
-                              columns=["step", "x", "ts"])
+            xs = pd.DataFrame(
+                [(m.step, m.value, m.timestamp) for m in client.get_metric_history(rid, x)], columns=["step", "x", "ts"]
+            )
             xs = xs.sort_values(["step", "ts"]).drop_duplicates("step", keep="last").drop(columns="ts")
             ys = ys.merge(xs, on="step", how="inner")
         ys.insert(0, "run_id", rid)
         parts.append(ys[["run_id", "step", "x", "value"]])
     if not parts:
-        return pd.DataFrame({"run_id": pd.Series(dtype=str), "step": pd.Series(dtype="int64"),
-                             "x": pd.Series(dtype=float), "value": pd.Series(dtype=float)})
+        return pd.DataFrame(
+            {
+                "run_id": pd.Series(dtype=str),
+                "step": pd.Series(dtype="int64"),
+                "x": pd.Series(dtype=float),
+                "value": pd.Series(dtype=float),
+            }
+        )
     out = pd.concat(parts, ignore_index=True)
     out.attrs.update(metric=metric, x=x)
     return out
@@ -370,14 +423,61 @@ def _baseline_key(df: pd.DataFrame, key: str | None) -> Any:
     return (real or list(flagged) or list(df["key"]))[0]
 
 
-TABLE_COLUMNS = ["experiment", "key", "baseline", "status", "n_seeds", "seeds", "changes", "params_m", "macs_m",
-                 "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_std", "top1_best", "top1_best_std", "d_top1",
-                 "delta_top1_ci", "verdict", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "steps",
-                 "images_seen", "train_s", "train_s_std", "budget_s", "cal_step_s", "cpu_imgs_s_std", "gpu_imgs_s_std", "ref_top1",
-                 "ref_d_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
-                 "ref_source", "top1_mean", "delta_top1", "ci_method", "p_value", "n_failed", "error", "hash",
-                 "other_hashes", "smoke", "run_id", "run_ids", "cpu_imgs_s_lo", "cpu_imgs_s_hi", "gpu_imgs_s_lo",
-                 "gpu_imgs_s_hi"]
+TABLE_COLUMNS = [
+    "experiment",
+    "key",
+    "baseline",
+    "status",
+    "n_seeds",
+    "seeds",
+    "changes",
+    "params_m",
+    "macs_m",
+    "cpu_imgs_s",
+    "gpu_imgs_s",
+    "top1",
+    "top1_std",
+    "top1_best",
+    "top1_best_std",
+    "d_top1",
+    "delta_top1_ci",
+    "verdict",
+    "d_params_m",
+    "d_macs_m",
+    "cpu_speedup",
+    "gpu_speedup",
+    "steps",
+    "images_seen",
+    "train_s",
+    "train_s_std",
+    "budget_s",
+    "cal_step_s",
+    "cpu_imgs_s_std",
+    "gpu_imgs_s_std",
+    "ref_top1",
+    "ref_d_top1",
+    "ref_params_m",
+    "ref_macs_m",
+    "ref_cpu_imgs_s",
+    "ref_gpu_imgs_s",
+    "ref_epochs",
+    "ref_source",
+    "top1_mean",
+    "delta_top1",
+    "ci_method",
+    "p_value",
+    "n_failed",
+    "error",
+    "hash",
+    "other_hashes",
+    "smoke",
+    "run_id",
+    "run_ids",
+    "cpu_imgs_s_lo",
+    "cpu_imgs_s_hi",
+    "gpu_imgs_s_lo",
+    "gpu_imgs_s_hi",
+]
 _STATUS_ORDER = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")  # what an unfinished variant's row says
 
 
@@ -456,17 +556,34 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
     first = g.iloc[0]
     status = overall_status(g["status"])
     row: dict[str, Any] = {
-        "experiment": first["experiment"], "key": first["key"], "status": status,
-        "n_seeds": len(fin), "seeds": sorted(int(x) for x in g["seed"]),
+        "experiment": first["experiment"],
+        "key": first["key"],
+        "status": status,
+        "n_seeds": len(fin),
+        "seeds": sorted(int(x) for x in g["seed"]),
         "changes": next((c for c in g["changes"] if c), ""),
         "n_failed": int(g["status"].isin(["FAILED", "KILLED"]).sum()),
         "error": next((e for e in g["error"] if isinstance(e, str) and e), None),
-        "hash": first["hash"], "other_hashes": first["other_hashes"] or "", "smoke": bool(g["smoke"].any()),
-        "run_id": first["run_id"], "run_ids": list(g["run_id"]),
+        "hash": first["hash"],
+        "other_hashes": first["other_hashes"] or "",
+        "smoke": bool(g["smoke"].any()),
+        "run_id": first["run_id"],
+        "run_ids": list(g["run_id"]),
         "_top1_by_seed": dict(zip(fin["seed"], fin["top1"])),
     }
-    for c in ("params_m", "macs_m", "cpu_imgs_s", "gpu_imgs_s", "top1", "top1_best", "steps", "images_seen",
-              "train_s", "budget_s", "cal_step_s"):
+    for c in (
+        "params_m",
+        "macs_m",
+        "cpu_imgs_s",
+        "gpu_imgs_s",
+        "top1",
+        "top1_best",
+        "steps",
+        "images_seen",
+        "train_s",
+        "budget_s",
+        "cal_step_s",
+    ):
         row[c] = _mean(use[c])
     for c in ("top1", "top1_best", "train_s", "cpu_imgs_s", "gpu_imgs_s"):
         row[f"{c}_std"] = _std(fin[c])
@@ -474,8 +591,7 @@ def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
         lo, hi = pd.to_numeric(use[f"{dev}_imgs_s_lo"]).dropna(), pd.to_numeric(use[f"{dev}_imgs_s_hi"]).dropna()
         row[f"{dev}_imgs_s_lo"] = float(lo.min()) if len(lo) else math.nan
         row[f"{dev}_imgs_s_hi"] = float(hi.max()) if len(hi) else math.nan
-    for c in ("ref_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs",
-              "ref_source"):
+    for c in ("ref_top1", "ref_params_m", "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "ref_epochs", "ref_source"):
         vals = [x for x in g[c] if x is not None and not (isinstance(x, float) and math.isnan(x))]
         row[c] = math.nan if row["smoke"] or not vals else vals[0]  # never the paper beside a smoke run
     row["top1_mean"] = row["top1"]
@@ -486,8 +602,9 @@ def _check_baseline(df: pd.DataFrame, baseline: str | None) -> None:
     """An error when `baseline` is given but no variant has that key."""
     if baseline is not None and not (df["key"] == baseline).any():
         keys = list(dict.fromkeys(df["key"]))
-        raise LabError(f"no variant '{baseline}' to use as baseline{close_matches(baseline, keys)}; "
-                       f"variants: {', '.join(keys)}")
+        raise LabError(
+            f"no variant '{baseline}' to use as baseline{close_matches(baseline, keys)}; variants: {', '.join(keys)}"
+        )
 
 
 def _per_variant(vals: pd.DataFrame) -> pd.DataFrame:
@@ -497,8 +614,7 @@ def _per_variant(vals: pd.DataFrame) -> pd.DataFrame:
         rows.append(_aggregate(g))
     t = pd.DataFrame(rows)
     t["baseline"] = False
-    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1", "delta_top1",
-              "p_value"):
+    for c in ("d_top1", "d_params_m", "d_macs_m", "cpu_speedup", "gpu_speedup", "ref_d_top1", "delta_top1", "p_value"):
         t[c] = math.nan
     t["delta_top1_ci"] = [[math.nan, math.nan] for _ in range(len(t))]
     t["ci_method"] = None
@@ -508,8 +624,7 @@ def _per_variant(vals: pd.DataFrame) -> pd.DataFrame:
 
 def _differences(t: pd.DataFrame, rows: pd.Index, b: Any) -> None:
     """Fills d_* (variant - baseline) and *_speedup (variant / baseline) of `rows` against row `b`."""
-    for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"),
-                   ("ref_d_top1", "ref_top1")):
+    for c, src in (("d_top1", "top1"), ("d_params_m", "params_m"), ("d_macs_m", "macs_m"), ("ref_d_top1", "ref_top1")):
         t.loc[rows, c] = t.loc[rows, src] - t.at[b, src]
     for c, src in (("cpu_speedup", "cpu_imgs_s"), ("gpu_speedup", "gpu_imgs_s")):
         t.loc[rows, c] = t.loc[rows, src] / t.at[b, src]
@@ -562,18 +677,57 @@ def ablation_table(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
 
 # --------------------------------------------------------------------------- rendering tables
 
-PRETTY = {"experiment": "experiment", "key": "variant", "status": "status", "n_seeds": "n", "changes": "changes",
-          "params_m": "params (M)", "macs_m": "MACs (M)", "cpu_imgs_s": "CPU img/s", "gpu_imgs_s": "GPU img/s",
-          "top1": "top-1 (%)", "top1_best": "best top-1", "d_top1": "Δ top-1", "verdict": "verdict",
-          "d_params_m": "Δ params (M)",
-          "d_macs_m": "Δ MACs (M)", "cpu_speedup": "CPU speed ×", "gpu_speedup": "GPU speed ×",
-          "steps": "steps", "images_seen": "images seen", "train_s": "train s", "budget_s": "budget s", "ref_top1": "paper top-1",
-          "ref_d_top1": "paper Δ top-1", "ref_params_m": "paper params (M)", "ref_macs_m": "paper MACs (M)",
-          "ref_cpu_imgs_s": "paper CPU img/s", "ref_gpu_imgs_s": "paper GPU img/s"}
+PRETTY = {
+    "experiment": "experiment",
+    "key": "variant",
+    "status": "status",
+    "n_seeds": "n",
+    "changes": "changes",
+    "params_m": "params (M)",
+    "macs_m": "MACs (M)",
+    "cpu_imgs_s": "CPU img/s",
+    "gpu_imgs_s": "GPU img/s",
+    "top1": "top-1 (%)",
+    "top1_best": "best top-1",
+    "d_top1": "Δ top-1",
+    "verdict": "verdict",
+    "d_params_m": "Δ params (M)",
+    "d_macs_m": "Δ MACs (M)",
+    "cpu_speedup": "CPU speed ×",
+    "gpu_speedup": "GPU speed ×",
+    "steps": "steps",
+    "images_seen": "images seen",
+    "train_s": "train s",
+    "budget_s": "budget s",
+    "ref_top1": "paper top-1",
+    "ref_d_top1": "paper Δ top-1",
+    "ref_params_m": "paper params (M)",
+    "ref_macs_m": "paper MACs (M)",
+    "ref_cpu_imgs_s": "paper CPU img/s",
+    "ref_gpu_imgs_s": "paper GPU img/s",
+}
 # shown only where at least one row has a value ("throughput where measured", paper figures where given)
-OPTIONAL = {"cpu_imgs_s", "gpu_imgs_s", "cpu_speedup", "gpu_speedup", "ref_top1", "ref_d_top1", "ref_params_m",
-            "ref_macs_m", "ref_cpu_imgs_s", "ref_gpu_imgs_s", "params_m", "macs_m", "d_params_m", "d_macs_m",
-            "steps", "images_seen", "train_s", "budget_s", "top1_best"}
+OPTIONAL = {
+    "cpu_imgs_s",
+    "gpu_imgs_s",
+    "cpu_speedup",
+    "gpu_speedup",
+    "ref_top1",
+    "ref_d_top1",
+    "ref_params_m",
+    "ref_macs_m",
+    "ref_cpu_imgs_s",
+    "ref_gpu_imgs_s",
+    "params_m",
+    "macs_m",
+    "d_params_m",
+    "d_macs_m",
+    "steps",
+    "images_seen",
+    "train_s",
+    "budget_s",
+    "top1_best",
+}
 
 
 def _num(v: float, signed: bool = False) -> str:
@@ -675,28 +829,50 @@ def budget_warnings(table: pd.DataFrame) -> list[str]:
     out = []
     multi = table["experiment"].nunique() > 1 if not table.empty else False
     for exp, g in table.groupby("experiment", sort=False):
-        rows = [{"key": r["key"], "variant": r["variant"], "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
-                 "planned_seconds": r["budget_s"], "train_seconds": r["train_s"], "steps": r["steps"],
-                 "calibrated_step_seconds": r["cal_step_s"]} for _, r in g.iterrows()
-                if r["status"] in (FINISHED, "RUNNING")]
+        rows = [
+            {
+                "key": r["key"],
+                "variant": r["variant"],
+                "budget_kind": "seconds" if pd.notna(r["budget_s"]) else None,
+                "planned_seconds": r["budget_s"],
+                "train_seconds": r["train_s"],
+                "steps": r["steps"],
+                "calibrated_step_seconds": r["cal_step_s"],
+            }
+            for _, r in g.iterrows()
+            if r["status"] in (FINISHED, "RUNNING")
+        ]
         out += [f"{exp}: {w}" if multi else w for w in F.budget_warnings(rows)]
     return out
 
 
 def _markdown(disp: pd.DataFrame) -> str:
     """GitHub markdown without tabulate (numbers right-aligned)."""
+
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
-    lines = ["| " + " | ".join(cell(c) for c in disp.columns) + " |",
-             "|" + "|".join("---:" if c in numeric else ":---" for c in disp.columns) + "|"]
+    lines = [
+        "| " + " | ".join(cell(c) for c in disp.columns) + " |",
+        "|" + "|".join("---:" if c in numeric else ":---" for c in disp.columns) + "|",
+    ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in disp.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-_LATEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-              "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_ESC = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _latex(disp: pd.DataFrame) -> str:
@@ -706,8 +882,12 @@ def _latex(disp: pd.DataFrame) -> str:
 
     numeric = [c for c in disp.columns if c not in ("experiment", "variant", "status", "verdict", "changes")]
     spec = "".join("r" if c in numeric else "l" for c in disp.columns)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
-             " & ".join(esc(c) for c in disp.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{" + spec + "}",
+        r"\toprule",
+        " & ".join(esc(c) for c in disp.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(esc(v) for v in row) + r" \\" for row in disp.itertuples(index=False)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -786,8 +966,21 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     (within its source). Variants missing either number are left out; no paper points when a
     smoke run is among the variants (a smoke run is not comparable with the paper).
     """
-    cols = ["experiment", "key", "label", "source", "device", "throughput", "top1", "throughput_lo", "throughput_hi",
-            "top1_std", "n_seeds", "baseline", "on_front"]
+    cols = [
+        "experiment",
+        "key",
+        "label",
+        "source",
+        "device",
+        "throughput",
+        "top1",
+        "throughput_lo",
+        "throughput_hi",
+        "top1_std",
+        "n_seeds",
+        "baseline",
+        "on_front",
+    ]
     if df.empty:
         return pd.DataFrame(columns=cols)
     device = device or pick_device(df)
@@ -796,17 +989,38 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     t = ablation_table(df)
     labels = dict(zip(zip(df["experiment"], df["key"]), _label(df)))
     dev = "cpu" if device == "cpu" else "gpu"
-    ours = pd.DataFrame({"experiment": t["experiment"], "key": t["key"],
-                         "label": [labels[(e, k)] for e, k in zip(t["experiment"], t["key"])],
-                         "source": "measured", "device": device, "throughput": t[f"{dev}_imgs_s"],
-                         "top1": t["top1"], "throughput_lo": _spread(t, dev, -1), "throughput_hi": _spread(t, dev, 1),
-                         "top1_std": t["top1_std"],
-                         "n_seeds": t["n_seeds"], "baseline": t["baseline"]})
-    paper = pd.DataFrame({"experiment": t["experiment"], "key": t["key"], "label": t["key"] + " (paper)",
-                          "source": "paper", "device": device, "throughput": t[f"ref_{dev}_imgs_s"],
-                          "top1": t["ref_top1"], "throughput_lo": math.nan, "throughput_hi": math.nan,
-                          "top1_std": math.nan,
-                          "n_seeds": math.nan, "baseline": t["baseline"]})
+    ours = pd.DataFrame(
+        {
+            "experiment": t["experiment"],
+            "key": t["key"],
+            "label": [labels[(e, k)] for e, k in zip(t["experiment"], t["key"])],
+            "source": "measured",
+            "device": device,
+            "throughput": t[f"{dev}_imgs_s"],
+            "top1": t["top1"],
+            "throughput_lo": _spread(t, dev, -1),
+            "throughput_hi": _spread(t, dev, 1),
+            "top1_std": t["top1_std"],
+            "n_seeds": t["n_seeds"],
+            "baseline": t["baseline"],
+        }
+    )
+    paper = pd.DataFrame(
+        {
+            "experiment": t["experiment"],
+            "key": t["key"],
+            "label": t["key"] + " (paper)",
+            "source": "paper",
+            "device": device,
+            "throughput": t[f"ref_{dev}_imgs_s"],
+            "top1": t["ref_top1"],
+            "throughput_lo": math.nan,
+            "throughput_hi": math.nan,
+            "top1_std": math.nan,
+            "n_seeds": math.nan,
+            "baseline": t["baseline"],
+        }
+    )
     if t["smoke"].astype(bool).any():
         paper = paper.iloc[0:0]
     parts = []
@@ -814,13 +1028,17 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
         part = part.dropna(subset=["throughput", "top1"]).copy()
         part["on_front"] = pareto_front(part["throughput"].tolist(), part["top1"].tolist())
         parts.append(part)
-    out = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) \
+    out = (
+        pd.concat([p for p in parts if not p.empty], ignore_index=True)
+        if any(not p.empty for p in parts)
         else pd.DataFrame(columns=cols)
+    )
     return out[cols].reset_index(drop=True)
 
 
-def convergence_data(df: pd.DataFrame, x: str = R.IMAGES_SEEN, metric: str = R.VAL_TOP1,
-                     tracking_uri: str | None = None) -> pd.DataFrame:
+def convergence_data(
+    df: pd.DataFrame, x: str = R.IMAGES_SEEN, metric: str = R.VAL_TOP1, tracking_uri: str | None = None
+) -> pd.DataFrame:
     """Validation curves of the chosen runs (every finished seed; a variant with none: every run
     as far as it got): experiment, key, label (one per variant), seed, status, run_id, step, x, top1."""
     cols = ["experiment", "key", "label", "seed", "status", "run_id", "step", "x", "top1"]
@@ -919,21 +1137,39 @@ def _error_bars(ax, ours: pd.DataFrame) -> None:
     repeat, top-1 ± 1 std over seeds."""
     xerr = None
     if {"throughput_lo", "throughput_hi"} <= set(ours.columns):
-        xerr = [(ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
-                (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist()]
+        xerr = [
+            (ours["throughput"] - ours["throughput_lo"]).clip(lower=0).fillna(0).tolist(),
+            (ours["throughput_hi"] - ours["throughput"]).clip(lower=0).fillna(0).tolist(),
+        ]
         xerr = xerr if any(x > 0 for side in xerr for x in side) else None
     yerr = ours["top1_std"].fillna(0) if "top1_std" in ours and ours["top1_std"].notna().any() else None
     if xerr is not None or yerr is not None:
-        ax.errorbar(ours["throughput"], ours["top1"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey",
-                    elinewidth=1, capsize=3, alpha=0.8, zorder=2)
+        ax.errorbar(
+            ours["throughput"],
+            ours["top1"],
+            xerr=xerr,
+            yerr=yerr,
+            fmt="none",
+            ecolor="grey",
+            elinewidth=1,
+            capsize=3,
+            alpha=0.8,
+            zorder=2,
+        )
 
 
 def _baseline_line(ax, ours: pd.DataFrame) -> None:
     """The baseline's top-1 as a dashed horizontal line (none without a baseline)."""
     base = ours[ours["baseline"].astype(bool)] if "baseline" in ours else ours.iloc[0:0]
     if not base.empty:
-        ax.axhline(base["top1"].iloc[0], color="grey", linestyle="--", linewidth=1,
-                   label=f"baseline: {base['key'].iloc[0]}", zorder=1)
+        ax.axhline(
+            base["top1"].iloc[0],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"baseline: {base['key'].iloc[0]}",
+            zorder=1,
+        )
 
 
 def _draw_measured(ax, sns, ours: pd.DataFrame) -> list:
@@ -941,29 +1177,72 @@ def _draw_measured(ax, sns, ours: pd.DataFrame) -> list:
     the baseline line); returns their labels."""
     styles = variant_styles(ours["label"])
     _error_bars(ax, ours)
-    sns.scatterplot(data=ours, x="throughput", y="top1", hue="label", style="label",
-                    palette={k: c for k, (c, _) in styles.items()},
-                    markers={k: m for k, (_, m) in styles.items()}, s=90, ax=ax,
-                    edgecolor="black", linewidth=0.6, zorder=3)
+    sns.scatterplot(
+        data=ours,
+        x="throughput",
+        y="top1",
+        hue="label",
+        style="label",
+        palette={k: c for k, (c, _) in styles.items()},
+        markers={k: m for k, (_, m) in styles.items()},
+        s=90,
+        ax=ax,
+        edgecolor="black",
+        linewidth=0.6,
+        zorder=3,
+    )
     front = ours[ours["on_front"]]
-    ax.scatter(front["throughput"], front["top1"], s=230, facecolors="none", edgecolors="black",
-               linewidths=1.4, label="on Pareto front", zorder=4)
+    ax.scatter(
+        front["throughput"],
+        front["top1"],
+        s=230,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.4,
+        label="on Pareto front",
+        zorder=4,
+    )
     _front_line(ax, ours, color="black", style="-", label="Pareto front")
     _baseline_line(ax, ours)
-    return [ax.annotate(r["key"], (r["throughput"], r["top1"]), xytext=(6, 4), textcoords="offset points",
-                        fontsize=8, arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4))
-            for _, r in ours.iterrows()]
+    return [
+        ax.annotate(
+            r["key"],
+            (r["throughput"], r["top1"]),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=8,
+            arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=4),
+        )
+        for _, r in ours.iterrows()
+    ]
 
 
 def _draw_paper(ax, paper: pd.DataFrame) -> list:
     """The paper's points as light open diamonds with their dotted front; returns their labels."""
-    ax.scatter(paper["throughput"], paper["top1"], marker="D", s=50, facecolors="none", edgecolors="grey",
-               alpha=0.7, label="paper", zorder=2)
+    ax.scatter(
+        paper["throughput"],
+        paper["top1"],
+        marker="D",
+        s=50,
+        facecolors="none",
+        edgecolors="grey",
+        alpha=0.7,
+        label="paper",
+        zorder=2,
+    )
     _front_line(ax, paper, color="grey", style=":", label="paper front")
-    return [ax.annotate(f"{r['key']} (paper)", (r["throughput"], r["top1"]), xytext=(6, -10),
-                        textcoords="offset points", fontsize=7, color="grey",
-                        arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0, shrinkB=4))
-            for _, r in paper.iterrows()]
+    return [
+        ax.annotate(
+            f"{r['key']} (paper)",
+            (r["throughput"], r["top1"]),
+            xytext=(6, -10),
+            textcoords="offset points",
+            fontsize=7,
+            color="grey",
+            arrowprops=dict(arrowstyle="-", color="lightgrey", lw=0.5, shrinkA=0, shrinkB=4),
+        )
+        for _, r in paper.iterrows()
+    ]
 
 
 def _pareto_axes(ax, data: pd.DataFrame, ours: pd.DataFrame, title: str | None) -> None:
@@ -985,8 +1264,10 @@ def plot_pareto(data: pd.DataFrame, title: str | None = None):
     baseline's top-1 as a dashed line, the Pareto front as a step line, the paper's points as
     light open diamonds. Returns the matplotlib Figure."""
     if data.empty:
-        raise LabError("nothing to plot: no variant has both a top-1 and a throughput for this device "
-                       "(run `lab bench`, or try --device cpu/cuda)")
+        raise LabError(
+            "nothing to plot: no variant has both a top-1 and a throughput for this device "
+            "(run `lab bench`, or try --device cpu/cuda)"
+        )
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(9.5, 6))
     ours = data[data["source"] == "measured"]
@@ -1007,8 +1288,17 @@ def _front_line(ax, pts: pd.DataFrame, color: str, style: str, label: str) -> No
     top-1 of the points at least that fast ("steps-pre": from each front point down, then right)."""
     f = pts[pts["on_front"]].sort_values("throughput")
     if len(f) >= 2:
-        ax.plot(f["throughput"], f["top1"], linestyle=style, color=color, linewidth=1.2, alpha=0.8,
-                drawstyle="steps-pre", label=label, zorder=1)
+        ax.plot(
+            f["throughput"],
+            f["top1"],
+            linestyle=style,
+            color=color,
+            linewidth=1.2,
+            alpha=0.8,
+            drawstyle="steps-pre",
+            label=label,
+            zorder=1,
+        )
 
 
 def _log_ticks(ax) -> None:
@@ -1037,9 +1327,20 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None, errorbar: Any
     data = data.assign(x=data.groupby(["label", "step"])["x"].transform("mean"))
     styles = variant_styles(data["label"])
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    sns.lineplot(data=data, x="x", y="top1", hue="label", style="label", markers={k: m for k, (_, m) in styles.items()},
-                 palette={k: c for k, (c, _) in styles.items()}, dashes=False, estimator="mean",
-                 errorbar=errorbar, sort=True, ax=ax)
+    sns.lineplot(
+        data=data,
+        x="x",
+        y="top1",
+        hue="label",
+        style="label",
+        markers={k: m for k, (_, m) in styles.items()},
+        palette={k: c for k, (c, _) in styles.items()},
+        dashes=False,
+        estimator="mean",
+        errorbar=errorbar,
+        sort=True,
+        ax=ax,
+    )
     ax.set_xlabel(X_LABELS.get(x, x))
     if x == "images_seen":
         ax.xaxis.set_major_formatter(EngFormatter())
@@ -1047,8 +1348,7 @@ def plot_convergence(data: pd.DataFrame, title: str | None = None, errorbar: Any
     ax.set_ylabel("validation top-1 (%)" + (" (mean ± std over seeds)" if several and errorbar == "sd" else ""))
     exps = ", ".join(dict.fromkeys(data["experiment"]))
     ax.set_title(title or f"{exps}: convergence (validation top-1 vs {X_LABELS.get(x, x).split(' (')[0]})")
-    ax.legend(title="variant", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8,
-              frameon=False)
+    ax.legend(title="variant", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -1064,9 +1364,22 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
     order = list(dict.fromkeys(data["label"]))
     styles = variant_styles(order)
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(order)))
-    sns.stripplot(data=data, x="top1", y="label", hue="label", order=order, hue_order=order,
-                  palette={k: c for k, (c, _) in styles.items()}, size=7, jitter=0.15, edgecolor="black",
-                  linewidth=0.5, legend=False, ax=ax, zorder=3)
+    sns.stripplot(
+        data=data,
+        x="top1",
+        y="label",
+        hue="label",
+        order=order,
+        hue_order=order,
+        palette={k: c for k, (c, _) in styles.items()},
+        size=7,
+        jitter=0.15,
+        edgecolor="black",
+        linewidth=0.5,
+        legend=False,
+        ax=ax,
+        zorder=3,
+    )
     from scipy import stats as sps
 
     for i, lab in enumerate(order):
@@ -1078,8 +1391,13 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
             ax.plot([sm.mean - half, sm.mean + half], [i, i], color="black", linewidth=1.5, zorder=4)
     base = data[data["baseline"].astype(bool)]
     if not base.empty:
-        ax.axvline(base["top1"].mean(), color="grey", linestyle="--", linewidth=1,
-                   label=f"baseline mean: {base['key'].iloc[0]}")
+        ax.axvline(
+            base["top1"].mean(),
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"baseline mean: {base['key'].iloc[0]}",
+        )
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
     ax.set_xlabel("final validation top-1 (%), one point per seed; bar: mean and 95% CI")
     ax.set_ylabel("")
@@ -1089,8 +1407,22 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
     return fig
 
 
-PER_SEED_COLUMNS = ["experiment", "key", "seed", "status", "top1", "top1_best", "steps", "train_s", "params_m",
-                    "cpu_imgs_s", "gpu_imgs_s", "hash", "run_id", "error"]
+PER_SEED_COLUMNS = [
+    "experiment",
+    "key",
+    "seed",
+    "status",
+    "top1",
+    "top1_best",
+    "steps",
+    "train_s",
+    "params_m",
+    "cpu_imgs_s",
+    "gpu_imgs_s",
+    "hash",
+    "run_id",
+    "error",
+]
 
 
 def per_seed_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -7,6 +7,7 @@ requeued job calls it again with the same `VariantJob`, and it resumes from the 
 that verifies in the variant's folder (written every `train.eval_every` steps), into the run the
 driver prepared (which stays RUNNING and leased by the waiting driver meanwhile).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -14,6 +14,7 @@ Three things decide what a training step sees, and each is made a function of th
 The schedule (LR from the global step), optimizer, EMA and best top-1 are restored by Lightning
 and LabModule. Distributed (DDP) training keeps Lightning's own sampler (no skipping).
 """
+
 from __future__ import annotations
 
 import random
@@ -106,10 +107,17 @@ def capture_rng() -> dict[str, Any]:
     """Global RNG states as tensors and plain lists (what a weights_only checkpoint load accepts)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, pygauss = random.getstate()
-    st: dict[str, Any] = {"torch": torch.get_rng_state(),
-                          "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
-                                    int(has_gauss), float(gauss)],
-                          "python": [int(version), list(internal), pygauss]}
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            str(kind),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
+        "python": [int(version), list(internal), pygauss],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st

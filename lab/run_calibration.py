@@ -7,6 +7,7 @@ and keeps the calibration on the parent run (`calibration.json`, see lab.record)
 later is measured beside a stored calibration's reference variant and scaled to it. Called by
 lab.runner.run_experiment; a distributed or remote variant calibrates alone where it trains.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,12 @@ def cost_group(v) -> str:
     """Variants that differ only in train.seed cost the same per step: they share one measurement."""
     train = v.train.model_dump(mode="json")
     train.pop("seed", None)
-    doc = {"model": v.model, "data": v.data.model_dump(mode="json"), "train": train,
-           "match": v.match.model_dump(mode="json") if v.match is not None else None}
+    doc = {
+        "model": v.model,
+        "data": v.data.model_dump(mode="json"),
+        "train": train,
+        "match": v.match.model_dump(mode="json") if v.match is not None else None,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -48,8 +53,12 @@ def calibrated_together(v, ctx: Context) -> bool:
     worker, calibrates alone where it trains)."""
     from lab.module import resolve_accelerator
 
-    return (v.budget.kind == "seconds" and not v.budget.wall_clock and ctx.launcher == "local"
-            and world_size(v.train, resolve_accelerator(v.train)) == 1)
+    return (
+        v.budget.kind == "seconds"
+        and not v.budget.wall_clock
+        and ctx.launcher == "local"
+        and world_size(v.train, resolve_accelerator(v.train)) == 1
+    )
 
 
 def stored_calibration(ctx: Context, exclude: set, threads: int):
@@ -60,15 +69,21 @@ def stored_calibration(ctx: Context, exclude: set, threads: int):
     from lab.spec import Variant
 
     try:
-        parents = ctx.cl.search_runs([ctx.experiment_id], filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}'",
-                                     order_by=["attributes.start_time DESC"], max_results=20)
+        parents = ctx.cl.search_runs(
+            [ctx.experiment_id],
+            filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=20,
+        )
     except Exception:  # noqa: BLE001
         return None, None, None
     for r in parents:
         if r.info.run_id == ctx.parent_run_id or r.data.tags.get(R.CALIBRATION_REFERENCE) is None:
             continue
         try:
-            cal = C.Calibration.from_json(track.download_artifact(ctx.cl, r.info.run_id, R.CALIBRATION_FILE).read_text())
+            cal = C.Calibration.from_json(
+                track.download_artifact(ctx.cl, r.info.run_id, R.CALIBRATION_FILE).read_text()
+            )
         except Exception:  # noqa: BLE001 - an unreadable or older calibration: look further back
             continue
         ref = cal.reference
@@ -122,10 +137,13 @@ def calibrate_together(ordered: list, ctx: Context) -> None:
         cal = rescale_to_stored(cal, stored, stored_id, threads, ctx)
     how = how_calibrated(reference, names, stored, stored_id)
     plan_steps(todo, groups, cal, how, ctx)
-    rel = ", ".join(f"{k} {c.step_seconds * 1000:.0f} ms ({c.relative:.2f}x)" for k, c in cal.costs.items()
-                    if k in names)
-    ctx.say(f"calibrated in {cal.seconds_spent:.1f}s: {rel}; steps: "
-            + ", ".join(f"{v.key} {ctx.calibration[v.key]['steps']}" for v in todo))
+    rel = ", ".join(
+        f"{k} {c.step_seconds * 1000:.0f} ms ({c.relative:.2f}x)" for k, c in cal.costs.items() if k in names
+    )
+    ctx.say(
+        f"calibrated in {cal.seconds_spent:.1f}s: {rel}; steps: "
+        + ", ".join(f"{v.key} {ctx.calibration[v.key]['steps']}" for v in todo)
+    )
     if ctx.rank_zero:
         keep_on_parent(cal, reference, how, ctx)
     pl.seed_everything(todo[0].train.seed, workers=True, verbose=False)
@@ -179,8 +197,11 @@ def build_runners(measured: list, ctx: Context, failing: list[str]) -> dict[str,
             if data_key(v) not in ctx.datamodules:
                 preflight([v], ctx.datamodules)
             b = build_variant(v, ctx, calibrating=True)
-            runners[v.key] = GuardedSteps(v.key, B.LightningSteps(b.make_module(copy.deepcopy(b.model)), b.dm,
-                                                                  b.trainer_kw, threads=b.threads.threads), failing)
+            runners[v.key] = GuardedSteps(
+                v.key,
+                B.LightningSteps(b.make_module(copy.deepcopy(b.model)), b.dm, b.trainer_kw, threads=b.threads.threads),
+                failing,
+            )
         except Exception as e:  # noqa: BLE001 - that variant fails where it trains; the others go on
             ctx.say(f"warning: calibration: cannot build '{v.key}' ({track.short_error(e)}); it calibrates alone")
     return runners
@@ -200,8 +221,14 @@ def measure(measured: list, reference: str, source: str, ctx: Context) -> tuple[
     while runners and reference in runners:
         ctx.say(f"calibrating {', '.join(runners)} together ({steps} timed steps each, interleaved{source})")
         try:
-            cal = C.interleaved(runners, steps=steps, warmup=B.CALIBRATION_WARMUP, rewarm=1, reference=reference,
-                                progress=ctx.say if ctx.progress else None)
+            cal = C.interleaved(
+                runners,
+                steps=steps,
+                warmup=B.CALIBRATION_WARMUP,
+                rewarm=1,
+                reference=reference,
+                progress=ctx.say if ctx.progress else None,
+            )
             break
         except Exception as e:  # noqa: BLE001
             bad = failing[-1] if failing else reference
@@ -213,9 +240,13 @@ def measure(measured: list, reference: str, source: str, ctx: Context) -> tuple[
 
 def note_context(cal, measured: list, reference: str, threads: int, ctx: Context) -> None:
     """What the calibration was measured under, kept with it (`stored_calibration` reads it back)."""
-    cal.context = {"threads": threads, "hashes": {v.key: v.hash for v in measured},
-                   "reference_variant": next(v for v in measured if v.key == reference).model_dump(mode="json"),
-                   "device": track.device_name(), "parent_run_id": ctx.parent_run_id}
+    cal.context = {
+        "threads": threads,
+        "hashes": {v.key: v.hash for v in measured},
+        "reference_variant": next(v for v in measured if v.key == reference).model_dump(mode="json"),
+        "device": track.device_name(),
+        "parent_run_id": ctx.parent_run_id,
+    }
 
 
 def rescale_to_stored(cal, stored, stored_id: str, threads: int, ctx: Context):
@@ -225,16 +256,22 @@ def rescale_to_stored(cal, stored, stored_id: str, threads: int, ctx: Context):
 
     hashes = {**stored.context.get("hashes", {}), **cal.context["hashes"]}
     cal = C.rescale(cal, stored, stored_id)
-    cal.context.update(threads=threads, hashes=hashes, parent_run_id=ctx.parent_run_id,
-                       reference_variant=stored.context.get("reference_variant"))
+    cal.context.update(
+        threads=threads,
+        hashes=hashes,
+        parent_run_id=ctx.parent_run_id,
+        reference_variant=stored.context.get("reference_variant"),
+    )
     return cal
 
 
 def how_calibrated(reference: str, names: list[str], stored, stored_id: Optional[str]) -> str:
     """How the variants were calibrated, in words (said, and tagged on each run)."""
     if stored is not None:
-        return (f"beside reference '{reference}', scaled to its cost in parent run {stored_id} "
-                f"({stored.costs[reference].step_seconds:.3f} s/step then)")
+        return (
+            f"beside reference '{reference}', scaled to its cost in parent run {stored_id} "
+            f"({stored.costs[reference].step_seconds:.3f} s/step then)"
+        )
     return f"together with {', '.join(names)}, interleaved (reference '{reference}')"
 
 
@@ -243,9 +280,14 @@ def plan_steps(todo: list, groups: dict[str, list], cal, how: str, ctx: Context)
     for v in todo:
         rep = groups[cost_group(v)][0]
         c = cal.costs[rep.key]
-        ctx.calibration[v.key] = {"steps": c.steps_for(float(v.budget.seconds)), "step_seconds": c.step_seconds,
-                                  "relative": c.relative, "spread": c.spread, "timed_steps": len(c.samples),
-                                  "how": how}
+        ctx.calibration[v.key] = {
+            "steps": c.steps_for(float(v.budget.seconds)),
+            "step_seconds": c.step_seconds,
+            "relative": c.relative,
+            "spread": c.spread,
+            "timed_steps": len(c.samples),
+            "how": how,
+        }
 
 
 def keep_on_parent(cal, reference: str, how: str, ctx: Context) -> None:

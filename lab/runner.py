@@ -14,6 +14,7 @@ Where variants run (`launcher`, see lab/launch.py): `local` trains them one afte
 (in this process, or in a subprocess of its own when a variant is distributed), `ray` and
 `slurm` submit one task/job per variant. Each variant's outcome is a lab.record.VariantResult.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
@@ -41,8 +42,11 @@ def order_variants(variants: list) -> list:
             return
         if key in visiting:
             v = by_key[key][0]
-            raise LabError(f"distillation cycle through variant '{key}'", file=v.source,
-                           path=f"variants.{key}.train.distill.variant")
+            raise LabError(
+                f"distillation cycle through variant '{key}'",
+                file=v.source,
+                path=f"variants.{key}.train.distill.variant",
+            )
         visiting.add(key)
         for v in by_key[key]:
             d = v.train.distill
@@ -75,10 +79,18 @@ def with_teachers(selected: list, variants: list) -> list:
     return [v for v in variants if v.uid in want]
 
 
-def run_experiment(spec, variants: list, *, force: bool = False, progress: bool = True,
-                   callbacks: Optional[Iterable] = None, baseline: Optional[str] = None,
-                   say: Optional[Callable[[str], None]] = None, launcher: str = "local",
-                   launch_options: Any = None) -> list[VariantResult]:
+def run_experiment(
+    spec,
+    variants: list,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    callbacks: Optional[Iterable] = None,
+    baseline: Optional[str] = None,
+    say: Optional[Callable[[str], None]] = None,
+    launcher: str = "local",
+    launch_options: Any = None,
+) -> list[VariantResult]:
     """Train `variants` (teachers first) in one parent run; one VariantResult per variant.
 
     Status: finished | skipped (already FINISHED with the same hash) | busy (held by another live
@@ -101,10 +113,23 @@ def run_experiment(spec, variants: list, *, force: bool = False, progress: bool 
     try:
         parent = start_parent(cl, exp_id, spec, variants, ordered, launcher)
         keeper.hold(parent)
-        ctx = Context(spec=spec, variants=list(variants), uri=uri, cl=cl, experiment=experiment,
-                      experiment_id=exp_id, parent_run_id=parent, baseline=baseline or baseline_key(spec, variants),
-                      force=force, progress=progress, callbacks=list(callbacks or []), datamodules=datamodules,
-                      say=say, launcher=launcher, keeper=keeper)
+        ctx = Context(
+            spec=spec,
+            variants=list(variants),
+            uri=uri,
+            cl=cl,
+            experiment=experiment,
+            experiment_id=exp_id,
+            parent_run_id=parent,
+            baseline=baseline or baseline_key(spec, variants),
+            force=force,
+            progress=progress,
+            callbacks=list(callbacks or []),
+            datamodules=datamodules,
+            say=say,
+            launcher=launcher,
+            keeper=keeper,
+        )
         announce(ctx, ordered)
         results = run_in_parent(ordered, ctx, backend)
     finally:
@@ -144,10 +169,18 @@ def open_experiment(uri: str, variants: list) -> tuple[Any, str, str]:
 
 def start_parent(cl, exp_id: str, spec, variants: list, ordered: list, launcher: str) -> str:
     """The invocation's parent run, claimed by this process; its id."""
-    return track.start_parent_run(cl, exp_id, spec.name, tags={
-        R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000], R.LAUNCHER: launcher,
-        **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
-        **lease.claim_tags(), **{k: str(x) for k, x in (spec.tags or {}).items()}})
+    return track.start_parent_run(
+        cl,
+        exp_id,
+        spec.name,
+        tags={
+            R.VARIANTS: ",".join(dict.fromkeys(v.key for v in ordered))[:5000],
+            R.LAUNCHER: launcher,
+            **({R.SMOKE: "true"} if any(v.tags.get(R.SMOKE) for v in variants) else {}),
+            **lease.claim_tags(),
+            **{k: str(x) for k, x in (spec.tags or {}).items()},
+        },
+    )
 
 
 def announce(ctx: Context, ordered: list) -> None:
@@ -155,8 +188,10 @@ def announce(ctx: Context, ordered: list) -> None:
     n_keys = len(dict.fromkeys(v.key for v in ordered))
     runs = f"{n_keys} variant(s)" + (f", {len(ordered)} runs (seeds)" if len(ordered) > n_keys else "")
     launcher = ctx.launcher
-    ctx.say(f"{ctx.spec.name}: {runs}, tracking {ctx.uri} (experiment '{ctx.experiment}', parent run "
-            f"{ctx.parent_run_id}{', launcher ' + launcher if launcher != 'local' else ''})")
+    ctx.say(
+        f"{ctx.spec.name}: {runs}, tracking {ctx.uri} (experiment '{ctx.experiment}', parent run "
+        f"{ctx.parent_run_id}{', launcher ' + launcher if launcher != 'local' else ''})"
+    )
 
 
 def run_in_parent(ordered: list, ctx: Context, backend) -> list[VariantResult]:
@@ -181,9 +216,14 @@ def apply_thread_policy(ordered: list, ctx: Context) -> None:
     ctx.threads = policy.as_dict()
     track.set_tags(ctx.cl, ctx.parent_run_id, policy.tags())
     if any(v.budget.kind == "seconds" for v in ordered):
-        ctx.say(f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
-                + (" where train.threads does not say otherwise"
-                   if policy.source == "policy" and any(v.train.threads for v in ordered) else ""))
+        ctx.say(
+            f"threads: {policy.threads} ({policy.reason}; OpenMP wait policy {policy.wait_policy})"
+            + (
+                " where train.threads does not say otherwise"
+                if policy.source == "policy" and any(v.train.threads for v in ordered)
+                else ""
+            )
+        )
 
 
 def end_interrupted(ctx: Context, e: KeyboardInterrupt) -> None:
@@ -200,8 +240,11 @@ def end_interrupted(ctx: Context, e: KeyboardInterrupt) -> None:
 def end_stale_parents(cl, exp_id: str) -> None:
     """Parent runs still RUNNING whose `lab run` died (SIGKILL, lost node): KILLED, with the reason."""
     try:
-        runs = cl.search_runs([exp_id], filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}' and "
-                                                      f"attributes.status = 'RUNNING'", max_results=1000)
+        runs = cl.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
     except Exception:  # noqa: BLE001 - a store that cannot search: nothing to tidy
         return
     for r in runs:
@@ -232,4 +275,3 @@ def budget_summary(results: list[VariantResult]) -> list[str]:
         out.append(used)
     out += [f"warning: {w}" for w in F.budget_warnings(rows)]
     return out
-

@@ -10,6 +10,7 @@ they only record the signal: `LastCheckpoint` sees it at the next batch boundary
 Lightning's own SIGTERM notifier (which would raise `SIGTERMException`, a `SystemExit`, and let
 the process exit 0) is turned into `Interrupted` as well (`as_interrupted`).
 """
+
 from __future__ import annotations
 
 import contextlib

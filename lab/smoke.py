@@ -2,17 +2,30 @@
 shape), shrunk to the embedded data at 32 px, 20 steps, one CPU process, no data workers and the
 local launcher. `SMOKE` is the override merged into a spec; `smoke_variant` shrinks a resolved
 variant's model to the smoke resolution."""
+
 from __future__ import annotations
 
 from typing import Any
 
 SMOKE: dict[str, Any] = {
-    "data": {"dataset": "embedded", "root": None, "image_size": 32, "batch_size": 32, "eval_batch_size": 250,
-             "num_workers": 0},
-    "budget": {"epochs": None, "steps": 20, "images": None, "train_flops": None, "seconds": None,
-               "wall_clock": False},
-    "train": {"eval_every": 10, "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
-              "precision": "auto", "compile": False},
+    "data": {
+        "dataset": "embedded",
+        "root": None,
+        "image_size": 32,
+        "batch_size": 32,
+        "eval_batch_size": 250,
+        "num_workers": 0,
+    },
+    "budget": {"epochs": None, "steps": 20, "images": None, "train_flops": None, "seconds": None, "wall_clock": False},
+    "train": {
+        "eval_every": 10,
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "precision": "auto",
+        "compile": False,
+    },
     "launch": {"launcher": "local"},
     "seeds": None,  # one seed unless --seeds asks for more
 }

@@ -8,6 +8,7 @@ stable key and a content hash of what determines its result (data, model, train,
 Every user mistake raises `SpecError` naming the file, the dotted field path and what is
 allowed; YAML is read with `yaml.safe_load`, so a spec can never import or execute code.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,9 @@ class Strict(BaseModel):
 class AugmentSpec(Strict):
     """Training-time augmentation, all passed to timm (create_transform, Mixup)."""
 
-    auto_augment: Optional[str] = Field(None, description="timm policy string, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)")
+    auto_augment: Optional[str] = Field(
+        None, description="timm policy string, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)"
+    )
     re_prob: float = Field(0.0, ge=0, le=1, description="random erasing probability")
     hflip: float = Field(0.5, ge=0, le=1)
     scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop scale range")
@@ -60,8 +63,11 @@ class DataSpec(Strict):
     num_classes: Optional[int] = Field(None, ge=2, description="synthetic: classes (others infer)")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     verify_images: bool = Field(True, description="imagefolder: check every image with Pillow before training")
-    skip_bad_files: bool = Field(False, description="imagefolder: train without unreadable images (counted on "
-                                                    "the run as lab.data.skipped_files) instead of stopping")
+    skip_bad_files: bool = Field(
+        False,
+        description="imagefolder: train without unreadable images (counted on "
+        "the run as lab.data.skipped_files) instead of stopping",
+    )
 
     @model_validator(mode="after")
     def _root_needed(self):
@@ -75,7 +81,9 @@ class TeacherSpec(Strict):
 
     variant: Optional[str] = Field(None, description="another variant of this experiment, trained first")
     checkpoint: Optional[str] = Field(None, description="path to a Lightning/torch checkpoint")
-    model: Optional[dict[str, Any]] = Field(None, description="model section for the checkpoint (default: the variant's own zoo)")
+    model: Optional[dict[str, Any]] = Field(
+        None, description="model section for the checkpoint (default: the variant's own zoo)"
+    )
     alpha: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -88,10 +96,16 @@ class TeacherSpec(Strict):
 class InitSpec(Strict):
     """`model.init`: start a variant from weights instead of a random init (fine-tuning)."""
 
-    checkpoint: Optional[str] = Field(None, description="a weights file: a lab final.pt, a Lightning .ckpt, a "
-                                      "state dict, or a timm levit_*/resnet50 state dict saved locally")
-    variant: Optional[str] = Field(None, description="a finished variant: 'KEY' (this experiment, trained "
-                                   "first) or 'EXPERIMENT/KEY' (newest finished run in the same store)")
+    checkpoint: Optional[str] = Field(
+        None,
+        description="a weights file: a lab final.pt, a Lightning .ckpt, a "
+        "state dict, or a timm levit_*/resnet50 state dict saved locally",
+    )
+    variant: Optional[str] = Field(
+        None,
+        description="a finished variant: 'KEY' (this experiment, trained "
+        "first) or 'EXPERIMENT/KEY' (newest finished run in the same store)",
+    )
     include: Optional[list[str]] = Field(None, description="only keys starting with one of these, e.g. ['prefix.']")
     exclude: list[str] = Field(default_factory=list, description="never keys starting with one of these, e.g. ['head']")
 
@@ -114,7 +128,8 @@ class TrainSpec(Strict):
     ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the weights (None = off)")
     distill: Optional[TeacherSpec] = None
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto = bf16-mixed on GPU, 32-true on CPU")
+        "auto", description="auto = bf16-mixed on GPU, 32-true on CPU"
+    )
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
@@ -163,8 +178,11 @@ class BenchSpec(Strict):
     repeats: int = Field(3, ge=1)
     channels_last: bool = False
     compile: bool = False
-    after_train: bool = Field(True, description="lab run: measure inference throughput after training, on the "
-                                                "run's device (logged as bench/<device>_imgs_per_s)")
+    after_train: bool = Field(
+        True,
+        description="lab run: measure inference throughput after training, on the "
+        "run's device (logged as bench/<device>_imgs_per_s)",
+    )
 
 
 class MatchSpec(Strict):
@@ -177,16 +195,27 @@ class MatchSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)")
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under mlruns/)"
+    )
     experiment: Optional[str] = Field(None, description="MLflow experiment name (default: the spec name)")
     log_checkpoint: bool = True
     keep: Literal["final", "last", "all"] = Field(
-        "final", description="after FINISHED keep: final = the final weights once (resume checkpoints deleted; "
-                             "final.pt only in MLflow when log_checkpoint), last = also last.ckpt, all = everything")
-    inspect: bool = Field(True, description="after training: first-layer filters, attention-bias maps and mean "
-                                            "attention distance as metrics and figures (lab.inspection)")
-    inspect_images: int = Field(64, ge=0, le=4096, description="validation images for the mean attention distance "
-                                                                "(0 = skip it; filters and biases need none)")
+        "final",
+        description="after FINISHED keep: final = the final weights once (resume checkpoints deleted; "
+        "final.pt only in MLflow when log_checkpoint), last = also last.ckpt, all = everything",
+    )
+    inspect: bool = Field(
+        True,
+        description="after training: first-layer filters, attention-bias maps and mean "
+        "attention distance as metrics and figures (lab.inspection)",
+    )
+    inspect_images: int = Field(
+        64,
+        ge=0,
+        le=4096,
+        description="validation images for the mean attention distance (0 = skip it; filters and biases need none)",
+    )
 
 
 class ReferenceFigures(Strict):
@@ -252,8 +281,10 @@ class ExperimentSpec(Strict):
     variants: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: Optional[int | list[int]] = Field(
-        None, description="repeats: N runs each variant with seeds train.seed, train.seed+1, ...; "
-                          "a list names the seeds. Each seed is its own run; tables aggregate them")
+        None,
+        description="repeats: N runs each variant with seeds train.seed, train.seed+1, ...; "
+        "a list names the seeds. Each seed is its own run; tables aggregate them",
+    )
     reference: dict[str, ReferenceFigures] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -383,9 +414,12 @@ def _expanded_size(doc: Any, file: str, limit: int) -> int:
         for key, child in items:
             total += size(child, f"{where}.{key}" if where else str(key))
             if total > limit:
-                raise SpecError(f"the spec expands to more than {limit} values (YAML aliases repeated inside "
-                                f"each other?); raise LAB_MAX_SPEC_VALUES if this is intended", file=file,
-                                path=where or None)
+                raise SpecError(
+                    f"the spec expands to more than {limit} values (YAML aliases repeated inside "
+                    f"each other?); raise LAB_MAX_SPEC_VALUES if this is intended",
+                    file=file,
+                    path=where or None,
+                )
         stack.discard(k)
         memo[k] = total
         return total
@@ -405,8 +439,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SpecError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the spec as UTF-8",
-                        file=str(path)) from None
+        raise SpecError(
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the spec as UTF-8", file=str(path)
+        ) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -440,7 +475,7 @@ def _load_raw(path: Path, stack: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise SpecError("must be a path or a list of paths", file=str(path), path="extends")
     merged: dict[str, Any] = {}
     for p in parents:
-        parent = (path.parent / p)
+        parent = path.parent / p
         if not parent.is_file():
             raise SpecError(f"extended file not found: {p}", file=str(path), path="extends")
         merged = deep_merge(merged, _load_raw(parent, (*stack, path)))
@@ -453,14 +488,20 @@ def _interpolate(node: Any, file: str, path: str = "") -> Any:
     if isinstance(node, list):
         return [_interpolate(v, file, f"{path}.{i}") for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
+
         def sub(m: re.Match) -> str:
             val = os.environ.get(m.group(1))
             if val is None:
                 if m.group(2) is not None:
                     return m.group(2)
-                raise SpecError(f"environment variable ${{{m.group(1)}}} is not set "
-                                f"(export it, or write ${{{m.group(1)}:-default}})", file=file, path=path)
+                raise SpecError(
+                    f"environment variable ${{{m.group(1)}}} is not set "
+                    f"(export it, or write ${{{m.group(1)}:-default}})",
+                    file=file,
+                    path=path,
+                )
             return val
+
         return _ENV.sub(sub, node)
     return node
 
@@ -570,8 +611,11 @@ def _check_model(model: dict[str, Any], file: str, prefix: str) -> dict[str, Any
             out["init"] = _validate(InitSpec, init, file, f"{prefix}.init").model_dump(mode="json")
         return out
     except grafts.GraftConfigError as e:
-        raise SpecError(e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
-                        file=file, path=f"{prefix}.{e.path}" if e.path else prefix) from None
+        raise SpecError(
+            e.message if hasattr(e, "message") else str(e).split(": ", 1)[-1],
+            file=file,
+            path=f"{prefix}.{e.path}" if e.path else prefix,
+        ) from None
 
 
 # --------------------------------------------------------------------------- expansion
@@ -601,8 +645,11 @@ def _check_override_keys(over: dict, file: str, where: str) -> None:
     allowed = set(SECTIONS) | {"match"}
     for k in over:
         if k not in allowed:
-            raise SpecError(f"unknown key '{k}'{close_matches(k, allowed)}; a variant may override: "
-                            f"{', '.join(sorted(allowed))}", file=file, path=f"{where}.{k}")
+            raise SpecError(
+                f"unknown key '{k}'{close_matches(k, allowed)}; a variant may override: {', '.join(sorted(allowed))}",
+                file=file,
+                path=f"{where}.{k}",
+            )
 
 
 _HASH_NEUTRAL_DATA = {"verify_images": True, "skip_bad_files": False}
@@ -664,18 +711,26 @@ def _grid_and_seeds(spec: ExperimentSpec, file: str) -> tuple[dict[str, list[Any
     grid, seeds = dict(spec.grid), spec.seeds
     if "train.seed" in grid:  # a sweep over seeds is repeats of each variant, not new variants
         if seeds is not None:
-            raise SpecError("give the seeds once: either `seeds:` (or --seeds) or grid train.seed",
-                            file=file, path="grid.train.seed")
+            raise SpecError(
+                "give the seeds once: either `seeds:` (or --seeds) or grid train.seed",
+                file=file,
+                path="grid.train.seed",
+            )
         seeds = grid.pop("train.seed")
-        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
-                or len(set(seeds)) != len(seeds):
+        if (
+            not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+            or len(set(seeds)) != len(seeds)
+        ):
             raise SpecError(f"seeds must be distinct integers (got {seeds})", file=file, path="grid.train.seed")
     return grid, seeds
 
 
 def _run_count(spec: ExperimentSpec, grid: dict[str, list[Any]], seeds: _Seeds) -> int:
     """Runs the spec makes: variant rows x seeds x the size of each grid axis."""
-    n = max(1, len(spec.variants)) * max(1, len(seeds) if isinstance(seeds, list) else (seeds if isinstance(seeds, int) else 1))
+    n = max(1, len(spec.variants)) * max(
+        1, len(seeds) if isinstance(seeds, list) else (seeds if isinstance(seeds, int) else 1)
+    )
     for values in grid.values():
         n *= len(values) if isinstance(values, list) and values else 1
     return n
@@ -686,9 +741,13 @@ def _check_size(spec: ExperimentSpec, grid: dict[str, list[Any]], seeds: _Seeds,
     n = _run_count(spec, grid, seeds)
     if n > max_variants():
         sizes = " x ".join(str(len(v)) for v in spec.grid.values() if isinstance(v, list))
-        raise SpecError(f"the spec makes {n} runs ({max(1, len(spec.variants))} row(s)"
-                        f"{' x ' + sizes if sizes else ''}), more than the limit of {max_variants()}; "
-                        f"shrink the grid or raise LAB_MAX_VARIANTS", file=file, path="grid" if grid else "variants")
+        raise SpecError(
+            f"the spec makes {n} runs ({max(1, len(spec.variants))} row(s)"
+            f"{' x ' + sizes if sizes else ''}), more than the limit of {max_variants()}; "
+            f"shrink the grid or raise LAB_MAX_VARIANTS",
+            file=file,
+            path="grid" if grid else "variants",
+        )
 
 
 def _variant_rows(spec: ExperimentSpec, file: str) -> list[_Row]:
@@ -720,16 +779,18 @@ def _grid_rows(spec: ExperimentSpec, rows: list[_Row], grid: dict[str, list[Any]
     for key, over, merged in rows:
         if any(p.startswith("model.") for p in paths) and isinstance(merged.get("model"), dict):
             # grid paths may index into zoo-resolved fields (model.stages.0.depth): resolve first
-            merged = dict(merged, model=_check_model(merged["model"], file, f"variants.{key}.model"
-                                                     if spec.variants else "model"))
+            merged = dict(
+                merged, model=_check_model(merged["model"], file, f"variants.{key}.model" if spec.variants else "model")
+            )
         for combo in itertools.product(*(grid[p] for p in paths)):
             name, o, m = _grid_point(over, merged, dict(zip(paths, combo)), file)
             gridded.append((f"{key}-{name}" if spec.variants else name, o, m))
     return gridded
 
 
-def _grid_point(over: dict[str, Any], merged: dict[str, Any], point: dict[str, Any],
-                file: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def _grid_point(
+    over: dict[str, Any], merged: dict[str, Any], point: dict[str, Any], file: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """A row set to one grid point: its name ('depth=2-lr=0.1'), overrides and merged sections (copies)."""
     o = copy.deepcopy(over)
     m = copy.deepcopy(merged)
@@ -748,8 +809,9 @@ def _check_row_names(spec: ExperimentSpec, keys: list[str], file: str) -> None:
         r = sorted(unknown_refs)[0]
         raise SpecError(f"no variant named '{r}'{close_matches(r, keys)}", file=file, path=f"reference.{r}")
     if spec.baseline and _resolve_baseline(spec.baseline, keys) is None:
-        raise SpecError(f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}",
-                        file=file, path="baseline")
+        raise SpecError(
+            f"no variant named '{spec.baseline}'{close_matches(spec.baseline, keys)}", file=file, path="baseline"
+        )
 
 
 def _at(where: str, field: str) -> str:
@@ -759,9 +821,16 @@ def _at(where: str, field: str) -> str:
 
 def _row_sections(merged: dict[str, Any], file: str, where: str) -> dict[str, Any]:
     """The row's data, train, budget, bench and tracking sections, validated."""
-    return {s: _validate(cls, merged[s], file, _at(where, s))
-            for s, cls in (("data", DataSpec), ("train", TrainSpec), ("budget", BudgetSpec),
-                           ("bench", BenchSpec), ("tracking", TrackingSpec))}
+    return {
+        s: _validate(cls, merged[s], file, _at(where, s))
+        for s, cls in (
+            ("data", DataSpec),
+            ("train", TrainSpec),
+            ("budget", BudgetSpec),
+            ("bench", BenchSpec),
+            ("tracking", TrackingSpec),
+        )
+    }
 
 
 def _row_model(merged: dict[str, Any], file: str, where: str) -> dict[str, Any]:
@@ -772,8 +841,9 @@ def _row_model(merged: dict[str, Any], file: str, where: str) -> dict[str, Any]:
     model = _check_model(model, file, _at(where, "model"))
     nc = model.get("num_classes")
     if isinstance(nc, bool) or (nc is not None and (not isinstance(nc, int) or nc < 2)):
-        raise SpecError(f"a classifier needs num_classes >= 2 (got {nc!r})", file=file,
-                        path=_at(where, "model.num_classes"))
+        raise SpecError(
+            f"a classifier needs num_classes >= 2 (got {nc!r})", file=file, path=_at(where, "model.num_classes")
+        )
     return model
 
 
@@ -785,8 +855,9 @@ def _split_init(model: dict[str, Any], file: str, where: str) -> tuple[dict[str,
     return model, _validate(InitSpec, model.pop("init"), file, _at(where, "model.init"))
 
 
-def _resolve_row(spec: ExperimentSpec, key: str, over: dict[str, Any], merged: dict[str, Any], seeds: _Seeds,
-                 file: str) -> list[Variant]:
+def _resolve_row(
+    spec: ExperimentSpec, key: str, over: dict[str, Any], merged: dict[str, Any], seeds: _Seeds, file: str
+) -> list[Variant]:
     """One row as fully resolved Variants: one per seed when it repeats, else one with its train.seed."""
     where = f"variants.{key}" if spec.variants else ""
     sections = _row_sections(merged, file, where)
@@ -800,12 +871,24 @@ def _resolve_row(spec: ExperimentSpec, key: str, over: dict[str, Any], merged: d
     for seed in repeats or [sections["train"].seed]:
         train = sections["train"].model_copy(update={"seed": seed})
         res = {**resolved, "train": plain(train)}
-        out.append(Variant(
-            experiment=spec.name, key=key, hash=content_hash(res), overrides=over,
-            model=model, init=init, match=match, reference=spec.reference.get(key), tags=dict(spec.tags),
-            source=file, seed=seed, repeated=repeats is not None, config_hash=chash,
-            **{**sections, "train": train},
-        ))
+        out.append(
+            Variant(
+                experiment=spec.name,
+                key=key,
+                hash=content_hash(res),
+                overrides=over,
+                model=model,
+                init=init,
+                match=match,
+                reference=spec.reference.get(key),
+                tags=dict(spec.tags),
+                source=file,
+                seed=seed,
+                repeated=repeats is not None,
+                config_hash=chash,
+                **{**sections, "train": train},
+            )
+        )
     return out
 
 
@@ -813,8 +896,10 @@ def _set_changes(spec: ExperimentSpec, rows: list[_Row], out: list[Variant]) -> 
     """Each variant's `changes`: what its row changes against the baseline row, in words."""
     base_key = _resolve_baseline(spec.baseline, [k for k, *_ in rows]) if spec.baseline else out[0].key
     base_row = next(r for r in rows if r[0] == base_key)
-    changes = {key: describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
-               for key, over, merged in rows}
+    changes = {
+        key: describe_changes(over, merged, base_row[1], base_row[2]) if key != base_key else "(baseline)"
+        for key, over, merged in rows
+    }
     for v in out:
         v.changes = changes[v.key]
 
@@ -823,15 +908,22 @@ def _check_variant_refs(out: list[Variant], file: str) -> None:
     """train.distill.variant and model.init.variant must name another variant of this experiment."""
     for v in out:
         if v.train.distill and v.train.distill.variant and v.train.distill.variant not in {x.key for x in out}:
-            raise SpecError(f"no variant named '{v.train.distill.variant}'", file=file,
-                            path=f"variants.{v.key}.train.distill.variant")
+            raise SpecError(
+                f"no variant named '{v.train.distill.variant}'",
+                file=file,
+                path=f"variants.{v.key}.train.distill.variant",
+            )
         if v.init and v.init.variant and "/" not in v.init.variant and v.init.variant not in {x.key for x in out}:
-            raise SpecError(f"no variant named '{v.init.variant}'{close_matches(v.init.variant, [x.key for x in out])}"
-                            " (another experiment's: 'EXPERIMENT/KEY')", file=file,
-                            path=f"variants.{v.key}.model.init.variant".replace("variants.base.", ""))
+            raise SpecError(
+                f"no variant named '{v.init.variant}'{close_matches(v.init.variant, [x.key for x in out])}"
+                " (another experiment's: 'EXPERIMENT/KEY')",
+                file=file,
+                path=f"variants.{v.key}.model.init.variant".replace("variants.base.", ""),
+            )
         if v.init and v.init.variant == v.key:
-            raise SpecError("a variant cannot start from its own weights", file=file,
-                            path=f"variants.{v.key}.model.init.variant")
+            raise SpecError(
+                "a variant cannot start from its own weights", file=file, path=f"variants.{v.key}.model.init.variant"
+            )
 
 
 def _resolve_baseline(name: str, keys: list[str]) -> Optional[str]:
@@ -874,15 +966,19 @@ def _word(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def describe_changes(over: dict[str, Any], merged: dict[str, Any], base_over: dict[str, Any],
-                     base_merged: dict[str, Any]) -> str:
+def describe_changes(
+    over: dict[str, Any], merged: dict[str, Any], base_over: dict[str, Any], base_merged: dict[str, Any]
+) -> str:
     """What a variant changes against the baseline *variant* (not the spec's base section):
     its overrides that differ from the baseline's, plus the baseline's own overrides that this
     variant does not share (shown with this variant's value), e.g. 'model.zoo=resnet2_deit6'."""
     mine, theirs = flatten_dotted(over), flatten_dotted(base_over)
     parts = [f"{k}={_word(v)}" for k, v in mine.items() if k not in theirs or theirs[k] != v]
-    parts += [f"{k}={_word(_dotted_get(merged, k))}" for k in theirs if k not in mine
-              and _dotted_get(merged, k) != _dotted_get(base_merged, k)]
+    parts += [
+        f"{k}={_word(_dotted_get(merged, k))}"
+        for k in theirs
+        if k not in mine and _dotted_get(merged, k) != _dotted_get(base_merged, k)
+    ]
     return ", ".join(parts) if parts else "(same as baseline)"
 
 

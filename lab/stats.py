@@ -15,6 +15,7 @@ Verdict: "better" when the whole interval is above 0, "worse" when it is below, 
 noise". When both samples have no spread at all (identical values) the interval is the point
 delta itself. FAILED/KILLED/RUNNING seeds never enter the numbers (callers pass finished ones).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 BETTER, WORSE, NOISE, CANNOT_TELL, BASELINE, NO_DATA = (
-    "better", "worse", "within noise", "cannot tell (n=1)", "baseline", "no finished seed")
+    "better",
+    "worse",
+    "within noise",
+    "cannot tell (n=1)",
+    "baseline",
+    "no finished seed",
+)
 VERDICTS = (BETTER, WORSE, NOISE, CANNOT_TELL, BASELINE, NO_DATA)
 CONFIDENCE = 0.95
 
@@ -85,8 +92,9 @@ def _interval(delta: float, se: float, df: float, confidence: float) -> tuple[tu
     return (delta - half, delta + half), p
 
 
-def compare(variant: Mapping[object, float], baseline: Mapping[object, float],
-            confidence: float = CONFIDENCE) -> Comparison:
+def compare(
+    variant: Mapping[object, float], baseline: Mapping[object, float], confidence: float = CONFIDENCE
+) -> Comparison:
     """Compare `variant` with `baseline`, each {seed: value} over finished seeds (see module doc)."""
     v = {s: float(x) for s, x in variant.items() if x is not None and not math.isnan(float(x))}
     b = {s: float(x) for s, x in baseline.items() if x is not None and not math.isnan(float(x))}
@@ -104,9 +112,9 @@ def compare(variant: Mapping[object, float], baseline: Mapping[object, float],
         se = d.std / math.sqrt(d.n)
         (lo, hi), p = _interval(d.mean, se, df, confidence)
         return Comparison(d.mean, (lo, hi), "paired", df, p, _verdict(lo, hi), sv.n, sb.n, seeds)
-    a, c = sv.std ** 2 / sv.n, sb.std ** 2 / sb.n
+    a, c = sv.std**2 / sv.n, sb.std**2 / sb.n
     se = math.sqrt(a + c)
-    df = (a + c) ** 2 / (a ** 2 / (sv.n - 1) + c ** 2 / (sb.n - 1)) if se > 0 else float(sv.n + sb.n - 2)
+    df = (a + c) ** 2 / (a**2 / (sv.n - 1) + c**2 / (sb.n - 1)) if se > 0 else float(sv.n + sb.n - 2)
     (lo, hi), p = _interval(delta, se, df, confidence)
     return Comparison(delta, (lo, hi), "welch", df, p, _verdict(lo, hi), sv.n, sb.n)
 

@@ -9,6 +9,7 @@ torch loads it. Settings: 2 threads with spinning OpenMP threads (OMP_WAIT_POLIC
 passive, 1 thread passive, and lab's policy (lab/threads.py). A training step is forward + backward +
 AdamW on a random batch of the spec's batch size and image size; the figure is the median step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ import time
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[1])
-SETTINGS = [("2 threads, spinning (ACTIVE)", "2", "ACTIVE"), ("2 threads, passive", "2", "PASSIVE"),
-            ("1 thread, passive", "1", "PASSIVE"), ("lab policy", "policy", "")]
+SETTINGS = [
+    ("2 threads, spinning (ACTIVE)", "2", "ACTIVE"),
+    ("2 threads, passive", "2", "PASSIVE"),
+    ("1 thread, passive", "1", "PASSIVE"),
+    ("lab policy", "policy", ""),
+]
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -54,9 +59,19 @@ def _child(args: argparse.Namespace) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(json.dumps({"variant": v.key, "threads": choice.threads, "wait": os.environ.get("OMP_WAIT_POLICY", ""),
-                      "reason": choice.reason, "step_ms": med * 1000, "steps_per_s": 1.0 / med,
-                      "p90_ms": statistics.quantiles(times, n=10)[-1] * 1000}))
+    print(
+        json.dumps(
+            {
+                "variant": v.key,
+                "threads": choice.threads,
+                "wait": os.environ.get("OMP_WAIT_POLICY", ""),
+                "reason": choice.reason,
+                "step_ms": med * 1000,
+                "steps_per_s": 1.0 / med,
+                "p90_ms": statistics.quantiles(times, n=10)[-1] * 1000,
+            }
+        )
+    )
 
 
 def _run(args: argparse.Namespace, threads: str, wait: str) -> dict:
@@ -65,8 +80,20 @@ def _run(args: argparse.Namespace, threads: str, wait: str) -> dict:
     if wait:
         env["OMP_WAIT_POLICY"] = wait
     env["PYTHONPATH"] = os.pathsep.join([_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "lab.threadbench", "--child", "--threads", threads, "--spec", args.spec,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--variant", args.variant] if args.variant else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "lab.threadbench",
+        "--child",
+        "--threads",
+        threads,
+        "--spec",
+        args.spec,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ] + (["--variant", args.variant] if args.variant else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -85,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         _child(args)
         return 0
     print(f"{'setting':<30} {'load':<22} {'threads':>7} {'step ms':>8} {'p90 ms':>8} {'steps/s':>8}", flush=True)
-    for loaded in ([False] if args.alone_only else [False, True]):
+    for loaded in [False] if args.alone_only else [False, True]:
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
         try:
             if hog:
@@ -93,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             for label, threads, wait in SETTINGS:
                 r = _run(args, threads, wait)
                 where = "+1 busy process" if loaded else "alone"
-                print(f"{label:<30} {where:<22} {r['threads']:>7} {r['step_ms']:>8.1f} {r['p90_ms']:>8.1f} "
-                      f"{r['steps_per_s']:>8.2f}", flush=True)
+                print(
+                    f"{label:<30} {where:<22} {r['threads']:>7} {r['step_ms']:>8.1f} {r['p90_ms']:>8.1f} "
+                    f"{r['steps_per_s']:>8.2f}",
+                    flush=True,
+                )
         finally:
             if hog:
                 hog.terminate()

@@ -16,6 +16,7 @@ running someone else. So:
 parent and every child run (tags `lab.threads`, `lab.threads.reason`, ...). All inputs are
 injectable so tests fake affinity, quota and load.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,9 @@ def _read(p: Path) -> Optional[str]:
         return None
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> Optional[float]:
+def cgroup_cpu_limit(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> Optional[float]:
     """CPUs the cgroup quota allows this process (the tightest along its cgroup path); None: no quota."""
     lines = (_read(proc_cgroup) or "").splitlines()
     limits: list[float] = []
@@ -129,8 +132,13 @@ def _cpu_times(stat: Path, cpus: Optional[set] = None) -> Optional[dict[str, tup
     return out or None
 
 
-def busy_cpus(interval: float = 0.5, stat: Path = Path("/proc/stat"), sleep: Callable[[float], None] = time.sleep,
-              ncpu: Optional[int] = None, cpus: Optional[set] = None) -> Optional[float]:
+def busy_cpus(
+    interval: float = 0.5,
+    stat: Path = Path("/proc/stat"),
+    sleep: Callable[[float], None] = time.sleep,
+    ncpu: Optional[int] = None,
+    cpus: Optional[set] = None,
+) -> Optional[float]:
     """CPUs kept busy (by others: this process sleeps while it looks) over `interval` seconds,
     among the CPUs in `cpus` (default: this process's affinity mask), from /proc/stat; None
     where there is no /proc/stat. `ncpu` scales an aggregate-only /proc/stat."""
@@ -170,16 +178,20 @@ def current_load() -> Optional[float]:
 class ThreadChoice:
     threads: int
     reason: str
-    source: str                       # "spec" (train.threads) | "policy"
-    cpus: Optional[float] = None      # CPUs this process may use (affinity, quota)
-    load: Optional[float] = None      # CPUs busy with other processes when decided
+    source: str  # "spec" (train.threads) | "policy"
+    cpus: Optional[float] = None  # CPUs this process may use (affinity, quota)
+    load: Optional[float] = None  # CPUs busy with other processes when decided
     wait_policy: str = ""
 
     def tags(self) -> dict[str, str]:
         from lab.record import threads_tag
 
-        out = {threads_tag(): str(self.threads), threads_tag("source"): self.source,
-               threads_tag("reason"): self.reason, threads_tag("wait_policy"): self.wait_policy}
+        out = {
+            threads_tag(): str(self.threads),
+            threads_tag("source"): self.source,
+            threads_tag("reason"): self.reason,
+            threads_tag("wait_policy"): self.wait_policy,
+        }
         if self.cpus is not None:
             out[threads_tag("cpus")] = f"{self.cpus:g}"
         if self.load is not None:
@@ -220,10 +232,14 @@ def choose(cpus: float, load: Optional[float], explicit: Optional[int] = None, p
     return n, why
 
 
-def decide(explicit: Optional[int] = None, *, processes: int = 1,
-           affinity: Callable[[], Optional[int]] = affinity_cpus,
-           quota: Callable[[], Optional[float]] = cgroup_cpu_limit,
-           load: Callable[[], Optional[float]] = current_load) -> ThreadChoice:
+def decide(
+    explicit: Optional[int] = None,
+    *,
+    processes: int = 1,
+    affinity: Callable[[], Optional[int]] = affinity_cpus,
+    quota: Callable[[], Optional[float]] = cgroup_cpu_limit,
+    load: Callable[[], Optional[float]] = current_load,
+) -> ThreadChoice:
     """The thread count for training in this process (see the module docstring)."""
     wait = wait_policy()
     if explicit:
@@ -242,5 +258,17 @@ def apply(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-__all__ = ["ThreadChoice", "affinity_cpus", "apply", "cgroup_cpu_limit", "choose", "decide", "ensure_passive_wait",
-           "busy_cpus", "current_load", "load_average", "usable_cpus", "wait_policy"]
+__all__ = [
+    "ThreadChoice",
+    "affinity_cpus",
+    "apply",
+    "cgroup_cpu_limit",
+    "choose",
+    "decide",
+    "ensure_passive_wait",
+    "busy_cpus",
+    "current_load",
+    "load_average",
+    "usable_cpus",
+    "wait_policy",
+]

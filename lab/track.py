@@ -16,6 +16,7 @@ ref.<field>, lab.error on failure).
 Params: the flattened resolved spec (dotted keys, lists JSON). Metrics use the global optimizer
 step as their step. Every name is defined in lab.record (the run record).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,9 @@ from lab import record as R
 from lab.errors import LabError
 
 # Tags of a variant run beside lab.variant / lab.hash (see variant_tags)
-SEED_TAG = R.SEED                # train.seed of this run: one repeat of the variant
+SEED_TAG = R.SEED  # train.seed of this run: one repeat of the variant
 CONFIG_HASH_TAG = R.CONFIG_HASH  # content hash without train.seed: the same for all seeds of a variant
-SMOKE_TAG = R.SMOKE              # "true" on `lab run --smoke` runs: tables/plots leave them out by default
+SMOKE_TAG = R.SMOKE  # "true" on `lab run --smoke` runs: tables/plots leave them out by default
 
 PARAM_MAX = 6000  # MLflow's param value limit
 DEFAULT_DIR = "mlruns"
@@ -67,7 +68,7 @@ def experiment_name(variant_or_spec: Any) -> str:
 def sqlite_path(uri: str) -> Optional[Path]:
     """The database file of a `sqlite:///` URI, else None."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     return None
 
 
@@ -77,7 +78,7 @@ def store_dir(uri: str) -> Path:
     if db is not None:
         return db.parent
     if uri.startswith("file:"):
-        p = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+        p = Path(uri[len("file://") :] if uri.startswith("file://") else uri[len("file:") :])
         return p
     if "://" not in uri and uri:  # a plain path is a file store
         return Path(uri)
@@ -130,8 +131,10 @@ def client(uri: str):
         db.parent.mkdir(parents=True, exist_ok=True)
         (db.parent / "artifacts").mkdir(exist_ok=True)
     except OSError as e:
-        raise LabError(f"cannot create the tracking store folder {db.parent} ({e.strerror or e}); "
-                       f"choose a writable place with tracking.uri or MLFLOW_TRACKING_URI") from None
+        raise LabError(
+            f"cannot create the tracking store folder {db.parent} ({e.strerror or e}); "
+            f"choose a writable place with tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
     if not os.access(db.parent, os.W_OK | os.X_OK):
         raise LabError(f"the tracking store folder {db.parent} is not writable (tracking URI {uri})")
     if db.exists() and not os.access(db, os.R_OK | os.W_OK):
@@ -156,8 +159,10 @@ def check_server(uri: str) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as e:
-        raise LabError(f"the tracking server {uri} is unreachable ({type(e).__name__}, waited up to {timeout:g}s; "
-                       f"LAB_TRACKING_TIMEOUT sets the wait); is it running, and is the URI right?") from None
+        raise LabError(
+            f"the tracking server {uri} is unreachable ({type(e).__name__}, waited up to {timeout:g}s; "
+            f"LAB_TRACKING_TIMEOUT sets the wait); is it running, and is the URI right?"
+        ) from None
 
 
 def get_or_create_experiment(cl, name: str, uri: str) -> str:
@@ -182,8 +187,9 @@ def get_or_create_experiment(cl, name: str, uri: str) -> str:
 # --------------------------------------------------------------------------- lookups
 
 
-def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Optional[str] = None,
-                      statuses: Optional[Iterable[str]] = None) -> list:
+def find_variant_runs(
+    cl, experiment: str, key: Optional[str] = None, hash: Optional[str] = None, statuses: Optional[Iterable[str]] = None
+) -> list:
     """Child (variant) runs of an MLflow experiment (by name), newest first; filtered by key/hash/status."""
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
@@ -195,8 +201,13 @@ def find_variant_runs(cl, experiment: str, key: Optional[str] = None, hash: Opti
         flt.append(f"tags.`{R.HASH}` = {_quote(hash)}")
     runs, token = [], None
     while True:
-        page = cl.search_runs([exp.experiment_id], filter_string=" and ".join(flt),
-                              order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        page = cl.search_runs(
+            [exp.experiment_id],
+            filter_string=" and ".join(flt),
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -251,8 +262,9 @@ def flatten(d: Mapping[str, Any]) -> dict[str, str]:
     """{'train': {'lr': 1e-3}, 'model': {'stages': [...]}} -> {'train.lr': '0.001', 'model.stages': '[...]'}."""
     from lab.spec import flatten_dotted
 
-    return {k: (v if isinstance(v, str) else json.dumps(v, default=str))[:PARAM_MAX]
-            for k, v in flatten_dotted(d).items()}
+    return {
+        k: (v if isinstance(v, str) else json.dumps(v, default=str))[:PARAM_MAX] for k, v in flatten_dotted(d).items()
+    }
 
 
 def log_metrics(cl, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -261,7 +273,7 @@ def log_metrics(cl, run_id: str, metrics: Mapping[str, float], step: int) -> Non
     now = int(time.time() * 1000)
     ms = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
     for i in range(0, len(ms), 1000):
-        cl.log_batch(run_id, metrics=ms[i:i + 1000])
+        cl.log_batch(run_id, metrics=ms[i : i + 1000])
 
 
 def log_params(cl, run_id: str, params: Mapping[str, str]) -> None:
@@ -269,7 +281,7 @@ def log_params(cl, run_id: str, params: Mapping[str, str]) -> None:
 
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        cl.log_batch(run_id, params=items[i:i + 100])
+        cl.log_batch(run_id, params=items[i : i + 100])
 
 
 def set_tags(cl, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -277,7 +289,7 @@ def set_tags(cl, run_id: str, tags: Mapping[str, Any]) -> None:
 
     items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
     for i in range(0, len(items), 100):
-        cl.log_batch(run_id, tags=items[i:i + 100])
+        cl.log_batch(run_id, tags=items[i : i + 100])
 
 
 def log_text(cl, run_id: str, text: str, artifact_file: str) -> None:
@@ -285,14 +297,22 @@ def log_text(cl, run_id: str, text: str, artifact_file: str) -> None:
 
 
 def start_parent_run(cl, experiment_id: str, experiment: str, tags: Optional[Mapping[str, str]] = None) -> str:
-    run = cl.create_run(experiment_id, run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
-                        tags={R.ROLE: R.ROLE_PARENT, R.EXPERIMENT: experiment, R.GIT_COMMIT: git_commit(),
-                              **dict(tags or {})})
+    run = cl.create_run(
+        experiment_id,
+        run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={R.ROLE: R.ROLE_PARENT, R.EXPERIMENT: experiment, R.GIT_COMMIT: git_commit(), **dict(tags or {})},
+    )
     return run.info.run_id
 
 
-def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, device: Optional[str] = None,
-                 commit: Optional[str] = None) -> dict[str, str]:
+def variant_tags(
+    variant: Any,
+    *,
+    parent_run_id: Optional[str],
+    baseline: bool,
+    device: Optional[str] = None,
+    commit: Optional[str] = None,
+) -> dict[str, str]:
     from lab.spec import describe_overrides
 
     tags = {
@@ -319,8 +339,9 @@ def variant_tags(variant: Any, *, parent_run_id: Optional[str], baseline: bool, 
     return tags
 
 
-def start_variant_run(cl, experiment_id: str, variant: Any, *, parent_run_id: Optional[str], baseline: bool,
-                      device: Optional[str] = None) -> str:
+def start_variant_run(
+    cl, experiment_id: str, variant: Any, *, parent_run_id: Optional[str], baseline: bool, device: Optional[str] = None
+) -> str:
     """A child run with the variant's tags (params are logged once the model is final: `log_variant_spec`)."""
     tags = variant_tags(variant, parent_run_id=parent_run_id, baseline=baseline, device=device)
     run = cl.create_run(experiment_id, run_name=getattr(variant, "uid", variant.key), tags=tags)

@@ -13,6 +13,7 @@
 Skip/resume decisions, the run's status and the error handling live in lab.execute; the
 metric and tag names in lab.record.
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,8 +85,10 @@ def load_teacher(v, ctx):
                 except Exception:  # noqa: BLE001
                     continue
             else:
-                raise RuntimeError(f"teacher variant '{d.variant}' has no finished run with weights "
-                                   f"(it failed, or tracking.log_checkpoint is off)")
+                raise RuntimeError(
+                    f"teacher variant '{d.variant}' has no finished run with weights "
+                    f"(it failed, or tracking.log_checkpoint is off)"
+                )
     else:
         found = find_file(d.checkpoint, v.source)
         if found is None:
@@ -184,9 +187,16 @@ class Built:
         from lab.module import LabModule
 
         v, dm = self.variant, self.dm
-        return LabModule(model, v.train, num_classes=v.model_cfg.num_classes, total_steps=total_steps,
-                         global_batch=self.global_batch, mixup_fn=getattr(dm, "mixup_fn", None),
-                         label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0), teacher=self.teacher)
+        return LabModule(
+            model,
+            v.train,
+            num_classes=v.model_cfg.num_classes,
+            total_steps=total_steps,
+            global_batch=self.global_batch,
+            mixup_fn=getattr(dm, "mixup_fn", None),
+            label_smoothing=float(getattr(dm, "label_smoothing", 0.0) or 0.0),
+            teacher=self.teacher,
+        )
 
 
 @dataclass
@@ -214,8 +224,13 @@ def thread_choice(v, ctx, accelerator: Optional[str] = None):
     if ctx.threads:
         c = T.ThreadChoice(**ctx.threads)
         if procs > 1:
-            c = T.ThreadChoice(**{**ctx.threads, "threads": max(1, c.threads // procs),
-                                  "reason": f"{c.reason}, shared by {procs} training processes"})
+            c = T.ThreadChoice(
+                **{
+                    **ctx.threads,
+                    "threads": max(1, c.threads // procs),
+                    "reason": f"{c.reason}, shared by {procs} training processes",
+                }
+            )
         return c
     return T.decide(processes=procs)
 
@@ -258,15 +273,35 @@ def build_variant(v, ctx, *, calibrating: bool = False) -> Built:
     model = grafts.build(v.model)
     world = world_size(tr, accelerator)
     n_batches = len(dm.train_dataloader())
-    return Built(variant=v, model=model, params=grafts.count_params(model), macs=int(grafts.count_macs(v.model)),
-                 teacher=teacher_stand_in(v, ctx) if calibrating else load_teacher(v, ctx), dm=dm,
-                 accelerator=accelerator, precision=precision, world=world, global_batch=v.data.batch_size * world,
-                 train_size=int(dm.train_size), steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches),
-                 device=torch.device("cuda") if accelerator == "gpu" else torch.device("cpu"), threads=choice,
-                 trainer_kw=dict(accelerator=accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-                                 strategy=tr.strategy, precision=precision, gradient_clip_val=tr.grad_clip,
-                                 logger=False, enable_model_summary=False, num_sanity_val_steps=0,
-                                 enable_progress_bar=False, enable_checkpointing=False))
+    return Built(
+        variant=v,
+        model=model,
+        params=grafts.count_params(model),
+        macs=int(grafts.count_macs(v.model)),
+        teacher=teacher_stand_in(v, ctx) if calibrating else load_teacher(v, ctx),
+        dm=dm,
+        accelerator=accelerator,
+        precision=precision,
+        world=world,
+        global_batch=v.data.batch_size * world,
+        train_size=int(dm.train_size),
+        steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches),
+        device=torch.device("cuda") if accelerator == "gpu" else torch.device("cpu"),
+        threads=choice,
+        trainer_kw=dict(
+            accelerator=accelerator,
+            devices=tr.devices,
+            num_nodes=tr.num_nodes,
+            strategy=tr.strategy,
+            precision=precision,
+            gradient_clip_val=tr.grad_clip,
+            logger=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+        ),
+    )
 
 
 def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built) -> tuple[Any, str]:
@@ -281,31 +316,59 @@ def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built) -> t
     together = ctx.calibration.get(v.key)
     timed = v.budget.kind == "seconds" and not v.budget.wall_clock
     if timed and planned is not None:
-        plan = B.BudgetPlan(kind="seconds", total_steps=planned, global_batch=b.global_batch,
-                            steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs)
+        plan = B.BudgetPlan(
+            kind="seconds",
+            total_steps=planned,
+            global_batch=b.global_batch,
+            steps_per_epoch=b.steps_per_epoch,
+            macs_per_image=b.macs,
+        )
         prev = track.metric_history(ctx.cl, run_id, R.calibration_metric("step_seconds"))
         if prev:
             plan.calibration["step_seconds"] = prev[-1][1]
         return plan, ""
     if timed and together is not None:
-        plan = B.BudgetPlan(kind="seconds", total_steps=int(together["steps"]), global_batch=b.global_batch,
-                            steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs,
-                            calibration={"step_seconds": together["step_seconds"],
-                                         "images_per_s": b.global_batch / together["step_seconds"],
-                                         "relative": together["relative"], "spread": together["spread"],
-                                         "timed_steps": float(together["timed_steps"])})
+        plan = B.BudgetPlan(
+            kind="seconds",
+            total_steps=int(together["steps"]),
+            global_batch=b.global_batch,
+            steps_per_epoch=b.steps_per_epoch,
+            macs_per_image=b.macs,
+            calibration={
+                "step_seconds": together["step_seconds"],
+                "images_per_s": b.global_batch / together["step_seconds"],
+                "relative": together["relative"],
+                "spread": together["spread"],
+                "timed_steps": float(together["timed_steps"]),
+            },
+        )
         return plan, together["how"]
 
     def calibrate():
-        return from_rank_zero(B.calibrate(lambda: b.make_module(copy.deepcopy(b.model)), b.dm, b.trainer_kw,
-                                          steps=v.budget.calibration_steps, threads=b.threads.threads))
+        return from_rank_zero(
+            B.calibrate(
+                lambda: b.make_module(copy.deepcopy(b.model)),
+                b.dm,
+                b.trainer_kw,
+                steps=v.budget.calibration_steps,
+                threads=b.threads.threads,
+            )
+        )
 
-    plan = B.plan(v.budget, global_batch=b.global_batch, steps_per_epoch=b.steps_per_epoch, macs_per_image=b.macs,
-                  calibrate=calibrate)
+    plan = B.plan(
+        v.budget,
+        global_batch=b.global_batch,
+        steps_per_epoch=b.steps_per_epoch,
+        macs_per_image=b.macs,
+        calibrate=calibrate,
+    )
     how = ""
     if plan.calibration:
-        how = ("alone, in its own worker" + (f" (rank 0's figure, {b.world} ranks)" if b.world > 1 else "")
-               + ": not interleaved with the other variants")
+        how = (
+            "alone, in its own worker"
+            + (f" (rank 0's figure, {b.world} ranks)" if b.world > 1 else "")
+            + ": not interleaved with the other variants"
+        )
     pl.seed_everything(v.train.seed, workers=True, verbose=False)  # calibration consumed randomness
     return plan, how
 
@@ -320,10 +383,16 @@ def log_start(v, ctx, run_id: str, b: Built, plan, calibrated_by: str) -> None:
     for k, val in plan.calibration.items():
         first[R.calibration_metric(k)] = val
     track.log_metrics(ctx.cl, run_id, first, 0)
-    tags = {R.PRECISION: b.precision, R.WORLD_SIZE: b.world, R.BUDGET_PLAN: plan.describe(),
-            R.TRAIN_SIZE: b.train_size, R.VAL_SIZE: getattr(b.dm, "val_size", None),
-            R.STEPS_PER_EPOCH: b.steps_per_epoch, **b.threads.tags(),
-            R.DATA_SKIPPED_FILES: len(getattr(b.dm, "bad_files", ())) or None}
+    tags = {
+        R.PRECISION: b.precision,
+        R.WORLD_SIZE: b.world,
+        R.BUDGET_PLAN: plan.describe(),
+        R.TRAIN_SIZE: b.train_size,
+        R.VAL_SIZE: getattr(b.dm, "val_size", None),
+        R.STEPS_PER_EPOCH: b.steps_per_epoch,
+        **b.threads.tags(),
+        R.DATA_SKIPPED_FILES: len(getattr(b.dm, "bad_files", ())) or None,
+    }
     if calibrated_by:
         tags[R.CALIBRATION] = calibrated_by
     track.set_tags(ctx.cl, run_id, tags)
@@ -350,8 +419,17 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan, ckdir:
     # the ranks of a DDP run would disagree about a collective call and hang.
     callbacks: list = [ExactResume(getattr(b.dm, "resume_point", None), v.data.batch_size), timer, ckpt, last_eval]
     if ctx.rank_zero:
-        callbacks.insert(2, MlflowMetrics(ctx.cl, run_id, log_every=tr.log_every, timer=timer,
-                                          global_batch=b.global_batch, train_size=b.train_size))
+        callbacks.insert(
+            2,
+            MlflowMetrics(
+                ctx.cl,
+                run_id,
+                log_every=tr.log_every,
+                timer=timer,
+                global_batch=b.global_batch,
+                train_size=b.train_size,
+            ),
+        )
     if b.world > 1 and plan.max_seconds is not None:
         callbacks.insert(2, sync_stop_callback())  # every rank stops at the same step
     if ctx.progress:
@@ -381,11 +459,22 @@ def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResu
 
     steps = f.trainer.global_step
     final_val = f.module.last_val
-    use = B.usage(steps=steps, global_batch=b.global_batch, train_seconds=f.timer.train_seconds,
-                  macs_per_image=b.macs, peak_mem_mb=B.peak_memory_mb(b.device))
-    final = {R.FINAL_VAL_TOP1: final_val[R.VAL_TOP1], R.FINAL_VAL_TOP5: final_val[R.VAL_TOP5],
-             R.FINAL_VAL_LOSS: final_val[R.VAL_LOSS], R.BEST_VAL_TOP1: max(f.module.best_top1, final_val[R.VAL_TOP1]),
-             **use, R.PARAMS: b.params, R.MACS: b.macs}
+    use = B.usage(
+        steps=steps,
+        global_batch=b.global_batch,
+        train_seconds=f.timer.train_seconds,
+        macs_per_image=b.macs,
+        peak_mem_mb=B.peak_memory_mb(b.device),
+    )
+    final = {
+        R.FINAL_VAL_TOP1: final_val[R.VAL_TOP1],
+        R.FINAL_VAL_TOP5: final_val[R.VAL_TOP5],
+        R.FINAL_VAL_LOSS: final_val[R.VAL_LOSS],
+        R.BEST_VAL_TOP1: max(f.module.best_top1, final_val[R.VAL_TOP1]),
+        **use,
+        R.PARAMS: b.params,
+        R.MACS: b.macs,
+    }
     writes = f.trainer.is_global_zero and ctx.rank_zero
     if writes:
         track.log_metrics(ctx.cl, run_id, final, steps)
@@ -394,8 +483,13 @@ def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResu
             track.log_artifact_file(ctx.cl, run_id, final_path, R.CHECKPOINT_ARTIFACT_DIR)
         if v.tracking.inspect:
             inspect_trained(v, ctx, run_id, f.module.eval_model, b.dm, steps)
-    result.update(steps=steps, top1=final[R.FINAL_VAL_TOP1], best_top1=final[R.BEST_VAL_TOP1],
-                  train_seconds=f.timer.train_seconds, images_seen=use[R.BUDGET_IMAGES_SEEN])
+    result.update(
+        steps=steps,
+        top1=final[R.FINAL_VAL_TOP1],
+        best_top1=final[R.BEST_VAL_TOP1],
+        train_seconds=f.timer.train_seconds,
+        images_seen=use[R.BUDGET_IMAGES_SEEN],
+    )
     if v.bench.after_train and writes:
         result.imgs_per_s = bench_after_train(v, f.module.model, b.accelerator, ctx, run_id)
     return result
@@ -424,10 +518,20 @@ def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[
     device = "cuda" if accelerator == "gpu" else "cpu"
     b = v.bench
     try:
-        res = measure_throughput(copy.deepcopy(model), img_size=model_img_size(model, v.img_hw[0]),
-                                 device=device, batch=b.batch, dtype=b.dtype, threads=b.threads, warmup=b.warmup,
-                                 duration=b.duration, repeats=b.repeats, channels_last=b.channels_last,
-                                 compile=b.compile, max_batch=b.max_batch)
+        res = measure_throughput(
+            copy.deepcopy(model),
+            img_size=model_img_size(model, v.img_hw[0]),
+            device=device,
+            batch=b.batch,
+            dtype=b.dtype,
+            threads=b.threads,
+            warmup=b.warmup,
+            duration=b.duration,
+            repeats=b.repeats,
+            channels_last=b.channels_last,
+            compile=b.compile,
+            max_batch=b.max_batch,
+        )
     except Exception as e:  # noqa: BLE001 - the training result stands without it
         track.set_tags(ctx.cl, run_id, {R.BENCH_ERROR: track.short_error(e)})
         ctx.say(f"warning: {v.key}: inference throughput not measured: {track.short_error(e)}")
@@ -438,8 +542,9 @@ def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[
     return res.images_per_s
 
 
-def train_variant(v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult,
-                  ckdir: Optional[Path] = None) -> R.VariantResult:
+def train_variant(
+    v, ctx, run_id: str, resume_ckpt: Optional[Path], result: R.VariantResult, ckdir: Optional[Path] = None
+) -> R.VariantResult:
     """Train, evaluate and log one variant into `run_id`: build, plan, fit, record; fills and returns
     `result`. `ckdir`: the checkpoint folder prepared for the run (default: the variant's own)."""
     from lab import budget as B

@@ -9,6 +9,7 @@ Sources (exactly one):
 - `variant: EXPERIMENT/KEY`  the newest finished run of that variant in the same store.
 `include` / `exclude` select key prefixes (e.g. `include: [prefix.]`: only the ResNet stages).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,15 @@ from lab import paths, track
 from lab import record as R
 from lab.errors import LabError
 
-__all__ = ["InitResult", "apply_init", "finished_variant_file", "init_dependency", "record_init", "resolve_init_file", "INIT_TAGS"]
+__all__ = [
+    "InitResult",
+    "apply_init",
+    "finished_variant_file",
+    "init_dependency",
+    "record_init",
+    "resolve_init_file",
+    "INIT_TAGS",
+]
 
 # Tags a run started from weights carries (and the artifact with the full key lists).
 INIT_TAGS = {k: R.init_tag(k) for k in ("source", "loaded", "resized", "random", "skipped")}
@@ -29,15 +38,19 @@ INIT_REPORT_ARTIFACT = R.INIT_REPORT
 
 @dataclass
 class InitResult:
-    source: str                      # what was loaded: a path, or EXPERIMENT/KEY (run RUN_ID)
+    source: str  # what was loaded: a path, or EXPERIMENT/KEY (run RUN_ID)
     path: Path
-    report: Any                      # grafts.LoadReport
+    report: Any  # grafts.LoadReport
 
     def tags(self) -> dict[str, str]:
         r = self.report
-        return {INIT_TAGS["source"]: self.source, INIT_TAGS["loaded"]: str(len(r.loaded)),
-                INIT_TAGS["resized"]: str(len(r.resized)), INIT_TAGS["random"]: str(len(r.random)),
-                INIT_TAGS["skipped"]: str(len(r.skipped))}
+        return {
+            INIT_TAGS["source"]: self.source,
+            INIT_TAGS["loaded"]: str(len(r.loaded)),
+            INIT_TAGS["resized"]: str(len(r.resized)),
+            INIT_TAGS["random"]: str(len(r.random)),
+            INIT_TAGS["skipped"]: str(len(r.skipped)),
+        }
 
     def line(self) -> str:
         return f"init from {self.source}: {self.report.summary()}"
@@ -72,8 +85,10 @@ def finished_variant_file(cl, uri: str, experiment: str, key: str, hash: Optiona
             return track.download_artifact(cl, r.info.run_id, R.FINAL_CHECKPOINT), r.info.run_id
         except Exception:  # noqa: BLE001 - no logged checkpoint: try an older run
             continue
-    raise LabError(f"no finished run of variant '{experiment}/{key}' with weights in {uri} "
-                   "(train it first; with another store set MLFLOW_TRACKING_URI)")
+    raise LabError(
+        f"no finished run of variant '{experiment}/{key}' with weights in {uri} "
+        "(train it first; with another store set MLFLOW_TRACKING_URI)"
+    )
 
 
 def resolve_init_file(v, cl, uri: str, variants: Sequence[Any] = ()) -> tuple[Path, str]:
@@ -82,8 +97,11 @@ def resolve_init_file(v, cl, uri: str, variants: Sequence[Any] = ()) -> tuple[Pa
     if init.checkpoint:
         p = _find_file(init.checkpoint, v.source or None)
         if p is None:
-            raise LabError(f"init checkpoint not found: {init.checkpoint}", file=v.source or None,
-                           path=f"variants.{v.key}.model.init.checkpoint")
+            raise LabError(
+                f"init checkpoint not found: {init.checkpoint}",
+                file=v.source or None,
+                path=f"variants.{v.key}.model.init.checkpoint",
+            )
         return p, str(p)
     exp, _, key = init.variant.rpartition("/")
     exp = exp or v.experiment
@@ -102,17 +120,24 @@ def apply_init(model, v, cl, uri: str, variants: Sequence[Any] = ()) -> InitResu
         _, sd = model_state_from_file(path)  # final.pt, Lightning (EMA) checkpoint or state dict
         report = grafts.load_weights(model, sd, include=v.init.include, exclude=v.init.exclude)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise LabError(f"cannot load init weights from {path}: {str(e).splitlines()[0]}",
-                       file=v.source or None, path=f"variants.{v.key}.model.init") from None
+        raise LabError(
+            f"cannot load init weights from {path}: {str(e).splitlines()[0]}",
+            file=v.source or None,
+            path=f"variants.{v.key}.model.init",
+        ) from None
     if not report.loaded:
-        raise LabError(f"init weights from {source}: no tensor fits this model "
-                       f"({len(report.skipped)} skipped, e.g. {report.skipped[:2]})",
-                       file=v.source or None, path=f"variants.{v.key}.model.init")
+        raise LabError(
+            f"init weights from {source}: no tensor fits this model "
+            f"({len(report.skipped)} skipped, e.g. {report.skipped[:2]})",
+            file=v.source or None,
+            path=f"variants.{v.key}.model.init",
+        )
     return InitResult(source, path, report)
 
 
 def record_init(cl, run_id: str, result: InitResult) -> None:
     """Tags on the run and the full key lists as an artifact."""
     track.set_tags(cl, run_id, result.tags())
-    track.log_text(cl, run_id, json.dumps({"source": result.source, **result.report.as_dict()}, indent=1),
-                   INIT_REPORT_ARTIFACT)
+    track.log_text(
+        cl, run_id, json.dumps({"source": result.source, **result.report.as_dict()}, indent=1), INIT_REPORT_ARTIFACT
+    )

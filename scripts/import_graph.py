@@ -10,6 +10,7 @@ is not counted as a dependency of its submodules (Python imports it first anyway
 `from lab.cli.common import x` is an edge to lab.cli.common only. tests/test_architecture.py
 runs the same checks.
 """
+
 from __future__ import annotations
 
 import ast
@@ -44,7 +45,7 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, li
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_pkg else name.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -89,7 +90,7 @@ def find_cycle(g: dict[str, list[str]]) -> list[str] | None:
         stack.append(n)
         for d in g.get(n, []):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 c = visit(d)
                 if c:
@@ -127,10 +128,17 @@ def private_uses(root: Path = ROOT) -> list[str]:
                     if node.__class__ is ast.ImportFrom and node.level:
                         continue
                     if full in mods and full != name:
-                        aliases[a.asname or (a.name if isinstance(node, ast.ImportFrom) else a.name.split(".")[0])] = full
+                        aliases[a.asname or (a.name if isinstance(node, ast.ImportFrom) else a.name.split(".")[0])] = (
+                            full
+                        )
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{path.relative_to(root)}:{node.lineno}: uses {aliases[node.value.id]}.{node.attr}")
     return bad
 

@@ -1,6 +1,7 @@
 """The code's shape: no import cycles in lab/ or grafts/ (imports inside functions count), no
 private name used across modules, one run record that the README documents, a CLI that the
 domain modules never import."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,7 +59,9 @@ def test_the_checker_finds_unresolved_imports(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("import os\nX = 1\ndef f():\n    pass\n")
-    (pkg / "b.py").write_text("from lab.a import X, f, os\ndef g():\n    from lab.gone import y\n    from lab.a import Y\n")
+    (pkg / "b.py").write_text(
+        "from lab.a import X, f, os\ndef g():\n    from lab.gone import y\n    from lab.a import Y\n"
+    )
     (tmp_path / "grafts").mkdir()
     (tmp_path / "grafts" / "__init__.py").write_text("")
     assert ig.unresolved(tmp_path) == ["lab/b.py:3: no module lab.gone", "lab/b.py:4: lab.a has no Y"]
@@ -70,14 +73,23 @@ def test_no_private_name_used_across_modules():
 
 def test_domain_modules_never_import_the_cli():
     g = _import_graph().graph(ROOT)
-    offenders = {m: d for m, d in g.items() if not m.startswith("lab.cli") and m != "lab.__main__"
-                 and any(x == "lab.cli" or x.startswith("lab.cli.") for x in d)}
+    offenders = {
+        m: d
+        for m, d in g.items()
+        if not m.startswith("lab.cli")
+        and m != "lab.__main__"
+        and any(x == "lab.cli" or x.startswith("lab.cli.") for x in d)
+    }
     assert offenders == {}
 
 
 def test_script_form_checks_the_repo():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_graph.py"), "--check"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "import_graph.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no import cycle" in out.stdout
 
@@ -94,8 +106,17 @@ def test_readme_documents_the_run_record():
 
 
 def test_variant_result_round_trips_and_prints_one_line():
-    r = record.VariantResult(key="base", hash="abc", budget="steps", status="failed", params=5.7e6, macs=3.05e8,
-                             top1=12.345, train_seconds=3.21, error="RuntimeError: boom")
+    r = record.VariantResult(
+        key="base",
+        hash="abc",
+        budget="steps",
+        status="failed",
+        params=5.7e6,
+        macs=3.05e8,
+        top1=12.345,
+        train_seconds=3.21,
+        error="RuntimeError: boom",
+    )
     assert record.VariantResult.from_dict({**r.to_dict(), "unknown": 1}) == r
     line = r.line()
     assert line.startswith("base ") and "params 5.70M" in line and "MACs 305.0M" in line

@@ -1,4 +1,5 @@
 """Hostile or careless input: bounded specs, one-line errors for environment trouble (exit 2)."""
+
 from __future__ import annotations
 
 import time

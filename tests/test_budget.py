@@ -1,4 +1,5 @@
 """Budgets: every kind stops where it should and records what it used; matched runtime budgets."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Interleaved calibration (fake clock), the CPU thread policy (faked inputs), budget fidelity warnings."""
+
 from __future__ import annotations
 
 import statistics
@@ -25,11 +26,13 @@ class FakeMachine:
     def runner(self, key: str):
         def step():
             self.t += self.cost[key] * self.load(self.t)
+
         run = C.timed_steps(step, clock=self.clock)
 
         def counted(n):
             self.calls.append((key, n))
             return run(n)
+
         return counted
 
 
@@ -83,18 +86,22 @@ def test_statistics_resist_hiccups():
 
 def test_reference_and_rescaling_a_newcomer():
     m = FakeMachine({"base": 0.2, "x": 0.1})
-    stored = C.interleaved({"base": m.runner("base"), "x": m.runner("x")}, steps=8, warmup=1, clock=m.clock,
-                           reference="base")
+    stored = C.interleaved(
+        {"base": m.runner("base"), "x": m.runner("x")}, steps=8, warmup=1, clock=m.clock, reference="base"
+    )
     assert stored.reference == "base" and stored.costs["x"].relative == pytest.approx(0.5)
     # later, on a machine twice as slow: the newcomer is measured beside the reference and scaled
     m2 = FakeMachine({"base": 0.4, "new": 0.6})
-    fresh = C.interleaved({"base": m2.runner("base"), "new": m2.runner("new")}, steps=8, warmup=1, clock=m2.clock,
-                          reference="base")
+    fresh = C.interleaved(
+        {"base": m2.runner("base"), "new": m2.runner("new")}, steps=8, warmup=1, clock=m2.clock, reference="base"
+    )
     merged = C.rescale(fresh, stored, stored_id="run123")
     assert merged.reference == "base"
     assert merged.costs["new"].step_seconds == pytest.approx(0.3)  # 1.5 x the stored 0.2 s, not 0.6 s
     assert merged.costs["new"].scaled_from == "run123"
-    assert merged.costs["x"].step_seconds == pytest.approx(0.1) and merged.costs["base"].step_seconds == pytest.approx(0.2)
+    assert merged.costs["x"].step_seconds == pytest.approx(0.1) and merged.costs["base"].step_seconds == pytest.approx(
+        0.2
+    )
     back = C.Calibration.from_json(merged.to_json())
     assert back.steps("new", 30) == 100 and back.context["rescaled"]["newcomers"] == ["new"]
     with pytest.raises(ValueError):
@@ -108,11 +115,11 @@ def test_reference_and_rescaling_a_newcomer():
 
 def test_thread_choice_from_cpus_and_load():
     assert T.choose(2, 0.05) == (2, T.choose(2, 0.05)[1])
-    assert T.choose(2, 1.0)[0] == 1           # one other busy process on 2 cores: 1 thread
-    assert T.choose(2, 5.0)[0] == 1           # never below 1
+    assert T.choose(2, 1.0)[0] == 1  # one other busy process on 2 cores: 1 thread
+    assert T.choose(2, 5.0)[0] == 1  # never below 1
     assert T.choose(16, 3.2)[0] == 13
     assert T.choose(16, 0.0, processes=4)[0] == 4
-    assert T.choose(1.5, 0.0)[0] == 1         # a quota of 1.5 CPUs
+    assert T.choose(1.5, 0.0)[0] == 1  # a quota of 1.5 CPUs
     n, why = T.choose(8, 0.0, explicit=3)
     assert n == 3 and "train.threads" in why
     assert T.usable_cpus(8, 2.5)[0] == 2.5 and "quota" in T.usable_cpus(8, 2.5)[1]
@@ -152,6 +159,7 @@ def test_cgroup_quota_v2_v1_and_busy_cpus(tmp_path):
 
     def later(_):
         stat.write_text("cpu  200 0 0 600 0 0 0 0 0 0\n")
+
     assert T.busy_cpus(0.1, stat=stat, sleep=later, ncpu=4, cpus={0}) == pytest.approx(1.0)
     assert T.busy_cpus(0.1, stat=tmp_path / "missing") is None
     # per-CPU lines: only the CPUs this process may use count (cpu2 is busy but not ours)
@@ -159,6 +167,7 @@ def test_cgroup_quota_v2_v1_and_busy_cpus(tmp_path):
 
     def later2(_):
         stat.write_text("cpu  250 0 0 50\ncpu0 50 0 0 50\ncpu1 0 0 0 100\ncpu2 100 0 0 0\n")
+
     assert T.busy_cpus(0.1, stat=stat, sleep=later2, cpus={0, 1}) == pytest.approx(0.5)
     stat.write_text("cpu  0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\ncpu2 0 0 0 0\n")
     assert T.busy_cpus(0.1, stat=stat, sleep=later2, cpus={0, 1, 2}) == pytest.approx(1.5)
@@ -168,8 +177,14 @@ def test_cgroup_quota_v2_v1_and_busy_cpus(tmp_path):
 
 
 def _row(key, planned=80.0, train=80.0, steps=400, step_s=0.2, kind="seconds"):
-    return {"key": key, "planned_seconds": planned, "train_seconds": train, "steps": steps,
-            "calibrated_step_seconds": step_s, "budget_kind": kind}
+    return {
+        "key": key,
+        "planned_seconds": planned,
+        "train_seconds": train,
+        "steps": steps,
+        "calibrated_step_seconds": step_s,
+        "budget_kind": kind,
+    }
 
 
 def test_fidelity_quiet_when_matched():
@@ -183,7 +198,7 @@ def test_fidelity_names_the_variant_the_cause_and_the_fix():
     assert len(ws) == 2
     off = next(w for w in ws if "slow" in w and "budget" in w)
     assert "195" in off and "+144%" in off
-    assert "0.49 s/step" in off and "0.20 s/step" in off      # trained slower than calibrated
+    assert "0.49 s/step" in off and "0.20 s/step" in off  # trained slower than calibrated
     assert "busier" in off and "lab run" in off
     apart = next(w for w in ws if "apart" in w)
     assert "79" in apart and "195" in apart
@@ -199,8 +214,15 @@ def test_fidelity_ignores_non_time_budgets_and_missing_figures():
 
 
 def test_off_budget_advice_names_the_variant_not_the_seed_label():
-    row = {"key": "attention_bias seed 0", "variant": "attention_bias", "budget_kind": "seconds",
-           "planned_seconds": 40.0, "train_seconds": 30.0, "steps": 300, "calibrated_step_seconds": 0.13}
+    row = {
+        "key": "attention_bias seed 0",
+        "variant": "attention_bias",
+        "budget_kind": "seconds",
+        "planned_seconds": 40.0,
+        "train_seconds": 30.0,
+        "steps": 300,
+        "calibrated_step_seconds": 0.13,
+    }
     msg = F.off_budget(row)
     assert msg is not None and "'attention_bias seed 0' trained 30.0 s" in msg
     assert "--force --variant attention_bias`" in msg

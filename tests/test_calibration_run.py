@@ -1,6 +1,7 @@
 """`lab run` with matched runtime budgets: the calibration kept on the parent run, a variant added
 later scaled to it, budget fidelity in the summary and the table, throughput measured after
 training so that a Pareto plot follows `lab run` directly."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ WIDE = {"model": {"stages": [{"dim": 64, "depth": 2, "heads": 4}]}}
 
 def _parents(cl, experiment="tiny"):
     exp = cl.get_experiment_by_name(experiment)
-    runs = cl.search_runs([exp.experiment_id], filter_string="tags.`lab.role` = 'parent'",
-                          order_by=["attributes.start_time ASC"])
+    runs = cl.search_runs(
+        [exp.experiment_id], filter_string="tags.`lab.role` = 'parent'", order_by=["attributes.start_time ASC"]
+    )
     return runs
 
 
@@ -75,8 +77,10 @@ def test_newcomer_is_scaled_to_the_stored_reference(store, write_spec):
 
 @pytest.mark.slow
 def test_run_then_pareto_and_fidelity_in_table(store, write_spec, capsys, tmp_path):
-    doc = tiny_spec_dict(budget={"seconds": 0.6, "calibration_steps": 6},
-                         bench={"after_train": True, "warmup": 0.02, "duration": 0.05, "repeats": 2})
+    doc = tiny_spec_dict(
+        budget={"seconds": 0.6, "calibration_steps": 6},
+        bench={"after_train": True, "warmup": 0.02, "duration": 0.05, "repeats": 2},
+    )
     doc["train"]["eval_every"] = 1000
     doc["variants"] = {"small": {}, "wide": WIDE}
     path = write_spec(doc)
@@ -116,14 +120,26 @@ def test_thread_choice_policy_spec_and_cpu_ranks(write_spec):
 
     doc = tiny_spec_dict()
     doc["train"].pop("threads")
-    doc["variants"] = {"plain": {}, "pinned": {"train": {"threads": 3}},
-                       "ddp": {"train": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}}}
+    doc["variants"] = {
+        "plain": {},
+        "pinned": {"train": {"threads": 3}},
+        "ddp": {"train": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}},
+    }
     spec = S.load_spec(write_spec(doc))
     vs = {v.key: v for v in S.expand(spec)}
     policy = T.decide(affinity=lambda: 8, quota=lambda: None, load=lambda: 2.0)
     assert policy.threads == 6
-    ctx = Context(spec=spec, variants=list(vs.values()), uri="", cl=None, experiment="tiny", experiment_id="0",
-                  parent_run_id="", baseline="plain", threads=policy.as_dict())
+    ctx = Context(
+        spec=spec,
+        variants=list(vs.values()),
+        uri="",
+        cl=None,
+        experiment="tiny",
+        experiment_id="0",
+        parent_run_id="",
+        baseline="plain",
+        threads=policy.as_dict(),
+    )
     assert thread_choice(vs["plain"], ctx).threads == 6
     c = thread_choice(vs["pinned"], ctx)
     assert c.threads == 3 and c.source == "spec"

@@ -2,6 +2,7 @@
 data into a temporary store, the runs carry the paper's reference figures, and `lab table` renders
 them when asked (`--include-smoke`), never beside those figures (issue 14: smoke runs are
 plumbing checks, not results)."""
+
 from __future__ import annotations
 
 import csv

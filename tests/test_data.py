@@ -1,4 +1,5 @@
 """Data: embedded MNIST-5k (split, cache), synthetic shapes, ImageFolder checks, mixup, class-count checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -118,8 +119,9 @@ def test_synthetic_learnable_and_deterministic():
 
 def test_synthetic_with_workers_and_full_augmentation():
     aug = AugmentSpec(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, color_jitter=0.4, scale=(0.5, 1.0))
-    dm = build(dataset="synthetic", synthetic_size=64, num_classes=2, image_size=24, batch_size=8,
-               num_workers=1, augment=aug)
+    dm = build(
+        dataset="synthetic", synthetic_size=64, num_classes=2, image_size=24, batch_size=8, num_workers=1, augment=aug
+    )
     loader = dm.train_dataloader()
     assert loader.persistent_workers and not loader.pin_memory and loader.drop_last
     x, y = next(iter(loader))
@@ -130,8 +132,13 @@ def test_synthetic_with_workers_and_full_augmentation():
 
 
 def test_mixup_soft_targets():
-    dm = build(dataset="synthetic", synthetic_size=64, num_classes=5, batch_size=8,
-               augment=AugmentSpec(mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    dm = build(
+        dataset="synthetic",
+        synthetic_size=64,
+        num_classes=5,
+        batch_size=8,
+        augment=AugmentSpec(mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+    )
     fn = dm.mixup_fn
     assert fn is not None and dm.mixup_fn is fn
     x, y = next(iter(dm.train_dataloader()))
@@ -153,13 +160,16 @@ def test_num_classes_expected_mismatch():
         D.build_datamodule(DataSpec(dataset="synthetic", num_classes=7), num_classes_expected=10)
 
 
-@pytest.mark.parametrize("kw, path, words", [
-    (dict(batch_size=63, augment=AugmentSpec(mixup=0.2)), "data.batch_size", "even"),
-    (dict(batch_size=4096), "data.batch_size", "larger than the training set"),
-    (dict(augment=AugmentSpec(auto_augment="nonsense")), "data.augment.auto_augment", "auto-augment policy"),
-    (dict(dataset="synthetic", synthetic_size=16, num_classes=10), "data.synthetic_size", "cannot hold"),
-    (dict(num_classes=5), "data.num_classes", "10 classes"),
-])
+@pytest.mark.parametrize(
+    "kw, path, words",
+    [
+        (dict(batch_size=63, augment=AugmentSpec(mixup=0.2)), "data.batch_size", "even"),
+        (dict(batch_size=4096), "data.batch_size", "larger than the training set"),
+        (dict(augment=AugmentSpec(auto_augment="nonsense")), "data.augment.auto_augment", "auto-augment policy"),
+        (dict(dataset="synthetic", synthetic_size=16, num_classes=10), "data.synthetic_size", "cannot hold"),
+        (dict(num_classes=5), "data.num_classes", "10 classes"),
+    ],
+)
 def test_spec_errors(kw, path, words):
     with pytest.raises(LabError) as e:
         D.build_datamodule(DataSpec(**kw), spec_file="s.yaml")
@@ -189,9 +199,16 @@ def make_tree(root: Path, classes=("cat", "dog", "fox"), n=(4, 2), size=20) -> P
 
 def test_imagefolder_loads_and_batches(tmp_path):
     root = make_tree(tmp_path / "tree")
-    dm = D.build_datamodule(DataSpec(dataset="imagefolder", root=str(root), image_size=16, batch_size=4,
-                                     augment=AugmentSpec(re_prob=0.25, color_jitter=0.4)),
-                            num_classes_expected=3)
+    dm = D.build_datamodule(
+        DataSpec(
+            dataset="imagefolder",
+            root=str(root),
+            image_size=16,
+            batch_size=4,
+            augment=AugmentSpec(re_prob=0.25, color_jitter=0.4),
+        ),
+        num_classes_expected=3,
+    )
     assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "fox"]
     assert dm.train_size == 12 and dm.val_size == 6 and dm.in_chans == 3
     x, y = next(iter(dm.train_dataloader()))
@@ -199,15 +216,23 @@ def test_imagefolder_loads_and_batches(tmp_path):
     xv, yv = next(iter(dm.val_dataloader()))
     assert xv.shape == (4, 3, 16, 16)
     assert len(dm.train_dataloader()) == 3
-    aa = D.build_datamodule(DataSpec(dataset="imagefolder", root=str(root), image_size=16, batch_size=4,
-                                     augment=AugmentSpec(auto_augment="rand-m9-mstd0.5-inc1")))
+    aa = D.build_datamodule(
+        DataSpec(
+            dataset="imagefolder",
+            root=str(root),
+            image_size=16,
+            batch_size=4,
+            augment=AugmentSpec(auto_augment="rand-m9-mstd0.5-inc1"),
+        )
+    )
     assert next(iter(aa.train_dataloader()))[0].shape == (4, 3, 16, 16)
 
 
 def _if_error(root: Path, **kw) -> LabError:
     with pytest.raises(LabError) as e:
-        D.build_datamodule(DataSpec(dataset="imagefolder", root=str(root), image_size=16, batch_size=2, **kw),
-                           spec_file="if.yaml")
+        D.build_datamodule(
+            DataSpec(dataset="imagefolder", root=str(root), image_size=16, batch_size=2, **kw), spec_file="if.yaml"
+        )
     assert e.value.path == "data.root" and "data.root" in str(e.value)
     return e.value
 

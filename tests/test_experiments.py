@@ -1,5 +1,6 @@
 """The catalog in experiments/: every spec validates, every variant builds, and its params and
 MACs match the paper's figures given in the spec's `reference` section."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,6 @@ from lab import spec as S
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p for p in (ROOT / "experiments").glob("*.yaml"))
-
-
 
 
 def test_validate_every_spec_exits_0(monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Fault injection, for real: `lab run` subprocesses on one store, signals at a step, corrupt files,
 traversal attempts. Asserts: no duplicate runs, no mixed histories, every run ends in a true status,
 nothing written or deleted outside the store, and results equal to an undisturbed run."""
+
 from __future__ import annotations
 
 import os
@@ -24,15 +25,25 @@ pytestmark = pytest.mark.slow
 
 
 def _env(uri: str) -> dict:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=uri,
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+    )
     env.pop("LAB_DEBUG", None)
     return env
 
 
 def _lab(args, uri, cwd, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lab", *args], env=_env(uri), cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lab", *args],
+        env=_env(uri),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _write(tmp_path, doc, name):
@@ -61,8 +72,9 @@ def _no_mixed_history(cl, run_id: str) -> None:
 
 
 def _long_doc(experiment: str, uri=None) -> dict:
-    doc = tiny_spec_dict(tracking={"experiment": experiment, "keep": "all", "log_checkpoint": False, "uri": uri},
-                         budget={"steps": 30})
+    doc = tiny_spec_dict(
+        tracking={"experiment": experiment, "keep": "all", "log_checkpoint": False, "uri": uri}, budget={"steps": 30}
+    )
     doc["train"].update(eval_every=5, log_every=1)
     doc["data"]["augment"] = {"hflip": 0.5, "scale": [0.5, 1.0]}
     return doc
@@ -71,8 +83,9 @@ def _long_doc(experiment: str, uri=None) -> dict:
 def _final(uri: str, experiment: str):
     cl = track.client(uri)
     (run,) = track.find_variant_runs(cl, experiment)
-    d = paths.variant_checkpoint_dir(track.store_dir(uri), experiment, run.data.tags["lab.variant"],
-                                     run.data.tags["lab.hash"])
+    d = paths.variant_checkpoint_dir(
+        track.store_dir(uri), experiment, run.data.tags["lab.variant"], run.data.tags["lab.hash"]
+    )
     return run, torch.load(d / "final.pt", map_location="cpu", weights_only=False)["state_dict"]
 
 
@@ -173,8 +186,9 @@ def test_bad_images_are_named_or_skipped(store, tmp_path, capsys, monkeypatch):
     (root / "train" / "cat" / "text.jpg").write_text("not really a jpeg")
     good = (root / "train" / "dog" / "0.png").read_bytes()
     (root / "train" / "dog" / "cut.png").write_bytes(good[: len(good) // 2])
-    doc = tiny_spec_dict(data={"dataset": "imagefolder", "root": str(root), "image_size": 16, "batch_size": 4},
-                         budget={"steps": 2})
+    doc = tiny_spec_dict(
+        data={"dataset": "imagefolder", "root": str(root), "image_size": 16, "batch_size": 4}, budget={"steps": 2}
+    )
     doc["model"]["num_classes"] = 2
     spec = _write(tmp_path, doc, "img.yaml")
     assert cli.main(["run", str(spec), "--no-progress"]) == 2
@@ -224,11 +238,13 @@ def test_preempted_slurm_job_requeues_and_resumes(store, tmp_path, undisturbed):
 
     spec = S.load_spec(_write(tmp_path, _long_doc("preempted"), "pre.yaml"))
     vs = S.expand(spec)
-    opts = launch.LaunchOptions(slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"),
-                                slurm_time=10, poll_s=0.2)
+    opts = launch.LaunchOptions(
+        slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"), slurm_time=10, poll_s=0.2
+    )
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(res=run_experiment(spec, vs, progress=False, launcher="slurm",
-                                                                      launch_options=opts)))
+    t = threading.Thread(
+        target=lambda: out.update(res=run_experiment(spec, vs, progress=False, launcher="slurm", launch_options=opts))
+    )
     t.start()
     cl = track.client(store)
 

@@ -1,4 +1,5 @@
 """Tests for the grafts package: timm parity, paper figures, switches, validation, fuse."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,8 @@ def params(d) -> int:
     return grafts.count_params(meta_build(d))
 
 
-
-
 # ----------------------------------------------------------------------------- timm parity
+
 
 @pytest.mark.parametrize("name", LEVITS)
 def test_levit_params_and_state_dict_match_timm(name):
@@ -61,13 +61,16 @@ def test_levit_logits_match_timm(name):
 
 def test_keymap_drops_index_buffers_and_rejects_unknown():
     assert grafts.map_timm_levit_key("stages.0.blocks.0.attn.attention_bias_idxs") is None
-    assert grafts.map_timm_levit_key("stages.1.downsample.attn_downsample.q.ln.bn.weight") == \
-        "stages.1.downsample.attn.q.bn.weight"
+    assert (
+        grafts.map_timm_levit_key("stages.1.downsample.attn_downsample.q.ln.bn.weight")
+        == "stages.1.downsample.attn.q.bn.weight"
+    )
     with pytest.raises(KeyError):
         grafts.map_timm_levit_key("something.else")
 
 
 # ----------------------------------------------------------------------------- paper figures
+
 
 @pytest.mark.parametrize("name", LEVITS)
 def test_levit_macs_match_paper(name):
@@ -80,9 +83,11 @@ def test_deit_resnet_macs_and_params():
     assert abs(grafts.count_macs({"zoo": "resnet50"}) / 4.1e9 - 1) < 0.02
     with torch.device("meta"):
         assert params({"zoo": "deit_small"}) == grafts.count_params(
-            timm.create_model("deit_small_patch16_224", pretrained=False))
+            timm.create_model("deit_small_patch16_224", pretrained=False)
+        )
         assert params({"zoo": "deit_tiny"}) == grafts.count_params(
-            timm.create_model("deit_tiny_patch16_224", pretrained=False))
+            timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        )
         assert params({"zoo": "resnet50"}) == grafts.count_params(timm.create_model("resnet50", pretrained=False))
 
 
@@ -108,9 +113,14 @@ def test_graft_params_and_mac_split(name):
 
 
 ABLATIONS = {  # paper Table 5: params M, MACs M
-    "levit_128s_a0": (7.4, 305), "levit_128s_a1": (1.2, 308), "levit_128s_a2": (7.4, 275),
-    "levit_128s_a3": (7.4, 305), "levit_128s_a4": (7.4, 305), "levit_128s_a5": (7.4, 305),
-    "levit_128s_a6": (6.2, 312), "levit_128s_a7": (7.4, 305),
+    "levit_128s_a0": (7.4, 305),
+    "levit_128s_a1": (1.2, 308),
+    "levit_128s_a2": (7.4, 275),
+    "levit_128s_a3": (7.4, 305),
+    "levit_128s_a4": (7.4, 305),
+    "levit_128s_a5": (7.4, 305),
+    "levit_128s_a6": (6.2, 312),
+    "levit_128s_a7": (7.4, 305),
 }
 
 
@@ -122,6 +132,7 @@ def test_ablation_rows(name):
 
 
 # ----------------------------------------------------------------------------- switches
+
 
 def _bias_entries(cfg: grafts.ModelConfig) -> int:
     res = cfg.stage_resolutions()
@@ -194,6 +205,7 @@ def test_forward_heads_and_training_average():
 
 # ----------------------------------------------------------------------------- graft forward/backward
 
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
 def test_graft_forward_backward(k):
     name = f"resnet{k}_deit{12 - 3 * k}"
@@ -208,13 +220,16 @@ def test_graft_forward_backward(k):
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "resnet2_deit6", "bridge": "proj", "img_size": 32},
-    {"zoo": "levit_128s_a0", "downsample": "pool", "img_size": 64},
-    {"zoo": "deit_tiny", "position": "attention_bias", "distillation": True, "img_size": 64},
-    {"zoo": "levit_128s_a1", "img_size": 64, "pool": "cls", "distillation": True},
-    {"zoo": "levit_128s_a6", "img_size": 48},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"zoo": "resnet2_deit6", "bridge": "proj", "img_size": 32},
+        {"zoo": "levit_128s_a0", "downsample": "pool", "img_size": 64},
+        {"zoo": "deit_tiny", "position": "attention_bias", "distillation": True, "img_size": 64},
+        {"zoo": "levit_128s_a1", "img_size": 64, "pool": "cls", "distillation": True},
+        {"zoo": "levit_128s_a6", "img_size": 48},
+    ],
+)
 def test_other_combinations_run(over):
     m = grafts.build(over).train()
     out = m(torch.randn(2, 3, over["img_size"], over["img_size"]))
@@ -224,11 +239,15 @@ def test_other_combinations_run(over):
 
 # ----------------------------------------------------------------------------- fuse
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "levit_128s", "img_size": 64},
-    {"zoo": "resnet2_deit6", "img_size": 64, "grid": 4},
-    {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "norm": "batchnorm"},
-])
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"zoo": "levit_128s", "img_size": 64},
+        {"zoo": "resnet2_deit6", "img_size": 64, "grid": 4},
+        {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "norm": "batchnorm"},
+    ],
+)
 def test_fuse_equal_and_no_batchnorm(over):
     torch.manual_seed(0)
     m = grafts.build(over)
@@ -244,14 +263,16 @@ def test_fuse_equal_and_no_batchnorm(over):
 
 # ----------------------------------------------------------------------------- config
 
+
 @pytest.mark.parametrize("name", grafts.zoo_names())
 def test_config_round_trip(name):
     cfg = grafts.config_from_dict({"zoo": name})
     d = grafts.config_to_dict(cfg)
     assert json.loads(json.dumps(d)) == d
     assert grafts.config_from_dict(d) == cfg
-    assert grafts.config_from_dict({k: v for k, v in d.items() if k != "zoo"}) == \
-        grafts.config_from_dict({**d, "zoo": None})
+    assert grafts.config_from_dict({k: v for k, v in d.items() if k != "zoo"}) == grafts.config_from_dict(
+        {**d, "zoo": None}
+    )
 
 
 def test_zoo_override_semantics():
@@ -262,25 +283,31 @@ def test_zoo_override_semantics():
     assert set(grafts.zoo_names()) >= {"levit_128s", "deit_small", "resnet50", "resnet3_deit3", "levit_128s_a7"}
 
 
-@pytest.mark.parametrize("d, path, words", [
-    ({"zoo": "levit_128s", "stages": [{"dim": 130, "depth": 2, "heads": 4}]}, "stages.0.heads", "divisible"),
-    ({"zoo": "resnet2_deit6", "prefix": {"stages": 5}}, "prefix.stages", "0..4"),
-    ({"zoo": "levit_128s", "img_size": 100}, "img_size", "divisible"),
-    ({"zoo": "levit_128s", "norm": "groupnorm"}, "norm", "batchnorm, layernorm"),
-    ({"zoo": "levit_128s", "drop_pth": 0.1}, "drop_pth", "drop_path"),
-    ({"zoo": "levit_128s", "stages": [{"dim": 64, "depth": 1, "heads": 2, "mlp_ration": 2}]},
-     "stages.0.mlp_ration", "mlp_ratio"),
-    ({"zoo": "levit_128s", "img_size": "224"}, "img_size", "int"),
-    ({"zoo": "levit_128s", "distillation": "yes"}, "distillation", "bool"),
-    ({"zoo": "levit_128s", "stages": [{"dim": 64, "depth": "2", "heads": 2}]}, "stages.0.depth", "int"),
-    ({"zoo": "levit_12s"}, "zoo", "levit_128s"),
-    ({"zoo": "levit_128s", "downsample": "none"}, "downsample", "equal"),
-    ({"zoo": "levit_128s", "stages": [{"dim": 64, "depth": 0, "heads": 2}]}, "stages.0.depth", "pure ResNet"),
-    ({"zoo": "levit_128s", "pool": "cls"}, "pool", "mean"),
-    ({"zoo": "levit_128s", "downsample_heads": [8]}, "downsample_heads", "one entry"),
-    ({"zoo": "resnet3_deit3", "img_size": 40}, "img_size", "divisible"),
-    ({"zoo": "levit_128s", "bridge": "avg"}, "bridge", "pool, proj"),
-])
+@pytest.mark.parametrize(
+    "d, path, words",
+    [
+        ({"zoo": "levit_128s", "stages": [{"dim": 130, "depth": 2, "heads": 4}]}, "stages.0.heads", "divisible"),
+        ({"zoo": "resnet2_deit6", "prefix": {"stages": 5}}, "prefix.stages", "0..4"),
+        ({"zoo": "levit_128s", "img_size": 100}, "img_size", "divisible"),
+        ({"zoo": "levit_128s", "norm": "groupnorm"}, "norm", "batchnorm, layernorm"),
+        ({"zoo": "levit_128s", "drop_pth": 0.1}, "drop_pth", "drop_path"),
+        (
+            {"zoo": "levit_128s", "stages": [{"dim": 64, "depth": 1, "heads": 2, "mlp_ration": 2}]},
+            "stages.0.mlp_ration",
+            "mlp_ratio",
+        ),
+        ({"zoo": "levit_128s", "img_size": "224"}, "img_size", "int"),
+        ({"zoo": "levit_128s", "distillation": "yes"}, "distillation", "bool"),
+        ({"zoo": "levit_128s", "stages": [{"dim": 64, "depth": "2", "heads": 2}]}, "stages.0.depth", "int"),
+        ({"zoo": "levit_12s"}, "zoo", "levit_128s"),
+        ({"zoo": "levit_128s", "downsample": "none"}, "downsample", "equal"),
+        ({"zoo": "levit_128s", "stages": [{"dim": 64, "depth": 0, "heads": 2}]}, "stages.0.depth", "pure ResNet"),
+        ({"zoo": "levit_128s", "pool": "cls"}, "pool", "mean"),
+        ({"zoo": "levit_128s", "downsample_heads": [8]}, "downsample_heads", "one entry"),
+        ({"zoo": "resnet3_deit3", "img_size": 40}, "img_size", "divisible"),
+        ({"zoo": "levit_128s", "bridge": "avg"}, "bridge", "pool, proj"),
+    ],
+)
 def test_invalid_configs(d, path, words):
     with pytest.raises(grafts.GraftConfigError) as ei:
         grafts.build(d)
@@ -291,6 +318,7 @@ def test_invalid_configs(d, path, words):
 
 
 # ----------------------------------------------------------------------------- timm registry / measure
+
 
 def test_timm_registry():
     m = timm.create_model("grafts_levit_128s", pretrained=False, num_classes=10, img_size=64)
@@ -331,22 +359,30 @@ def test_fuse_leaves_plain_layers_and_keeps_the_original():
     assert blk.attn.scale == 1.0 and blk.inplace and type(blk.mlp.act) is InplaceHardswish
     # the source model is untouched: wrappers, BN, scale, out-of-place activations
     b0 = m.stages[0].blocks[0]
-    assert isinstance(b0.attn.qkv, LinearNorm) and b0.attn.scale == 16 ** -0.5
+    assert isinstance(b0.attn.qkv, LinearNorm) and b0.attn.scale == 16**-0.5
     assert not b0.inplace and type(b0.mlp.act) is nn.Hardswish and not b0.mlp.act.inplace
     assert grafts.count_params(m) == grafts.count_params(grafts.build({"zoo": "levit_128s", "img_size": 64}))
 
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "levit_128s", "img_size": 64},
-    {"zoo": "deit_tiny", "img_size": 64},                                     # SDPA path, GELU, LayerNorm
-    {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "norm": "batchnorm"},  # BN bridge + BN heads
-    {"zoo": "resnet4_deit0", "img_size": 64},                                 # pure ResNet-50
-    {"zoo": "levit_128s_a0", "downsample": "pool", "img_size": 64},           # pool+projection downsample
-    {"zoo": "levit_128s_a5", "img_size": 64},                                 # no bias: SDPA with dv != dk
-    {"zoo": "levit_128s_a5", "img_size": 64, "stages": [                      # no bias, dv == dk: flash SDPA
-        {"dim": 64, "depth": 1, "heads": 2, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0},
-        {"dim": 96, "depth": 1, "heads": 3, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"zoo": "levit_128s", "img_size": 64},
+        {"zoo": "deit_tiny", "img_size": 64},  # SDPA path, GELU, LayerNorm
+        {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "norm": "batchnorm"},  # BN bridge + BN heads
+        {"zoo": "resnet4_deit0", "img_size": 64},  # pure ResNet-50
+        {"zoo": "levit_128s_a0", "downsample": "pool", "img_size": 64},  # pool+projection downsample
+        {"zoo": "levit_128s_a5", "img_size": 64},  # no bias: SDPA with dv != dk
+        {
+            "zoo": "levit_128s_a5",
+            "img_size": 64,
+            "stages": [  # no bias, dv == dk: flash SDPA
+                {"dim": 64, "depth": 1, "heads": 2, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0},
+                {"dim": 96, "depth": 1, "heads": 3, "key_dim": 16, "attn_ratio": 1.0, "mlp_ratio": 2.0},
+            ],
+        },
+    ],
+)
 def test_fused_copy_matches_in_inference_mode_and_still_differentiates(over):
     torch.manual_seed(0)
     m = grafts.build(over)
@@ -424,6 +460,7 @@ def test_attention_bias_cache_eval_only_and_invalidated():
     with torch.no_grad():
         m(x)
     import copy
+
     assert not _bias_modules(copy.deepcopy(m))[0].cache
 
 
@@ -432,11 +469,11 @@ def test_attend_paths_agree_and_leave_inputs_alone():
     q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8)
     v, bias = torch.randn(2, 3, 12, 16), torch.randn(3, 10, 12)
     bias0 = bias.clone()
-    scale = 8 ** -0.5
+    scale = 8**-0.5
     want = ((q @ k.transpose(-2, -1)) * scale + bias).softmax(-1) @ v
     want = want.transpose(1, 2).reshape(2, 10, 48)
     with torch.no_grad():
-        assert torch.allclose(attend(q, k, v, bias, scale), want, atol=1e-6)        # in place
+        assert torch.allclose(attend(q, k, v, bias, scale), want, atol=1e-6)  # in place
         assert torch.allclose(attend(q * scale, k, v, bias, 1.0), want, atol=1e-6)  # scale folded into q
     assert torch.equal(bias, bias0)
     qg = q.clone().requires_grad_()
@@ -462,5 +499,6 @@ def test_training_forward_unchanged_by_fast_paths():
         grads.append(m.stages[0].blocks[0].attn.pos_bias.table.grad.clone())
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
     assert all(not b.cache for b in _bias_modules(m))
-    assert not any(getattr(x, "inplace", False) for x in m.modules()
-                   if isinstance(x, (nn.Hardswish, grafts.transformer.Block)))
+    assert not any(
+        getattr(x, "inplace", False) for x in m.modules() if isinstance(x, (nn.Hardswish, grafts.transformer.Block))
+    )

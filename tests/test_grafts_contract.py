@@ -1,6 +1,7 @@
 """grafts honours timm's model contract: every zoo entry (shrunk) builds, runs forward and
 backward, resets its classifier, extracts features, fuses, and runs non-square; timm files
 load through ``checkpoint_path``; weights move between resolutions."""
+
 from __future__ import annotations
 
 import copy
@@ -80,8 +81,9 @@ def test_zoo_entry_contract(name):
     # feature_info / forward_intermediates agree (channels, reductions from the input)
     inter = m.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[1] for f in inter] == [f["num_chs"] for f in m.feature_info]
-    assert [tuple(f.shape[2:]) for f in inter] == [(-(-H // f["reduction"]), -(-W // f["reduction"]))
-                                                   for f in m.feature_info]  # ceil: stride-2 steps round up
+    assert [tuple(f.shape[2:]) for f in inter] == [
+        (-(-H // f["reduction"]), -(-W // f["reduction"])) for f in m.feature_info
+    ]  # ceil: stride-2 steps round up
 
     # fused == unfused (BN with real statistics)
     randomize_bn(m)
@@ -178,9 +180,14 @@ def test_non_square_levit_matches_timm():
         assert (ours(x) - ref(x)).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name, over", [
-    ("levit_128s", {}), ("deit_tiny", {}), ("resnet2_deit6", {"grid": 4}),
-])
+@pytest.mark.parametrize(
+    "name, over",
+    [
+        ("levit_128s", {}),
+        ("deit_tiny", {}),
+        ("resnet2_deit6", {"grid": 4}),
+    ],
+)
 def test_wrong_input_size_is_a_clear_error(name, over):
     m = grafts.build({"zoo": name, "img_size": 64, **over})
     with pytest.raises(ValueError, match=r"input size 64x96 does not match the model's img_size 64x64"):
@@ -189,12 +196,20 @@ def test_wrong_input_size_is_a_clear_error(name, over):
         grafts.build({"zoo": name, "img_size": "64x96"})
 
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "levit_128s_a0"},                                   # attention-bias tables (+ shrink attention)
-    {"zoo": "deit_tiny", "patch_size": 8},                      # absolute position + cls token
-    {"zoo": "resnet2_deit6", "grid": 2, "stages": [             # pool bridge keeps its pooling factor
-        {"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"zoo": "levit_128s_a0"},  # attention-bias tables (+ shrink attention)
+        {"zoo": "deit_tiny", "patch_size": 8},  # absolute position + cls token
+        {
+            "zoo": "resnet2_deit6",
+            "grid": 2,
+            "stages": [  # pool bridge keeps its pooling factor
+                {"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}
+            ],
+        },
+    ],
+)
 def test_dynamic_img_size_equals_a_model_built_at_that_size(over):
     """A dynamic-size model on a 48x64 input == the same weights loaded (resized) into a model
     built at 48x64: runtime and load-time resizing agree, and both keep the aspect ratio."""
@@ -219,7 +234,7 @@ def test_resize_bias_table_keeps_offsets_and_is_identity_at_same_size():
     big = resize_bias_table(t, (4, 4), (7, 10))
     assert big.shape == (3, 70)
     g, gb = t.view(3, 4, 4), big.view(3, 7, 10)
-    assert torch.allclose(gb[:, 0, 0], g[:, 0, 0], atol=1e-6)     # self-offset bias kept
+    assert torch.allclose(gb[:, 0, 0], g[:, 0, 0], atol=1e-6)  # self-offset bias kept
     assert torch.allclose(gb[:, -1, -1], g[:, -1, -1], atol=1e-6)  # farthest offset -> farthest
     # a 64 LeViT state dict into a 96x128 model: every table rebuilt, nothing else touched
     src = grafts.build({"zoo": "levit_128s_a0", "img_size": 64})
@@ -245,29 +260,38 @@ def _shape_data(n: int, size: tuple[int, int], seed: int) -> tuple[torch.Tensor,
     for i, c in enumerate(y.tolist()):
         r, q = pos[i].tolist()
         if c == 0:
-            x[i, :, r + 6:r + 9, q:q + 14] += 2.0
+            x[i, :, r + 6 : r + 9, q : q + 14] += 2.0
         elif c == 1:
-            x[i, :, r:r + 14, q + 6:q + 9] += 2.0
+            x[i, :, r : r + 14, q + 6 : q + 9] += 2.0
         elif c == 2:
-            x[i, :, r + 3:r + 11, q + 3:q + 11] += 2.0
+            x[i, :, r + 3 : r + 11, q + 3 : q + 11] += 2.0
         else:
-            x[i, :, r + 6:r + 9, q:q + 14] += 2.0
-            x[i, :, r:r + 14, q + 6:q + 9] += 2.0
+            x[i, :, r + 6 : r + 9, q : q + 14] += 2.0
+            x[i, :, r : r + 14, q + 6 : q + 9] += 2.0
     if size != (32, 32):
         x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x, y
 
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "levit_128s_a0", "patch": "vit", "patch_size": 8},  # attention-bias tables
-    {"zoo": "levit_128s_a5", "patch": "vit", "patch_size": 8},  # absolute position embedding
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"zoo": "levit_128s_a0", "patch": "vit", "patch_size": 8},  # attention-bias tables
+        {"zoo": "levit_128s_a5", "patch": "vit", "patch_size": 8},  # absolute position embedding
+    ],
+)
 @pytest.mark.slow
 def test_trained_at_32_still_classifies_at_48_and_32x48(over):
     torch.manual_seed(0)
-    base = {**over, "num_classes": 4, "distillation": False,
-            "stages": [{"dim": 32, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
-                       {"dim": 48, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0}]}
+    base = {
+        **over,
+        "num_classes": 4,
+        "distillation": False,
+        "stages": [
+            {"dim": 32, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
+            {"dim": 48, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
+        ],
+    }
     m = grafts.build({**base, "img_size": 32})
     x, y = _shape_data(128, (32, 32), 0)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)

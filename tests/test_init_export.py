@@ -1,5 +1,6 @@
 """`model.init` (start a variant from weights) and `lab export` (fused ONNX / TorchScript /
 torch.export checked against PyTorch): tiny models, a few steps."""
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,16 @@ def _expand(write_spec, doc):
     return spec, S.expand(spec)
 
 
-@pytest.mark.parametrize("init, words", [
-    ({}, "exactly one"),
-    ({"checkpoint": "a.pt", "variant": "base"}, "exactly one"),
-    ({"variant": "bsae"}, "no variant named 'bsae'"),
-    ({"variant": "../x/y"}, "EXPERIMENT/KEY"),
-    ({"checkpoint": "a.pt", "inclde": ["prefix."]}, "unknown key 'inclde'"),
-])
+@pytest.mark.parametrize(
+    "init, words",
+    [
+        ({}, "exactly one"),
+        ({"checkpoint": "a.pt", "variant": "base"}, "exactly one"),
+        ({"variant": "bsae"}, "no variant named 'bsae'"),
+        ({"variant": "../x/y"}, "EXPERIMENT/KEY"),
+        ({"checkpoint": "a.pt", "inclde": ["prefix."]}, "unknown key 'inclde'"),
+    ],
+)
 def test_init_spec_errors_name_the_field(write_spec, init, words):
     doc = tiny_spec_dict()
     doc["variants"] = {"base": {}, "ft": {"model": {"init": init}}}
@@ -77,17 +81,27 @@ def test_init_from_timm_file_only_the_prefix(store, write_spec, tmp_path):
     ref = timm.create_model("resnet50")
     torch.save(ref.state_dict(), f)
     doc = tiny_spec_dict(name="graft")
-    doc["model"] = {"zoo": "resnet1_deit9", "img_size": 16, "grid": 2, "num_classes": 4,
-                    "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
-                    "init": {"checkpoint": str(f), "include": ["prefix."]}}
+    doc["model"] = {
+        "zoo": "resnet1_deit9",
+        "img_size": 16,
+        "grid": 2,
+        "num_classes": 4,
+        "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
+        "init": {"checkpoint": str(f), "include": ["prefix."]},
+    }
     doc["budget"] = {"steps": 2}
     spec, vs = _expand(write_spec, doc)
     res = run_experiment(spec, vs, progress=False)
     assert res[0].status == "finished", res[0].error
     t = track.client(store).get_run(res[0].run_id).data.tags
     assert t["lab.init.source"] == str(f)
-    n_prefix = len([k for k in grafts.build({k: v for k, v in doc["model"].items() if k != "init"}).state_dict()
-                    if k.startswith("prefix.")])
+    n_prefix = len(
+        [
+            k
+            for k in grafts.build({k: v for k, v in doc["model"].items() if k != "init"}).state_dict()
+            if k.startswith("prefix.")
+        ]
+    )
     assert int(t["lab.init.loaded"]) == n_prefix and int(t["lab.init.random"]) > 0
 
 
@@ -99,13 +113,27 @@ def test_missing_init_checkpoint_is_exit_2(store, write_spec, capsys):
     assert "init checkpoint not found: nope.pt" in err and "model.init.checkpoint" in err
 
 
-@pytest.mark.parametrize("over", [
-    {"zoo": "levit_128s", "img_size": 32, "num_classes": 5, "stages": [
-        {"dim": 32, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
-        {"dim": 48, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0}]},
-    {"zoo": "resnet1_deit9", "img_size": [32, 48], "grid": [2, 3], "num_classes": 5, "stages": [
-        {"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {
+            "zoo": "levit_128s",
+            "img_size": 32,
+            "num_classes": 5,
+            "stages": [
+                {"dim": 32, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
+                {"dim": 48, "depth": 1, "heads": 2, "key_dim": 8, "attn_ratio": 2.0, "mlp_ratio": 2.0},
+            ],
+        },
+        {
+            "zoo": "resnet1_deit9",
+            "img_size": [32, 48],
+            "grid": [2, 3],
+            "num_classes": 5,
+            "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
+        },
+    ],
+)
 def test_export_model_onnx_matches_pytorch(tmp_path, over):
     torch.manual_seed(0)
     m = grafts.build(over)
@@ -122,6 +150,7 @@ def test_export_model_onnx_matches_pytorch(tmp_path, over):
     assert by["onnx"].ok and by["onnx"].max_abs_diff <= rep.tolerance and (tmp_path / "tiny.onnx").is_file()
     assert by["torchscript"].ok, by["torchscript"].error
     import onnx
+
     proto = onnx.load(str(tmp_path / "tiny.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # fused
     assert json.loads((tmp_path / "tiny.export.json").read_text())["results"][0]["format"] == "onnx"

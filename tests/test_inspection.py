@@ -1,4 +1,5 @@
 """lab.inspection: first-layer filters, smoothness, attention-bias maps, mean attention distance."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,8 +14,13 @@ from lab import inspection as I
 from lab import report as R
 
 # one small config per patch-descriptor kind (and one per zoo family), at tiny sizes
-VIT = {"zoo": "deit_tiny", "img_size": 32, "patch_size": 4, "num_classes": 4,
-       "stages": [{"dim": 32, "depth": 2, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}]}
+VIT = {
+    "zoo": "deit_tiny",
+    "img_size": 32,
+    "patch_size": 4,
+    "num_classes": 4,
+    "stages": [{"dim": 32, "depth": 2, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
+}
 VIT_BIAS = dict(VIT, position="attention_bias")
 GRAFT = dict(VIT, prefix={"arch": "resnet50", "stages": 1}, bridge="pool", grid=4, distillation=True)
 LEVIT = {"zoo": "levit_128s", "img_size": 64, "num_classes": 4}
@@ -30,13 +36,16 @@ def _build(cfg):
 # --------------------------------------------------------------------------- filters
 
 
-@pytest.mark.parametrize("cfg, kind, name, shape", [
-    (VIT, "vit_patch", "embed.proj", (32, 3, 4, 4)),
-    (LEVIT_VIT_PATCH, "vit_patch", "embed.proj", (128, 3, 16, 16)),
-    (LEVIT, "levit_conv", "embed.conv1", (16, 3, 3, 3)),
-    (GRAFT, "resnet_stem", "prefix.conv1", (64, 3, 7, 7)),
-    (RESNET, "resnet_stem", "prefix.conv1", (64, 3, 7, 7)),
-])
+@pytest.mark.parametrize(
+    "cfg, kind, name, shape",
+    [
+        (VIT, "vit_patch", "embed.proj", (32, 3, 4, 4)),
+        (LEVIT_VIT_PATCH, "vit_patch", "embed.proj", (128, 3, 16, 16)),
+        (LEVIT, "levit_conv", "embed.conv1", (16, 3, 3, 3)),
+        (GRAFT, "resnet_stem", "prefix.conv1", (64, 3, 7, 7)),
+        (RESNET, "resnet_stem", "prefix.conv1", (64, 3, 7, 7)),
+    ],
+)
 def test_first_layer_each_patch_descriptor(cfg, kind, name, shape):
     m = _build(cfg)
     fl = I.first_layer(m)
@@ -147,6 +156,7 @@ def test_captured_probabilities_reproduce_the_module_output(cfg):
     def keep(i):
         def hook(mod, args, out):
             inputs[i], outputs[i] = args[0], out
+
         return hook
 
     hooks = [s.module.register_forward_hook(keep(s.index)) for s in sites]
@@ -159,9 +169,9 @@ def test_captured_probabilities_reproduce_the_module_output(cfg):
         mod, t = s.module, inputs[s.index]
         B, N, _ = t.shape
         if s.kind == "shrink":
-            v = mod.kv(t).view(B, N, mod.heads, -1)[..., mod.key_dim:]
+            v = mod.kv(t).view(B, N, mod.heads, -1)[..., mod.key_dim :]
         else:
-            v = mod.qkv(t).view(B, N, mod.heads, -1)[..., 2 * mod.key_dim:]
+            v = mod.qkv(t).view(B, N, mod.heads, -1)[..., 2 * mod.key_dim :]
         assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
         y = (p @ v.transpose(1, 2)).transpose(1, 2).reshape(B, p.shape[2], -1)
         assert torch.allclose(mod.proj(mod.act(y)), outputs[s.index], atol=1e-4)
@@ -170,7 +180,11 @@ def test_captured_probabilities_reproduce_the_module_output(cfg):
 def test_sites_geometry_levit_and_vit():
     lv = I.attention_sites(_build(LEVIT))  # 64 px: grids 4 -> 2 -> 1, strides 16 -> 32 -> 64
     assert [(s.stage, s.kind, s.key_grid, s.stride_px, s.query_step) for s in lv[:4]] == [
-        (0, "block", 4, 16.0, 1), (0, "block", 4, 16.0, 1), (1, "shrink", 4, 16.0, 2), (1, "block", 2, 32.0, 1)]
+        (0, "block", 4, 16.0, 1),
+        (0, "block", 4, 16.0, 1),
+        (1, "shrink", 4, 16.0, 2),
+        (1, "block", 2, 32.0, 1),
+    ]
     vit = I.attention_sites(_build(GRAFT))  # ResNet stage 1 -> pooled to a 4x4 grid of 32 px: 8 px per token
     assert [(s.key_grid, s.stride_px, s.n_extra) for s in vit] == [(4, 8.0, 2)] * 2
     assert I.attention_sites(_build(RESNET)) == []
@@ -228,8 +242,13 @@ ZOO_FAMILIES = {  # one variant of every zoo family, tiny
     "levit_ablation_one_stage": {"zoo": "levit_128s_a1", "img_size": 64, "num_classes": 4},
     "deit": VIT,
     "resnet50": RESNET,
-    "graft": {"zoo": "resnet2_deit6", "img_size": 32, "num_classes": 4, "grid": 2,
-              "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}]},
+    "graft": {
+        "zoo": "resnet2_deit6",
+        "img_size": 32,
+        "num_classes": 4,
+        "grid": 2,
+        "stages": [{"dim": 32, "depth": 1, "heads": 2, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
+    },
 }
 
 
@@ -243,8 +262,11 @@ def test_figures_render_for_every_zoo_family(family, tmp_path):
     m = _build(cfg)
     ins = I.inspect_model(m, [torch.randn(2, 3, cfg["img_size"], cfg["img_size"])], max_images=2)
     figs = P.inspection_figures(ins, family, "run")
-    want = {"filters"} | ({"attention_bias"} if family.startswith("levit") else set()) | (
-        set() if family == "resnet50" else {"attention_distance"})
+    want = (
+        {"filters"}
+        | ({"attention_bias"} if family.startswith("levit") else set())
+        | (set() if family == "resnet50" else {"attention_distance"})
+    )
     assert set(figs) == want
     for name, fig in figs.items():
         png, svg = P.save_and_close(fig, tmp_path / name)
@@ -257,10 +279,19 @@ def test_seeds_aggregate_in_the_distance_plot():
 
     assert P.variant_group("vit-seed=1") == "vit" and P.variant_group("seed=0") == "base"
     assert P.variant_group("vit-lr=0.1-seed=2") == "vit-lr=0.1" and P.variant_group("vit") == "vit"
-    rows = [{"layer": layer, "head": h, "distance_px": 10.0 * (layer + 1) + seed + h}
-            for layer in range(3) for h in range(2) for seed in range(1)]
-    d = pd.concat([P.distance_frame("vit", f"r{seed}", [dict(r, distance_px=r["distance_px"] + seed) for r in rows])
-                   for seed in range(3)] + [P.distance_frame("bias", "b0", rows)])
+    rows = [
+        {"layer": layer, "head": h, "distance_px": 10.0 * (layer + 1) + seed + h}
+        for layer in range(3)
+        for h in range(2)
+        for seed in range(1)
+    ]
+    d = pd.concat(
+        [
+            P.distance_frame("vit", f"r{seed}", [dict(r, distance_px=r["distance_px"] + seed) for r in rows])
+            for seed in range(3)
+        ]
+        + [P.distance_frame("bias", "b0", rows)]
+    )
     fig = P.plot_attention_distance(d)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["vit (3 seeds)", "bias"]
@@ -272,6 +303,7 @@ def test_seeds_aggregate_in_the_distance_plot():
 
 
 # --------------------------------------------------------------------------- after `lab run`, and `lab plot`
+
 
 @pytest.mark.slow
 def test_run_logs_inspection_and_lab_plot_draws_any_finished_run(inspected_store, tmp_path, monkeypatch, capsys):
@@ -309,13 +341,23 @@ def test_run_logs_inspection_and_lab_plot_draws_any_finished_run(inspected_store
 
     out = tmp_path / "figs"
     assert cli.main(["plot", "tinyinspect", "--kind", "filters", "--out", str(out / "t_filters")]) == 0
-    assert cli.main(["plot", "tinyinspect", "--kind", "attention-bias", "--images", "8",
-                     "--out", str(out / "t_attention_bias")]) == 0
+    assert (
+        cli.main(
+            ["plot", "tinyinspect", "--kind", "attention-bias", "--images", "8", "--out", str(out / "t_attention_bias")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "old: attention distance computed now on 8 validation images" in printed
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["t_attention_bias_bias.png", "t_attention_bias_bias.svg", "t_attention_distance.png",
-                     "t_attention_distance.svg", "t_filters.png", "t_filters.svg"]
+    assert files == [
+        "t_attention_bias_bias.png",
+        "t_attention_bias_bias.svg",
+        "t_attention_distance.png",
+        "t_attention_distance.svg",
+        "t_filters.png",
+        "t_filters.svg",
+    ]
     assert Image.open(out / "t_filters.png").size[0] > 600  # panels side by side (3 per row)
     # on-the-fly distances for `old` equal a direct computation on the same weights and images
     import grafts
@@ -331,6 +373,7 @@ def test_run_logs_inspection_and_lab_plot_draws_any_finished_run(inspected_store
     found = {r.row["key"]: r for r in P.collect(R.load_runs(["tinyinspect"]), max_images=8, say=lambda s: None)}
     assert found["old"].distances["distance_px"].tolist() == pytest.approx([r["distance_px"] for r in rows])
     assert found["vit"].distances["distance_px"].tolist() == pytest.approx(
-        [runs["vit"].data.metrics[I.distance_metric(0, h)] for h in range(2)])
+        [runs["vit"].data.metrics[I.distance_metric(0, h)] for h in range(2)]
+    )
     # bad input: an unknown experiment is a one-line error
     assert cli.main(["plot", "nope", "--kind", "filters"]) == 2

@@ -1,5 +1,6 @@
 """lab.fold (BatchNorm folding), lab.bench (the batch search, throughput figures and their metadata),
 lab.match (runtime matching: synthetic cost model and real tiny models), the `bench` subcommand."""
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,15 @@ def _assert_fold_keeps_outputs(model: nn.Module, img_size: int) -> B.ThroughputR
 
 
 def test_fold_plain_sequential_conv_bn():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     how = _assert_fold_keeps_outputs(model, 8)
     assert "2 folded" in how
 
@@ -74,8 +82,13 @@ def test_fold_grafts_levit_keeps_outputs():
 
 def test_fold_grafts_resnet_graft_keeps_outputs():
     grafts = pytest.importorskip("grafts")
-    cfg = {"zoo": "resnet1_deit9", "img_size": 32, "grid": 2, "num_classes": 10,
-           "stages": [{"dim": 64, "depth": 2, "heads": 2, "key_dim": None, "attn_ratio": 1.0, "mlp_ratio": 2.0}]}
+    cfg = {
+        "zoo": "resnet1_deit9",
+        "img_size": 32,
+        "grid": 2,
+        "num_classes": 10,
+        "stages": [{"dim": 64, "depth": 2, "heads": 2, "key_dim": None, "attn_ratio": 1.0, "mlp_ratio": 2.0}],
+    }
     model = grafts.build(cfg)
     assert _assert_fold_keeps_outputs(model, 32).startswith("grafts.fuse")
 
@@ -83,14 +96,28 @@ def test_fold_grafts_resnet_graft_keeps_outputs():
 TINY_DEIT = [{"dim": 64, "depth": 2, "heads": 2, "key_dim": None, "attn_ratio": 1.0, "mlp_ratio": 2.0}]
 
 
-@pytest.mark.parametrize("cfg, size", [
-    ({"zoo": "deit_tiny", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT}, 32),  # DeiT (SDPA, GELU)
-    ({"zoo": "resnet0_deit12", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT,
-      "distillation": True}, 32),                                                       # DeiT-S graft, k = 0
-    ({"zoo": "resnet2_deit6", "img_size": 64, "grid": 4, "num_classes": 10, "norm": "batchnorm",
-      "stages": TINY_DEIT}, 64),                                                        # BN bridge + BN heads
-    ({"zoo": "resnet4_deit0", "img_size": 32, "num_classes": 10}, 32),                  # pure ResNet-50
-])
+@pytest.mark.parametrize(
+    "cfg, size",
+    [
+        ({"zoo": "deit_tiny", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT}, 32),  # DeiT (SDPA, GELU)
+        (
+            {"zoo": "resnet0_deit12", "img_size": 32, "num_classes": 10, "stages": TINY_DEIT, "distillation": True},
+            32,
+        ),  # DeiT-S graft, k = 0
+        (
+            {
+                "zoo": "resnet2_deit6",
+                "img_size": 64,
+                "grid": 4,
+                "num_classes": 10,
+                "norm": "batchnorm",
+                "stages": TINY_DEIT,
+            },
+            64,
+        ),  # BN bridge + BN heads
+        ({"zoo": "resnet4_deit0", "img_size": 32, "num_classes": 10}, 32),  # pure ResNet-50
+    ],
+)
 def test_fold_grafts_deit_and_resnet_grafts_keep_outputs(cfg, size):
     grafts = pytest.importorskip("grafts")
     assert _assert_fold_keeps_outputs(grafts.build(cfg), size).startswith("grafts.fuse")
@@ -114,7 +141,7 @@ def test_fold_grafts_inference_mode_matches_and_is_repeatable():
 
 
 def test_batch_search_largest_power_of_two_under_memory_cap():
-    mib = 2 ** 20
+    mib = 2**20
     tried = []
 
     def try_fn(b):  # 10 MiB of weights + 3 MiB per image
@@ -123,7 +150,7 @@ def test_batch_search_largest_power_of_two_under_memory_cap():
 
     assert B.find_max_batch(try_fn, 2048, mem_cap_bytes=100 * mib) == 16  # 58 MiB fits, 106 does not
     assert tried == [1, 2, 4, 8, 16, 32]
-    assert B.find_max_batch(try_fn, 48, mem_cap_bytes=10 ** 12) == 32  # capped by max_batch, power of two
+    assert B.find_max_batch(try_fn, 48, mem_cap_bytes=10**12) == 32  # capped by max_batch, power of two
     assert B.find_max_batch(lambda b: None, 8) == 8  # unknown peak: only OOM limits
 
 
@@ -145,7 +172,7 @@ def test_batch_search_treats_oom_as_not_fitting():
 
 def test_batch_search_nothing_fits_is_a_clear_error():
     with pytest.raises(B.BatchSearchError, match="not even 1.*cap"):
-        B.find_max_batch(lambda b: 2 ** 30 * b, 2048, mem_cap_bytes=2 ** 20)
+        B.find_max_batch(lambda b: 2**30 * b, 2048, mem_cap_bytes=2**20)
     with pytest.raises(LabError, match="not even 1.*out of memory"):
         B.find_max_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("out of memory")), 16)
 
@@ -162,8 +189,14 @@ def test_batch_search_propagates_real_errors():
 
 
 def _tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
 
 
 def test_figures_carry_their_metadata_and_threads_are_restored():
@@ -253,8 +286,12 @@ MATCH_SPEC = f"""
 
 def test_matcher_finds_depth_on_a_synthetic_cost_model(tmp_path):
     pytest.importorskip("grafts")
-    variants = _spec(tmp_path, MATCH_SPEC.replace("target: {model: {stages: [" + TINY_STAGE % 4,
-                                                  "target: {model: {stages: [" + TINY_STAGE % 3))
+    variants = _spec(
+        tmp_path,
+        MATCH_SPEC.replace(
+            "target: {model: {stages: [" + TINY_STAGE % 4, "target: {model: {stages: [" + TINY_STAGE % 3
+        ),
+    )
     sized = next(v for v in variants if v.key == "sized")
     seen = []
 
@@ -272,13 +309,20 @@ def test_matcher_finds_depth_on_a_synthetic_cost_model(tmp_path):
     assert v.hash != sized.hash and v.tags["match.value"] == "4" and v.tags["match.miss_pct"] == "-25.00"
     # the hash is the content's: matching again gives it again (skip/resume find the run), another value not
     assert MT.match_throughput(sized, variants, measure_fn=cost).variant.hash == v.hash
-    other = MT.match_throughput(sized, variants,  # target (depth 3) and depth 2 both at 600 img/s
-                                measure_fn=lambda cfg, *, device: {2: 600.0, 3: 600.0}.get(cfg["stages"][0]["depth"], 1.0))
+    other = MT.match_throughput(
+        sized,
+        variants,  # target (depth 3) and depth 2 both at 600 img/s
+        measure_fn=lambda cfg, *, device: {2: 600.0, 3: 600.0}.get(cfg["stages"][0]["depth"], 1.0),
+    )
     assert other.value == 2 and other.variant.hash not in (v.hash, sized.hash)
     # an exact candidate: no miss; resolve_match returns the variant and prints the miss
     lines = []
-    v2 = MT.resolve_match(sized.model_copy(update={"match": sized.match.model_copy(update={"values": [2, 3]})}),
-                         variants, measure_fn=cost, progress=lines.append)
+    v2 = MT.resolve_match(
+        sized.model_copy(update={"match": sized.match.model_copy(update={"values": [2, 3]})}),
+        variants,
+        measure_fn=cost,
+        progress=lines.append,
+    )
     assert v2.model["stages"][0]["depth"] == 3 and "misses by +0.0%" in lines[-1]
     # no match section: unchanged
     target = next(v for v in variants if v.key == "target")
@@ -337,8 +381,25 @@ def test_bench_json_is_one_document_with_timm_compare(capsys):
     pytest.importorskip("grafts")
     from lab.cli import main
 
-    rc = main(["bench", "--models", "levit_128s", "--batch", "2", "--warmup", "0", "--duration", "0.05",
-               "--repeats", "1", "--compare", "timm", "--format", "json"])
+    rc = main(
+        [
+            "bench",
+            "--models",
+            "levit_128s",
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--duration",
+            "0.05",
+            "--repeats",
+            "1",
+            "--compare",
+            "timm",
+            "--format",
+            "json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     doc = json.loads(out)  # exactly one JSON document on stdout
@@ -362,7 +423,8 @@ def test_bench_spec_table_and_log_onto_mlflow_run(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    (tmp_path / "s.yaml").write_text(textwrap.dedent(f"""
+    (tmp_path / "s.yaml").write_text(
+        textwrap.dedent(f"""
         name: bench_test
         data: {{dataset: synthetic, image_size: 32}}
         model: {{zoo: levit_128s, img_size: 32, num_classes: 10, stages: [{TINY_STAGE % 1}]}}
@@ -370,7 +432,8 @@ def test_bench_spec_table_and_log_onto_mlflow_run(tmp_path, monkeypatch, capsys)
         variants:
           a: {{}}
           b: {{model: {{stages: [{TINY_STAGE % 2}]}}}}
-    """))
+    """)
+    )
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("bench_test")
     child = {"lab.role": "variant", "lab.experiment": "bench_test", "lab.variant": "a"}
@@ -387,12 +450,20 @@ def test_bench_spec_table_and_log_onto_mlflow_run(tmp_path, monkeypatch, capsys)
     header, *lines = out.strip().splitlines()
     for col in ("model", "params (M)", "MACs (M)", "img/s min", "img/s median", "img/s max", "timm img/s", "ratio"):
         assert col in header
-    assert lines[-1].startswith("device cpu (") and "dtype fp32" in lines[-1] and "batch 16" in lines[-1] \
-        and "threads 1" in lines[-1] and f"torch {torch.__version__}" in lines[-1]
+    assert (
+        lines[-1].startswith("device cpu (")
+        and "dtype fp32" in lines[-1]
+        and "batch 16" in lines[-1]
+        and "threads 1" in lines[-1]
+        and f"torch {torch.__version__}" in lines[-1]
+    )
     assert "b: no MLflow run" in err  # warned, not failed
     logged = client.get_run(run.info.run_id).data  # the latest FINISHED one
-    assert logged.metrics["bench/cpu_imgs_per_s_min"] <= logged.metrics["bench/cpu_imgs_per_s"] \
+    assert (
+        logged.metrics["bench/cpu_imgs_per_s_min"]
+        <= logged.metrics["bench/cpu_imgs_per_s"]
         <= logged.metrics["bench/cpu_imgs_per_s_max"]
+    )
     assert logged.tags["bench.cpu.dtype"] == "fp32" and logged.tags["bench.cpu.batch"] == "16"
     assert logged.tags["bench.cpu.threads"] == "1" and logged.tags["bench.cpu.torch"] == torch.__version__
     assert logged.tags["bench.cpu.device_name"] and logged.tags["bench.cpu.compiled"] == "False"

@@ -1,4 +1,5 @@
 """analysis/*.ipynb run headlessly against a synthetic store, and are committed without outputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,14 +40,14 @@ def _outputs(nb) -> tuple[str, int]:
     return "\n".join(text), images
 
 
-@pytest.mark.parametrize("name, experiments, images", [("convergence.ipynb", "abl,fam,tinyrun", 3),
-                                                        ("ablation.ipynb", "abl", 3)])
+@pytest.mark.parametrize(
+    "name, experiments, images", [("convergence.ipynb", "abl,fam,tinyrun", 3), ("ablation.ipynb", "abl", 3)]
+)
 def test_notebook_executes(name, experiments, images, store_uri, monkeypatch):
     monkeypatch.setenv("LAB_EXPERIMENT", experiments)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
     nb = nbformat.read(ANALYSIS / name, as_version=4)
-    NotebookClient(nb, kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(ANALYSIS)}}).execute()
     text, n_images = _outputs(nb)
     assert n_images == images
     assert "graft" in text and "broken" in text
@@ -65,8 +66,7 @@ def test_inspection_notebook_executes(inspected_store, monkeypatch):
     monkeypatch.setenv("LAB_EXPERIMENT", "tinyinspect")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     nb = nbformat.read(ANALYSIS / "inspection.ipynb", as_version=4)
-    NotebookClient(nb, kernel_name="python3", timeout=180,
-                   resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    NotebookClient(nb, kernel_name="python3", timeout=180, resources={"metadata": {"path": str(ANALYSIS)}}).execute()
     text, n_images = _outputs(nb)
     assert n_images == 4
     assert "vit_patch" in text and "resnet_stem" in text and "distance first (px)" in text

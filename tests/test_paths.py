@@ -1,4 +1,5 @@
 """Paths built from user text stay under their root (lab.paths)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,26 @@ import pytest
 from lab import paths, track
 from lab.spec import ExperimentSpec, expand
 
-HOSTILE = ["..", ".", "", "/", "/etc/passwd", "x/../../../../elsewhere", "../..", "a\\..\\b", "~root",
-           "name with spaces", "ünïcødé", "a\x00b", "-rf", ".hidden", "a" * 500, "C:\\Windows", "..a", "a..b"]
+HOSTILE = [
+    "..",
+    ".",
+    "",
+    "/",
+    "/etc/passwd",
+    "x/../../../../elsewhere",
+    "../..",
+    "a\\..\\b",
+    "~root",
+    "name with spaces",
+    "ünïcødé",
+    "a\x00b",
+    "-rf",
+    ".hidden",
+    "a" * 500,
+    "C:\\Windows",
+    "..a",
+    "a..b",
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -58,10 +77,15 @@ def test_safe_rmtree_never_deletes_outside(tmp_path):
 
 def test_checkpoint_dir_from_hostile_grid_value_and_names(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    spec = ExperimentSpec.model_validate({
-        "name": "..", "model": {"zoo": "deit_tiny", "img_size": 16, "patch_size": 4, "num_classes": 4},
-        "data": {"dataset": "synthetic"}, "tracking": {"uri": uri, "experiment": "/abs/../../x"},
-        "grid": {"data.root": ["x/../../../../elsewhere", "/etc"]}})
+    spec = ExperimentSpec.model_validate(
+        {
+            "name": "..",
+            "model": {"zoo": "deit_tiny", "img_size": 16, "patch_size": 4, "num_classes": 4},
+            "data": {"dataset": "synthetic"},
+            "tracking": {"uri": uri, "experiment": "/abs/../../x"},
+            "grid": {"data.root": ["x/../../../../elsewhere", "/etc"]},
+        }
+    )
     variants = expand(spec)
     root = (tmp_path / "store" / "checkpoints").resolve()
     dirs = set()
@@ -74,8 +98,11 @@ def test_checkpoint_dir_from_hostile_grid_value_and_names(tmp_path):
 
 def test_checkpoints_are_keyed_by_mlflow_experiment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    doc = {"name": "same", "model": {"zoo": "deit_tiny", "img_size": 16, "patch_size": 4, "num_classes": 4},
-           "data": {"dataset": "synthetic"}}
+    doc = {
+        "name": "same",
+        "model": {"zoo": "deit_tiny", "img_size": 16, "patch_size": 4, "num_classes": 4},
+        "data": {"dataset": "synthetic"},
+    }
     a = expand(ExperimentSpec.model_validate({**doc, "tracking": {"experiment": "exp-a"}}))[0]
     b = expand(ExperimentSpec.model_validate({**doc, "tracking": {"experiment": "exp-b"}}))[0]
     assert a.hash == b.hash

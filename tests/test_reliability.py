@@ -1,4 +1,5 @@
 """Exact resume, checkpoint trust, retention, leases (in process; the subprocess faults are in test_faults.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ def _weights(v, uri):
 def _doc(experiment: str):
     # 160 images / 16 = 10 batches per epoch: 23 steps cross two epoch boundaries; augmentation, dropout
     # (drop_path) and mixup all draw random numbers
-    doc = tiny_spec_dict(tracking={"experiment": experiment, "keep": "all", "log_checkpoint": False},
-                         budget={"steps": 23})
+    doc = tiny_spec_dict(
+        tracking={"experiment": experiment, "keep": "all", "log_checkpoint": False}, budget={"steps": 23}
+    )
     doc["data"]["augment"] = {"hflip": 0.5, "scale": [0.5, 1.0], "mixup": 0.2}
     doc["model"]["drop_path"] = 0.1
     doc["train"]["eval_every"] = 6
@@ -53,8 +55,9 @@ def test_resumed_run_equals_the_uninterrupted_one(store, write_spec):
     mb = cl.get_run(again[0].run_id).data.metrics
     for k in ("final/val_top1", "final/val_loss", "budget/steps"):
         assert ma[k] == mb[k], k
-    assert track.metric_history(cl, straight[0].run_id, "train/loss") == \
-        track.metric_history(cl, again[0].run_id, "train/loss")
+    assert track.metric_history(cl, straight[0].run_id, "train/loss") == track.metric_history(
+        cl, again[0].run_id, "train/loss"
+    )
 
 
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(store, write_spec, capsys):

@@ -7,6 +7,7 @@ figures from `lab.bench.log_bench`, budget usage from `lab.budget.usage`, and on
 experiment (`tinyrun`, 2 variants x 12 steps, a few seconds) is really trained by
 `lab.runner.run_experiment` while the store is built once per session. The report side only reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,9 @@ def test_load_runs_one_row_per_variant_latest_finished_wins(abl, store):
     ids = store.ids
     assert list(abl["key"]) == ["base", "attn", "graft", "broken"]  # first-seen order
     chosen = dict(zip(abl["key"], abl["run_id"]))
-    assert chosen["attn"] == ids["attn"]            # newer FINISHED beats older FINISHED
-    assert chosen["graft"] == ids["graft"]          # older FINISHED beats newer FAILED
-    assert chosen["broken"] == ids["broken"]        # only run: FAILED, still a row
+    assert chosen["attn"] == ids["attn"]  # newer FINISHED beats older FINISHED
+    assert chosen["graft"] == ids["graft"]  # older FINISHED beats newer FAILED
+    assert chosen["broken"] == ids["broken"]  # only run: FAILED, still a row
     row = abl.set_index("key")
     assert row.at["graft", "n_runs"] == 2 and row.at["base", "n_runs"] == 1
     assert row.at["broken", "status"] == "FAILED" and row.at["broken", "error"] == "RuntimeError: NaN loss"
@@ -91,7 +92,9 @@ def test_load_runs_tag_filter_and_multiple_experiments(store):
 
 
 def test_unknown_experiment_names_close_matches(store):
-    with pytest.raises(LabError, match=r"unknown experiment 'abll'.*did you mean 'abl'.*known experiments: abl, empty, fam"):
+    with pytest.raises(
+        LabError, match=r"unknown experiment 'abll'.*did you mean 'abl'.*known experiments: abl, empty, fam"
+    ):
         R.load_runs(["abll"], tracking_uri=store.uri)
 
 
@@ -103,8 +106,12 @@ def test_missing_sqlite_store_is_an_error_not_a_new_file(tmp_path):
 
 def test_history_joins_x_on_step(store):
     uri, ids = store.uri, store.ids
-    for x, expect in (("images_seen", [320, 640, 960]), ("epoch", [1.0, 2.0, 3.0]),
-                      ("train_seconds", [5.0, 10.0, 15.0]), ("step", [10, 20, 30])):
+    for x, expect in (
+        ("images_seen", [320, 640, 960]),
+        ("epoch", [1.0, 2.0, 3.0]),
+        ("train_seconds", [5.0, 10.0, 15.0]),
+        ("step", [10, 20, 30]),
+    ):
         h = R.history([ids["base"]], "val/top1", x=x, tracking_uri=uri)
         assert h["x"].tolist() == expect and h["value"].tolist() == [20.0, 40.0, 50.0]
         assert h["step"].tolist() == [10, 20, 30]
@@ -141,9 +148,12 @@ def test_ablation_table_values_and_deltas(abl):
     assert t.at["base", "ref_epochs"] == 100 and t.at["attn", "ref_source"] == "LeViT Table 5"
     assert math.isnan(t.at["graft", "ref_top1"])
     # what each variant changes, in words (lab.spec.describe_overrides, written as lab.changes)
-    assert t["changes"].to_dict() == {"base": "(baseline)", "attn": "model.position=attention_bias",
-                                      "graft": "model.prefix.arch=resnet50, model.prefix.stages=1",
-                                      "broken": "train.lr=10.0"}
+    assert t["changes"].to_dict() == {
+        "base": "(baseline)",
+        "attn": "model.position=attention_bias",
+        "graft": "model.prefix.arch=resnet50, model.prefix.stages=1",
+        "broken": "train.lr=10.0",
+    }
 
 
 def test_ablation_table_explicit_baseline_and_per_experiment(store, abl):
@@ -178,8 +188,20 @@ def test_table_formats(abl):
     md = R.format_table(t, "markdown")
     lines = md.splitlines()
     assert lines[0].startswith("| variant | status |") and "Δ top-1" in lines[0] and "paper top-1" in lines[0]
-    for col in ("params (M)", "MACs (M)", "CPU img/s", "GPU img/s", "top-1 (%)", "best top-1", "steps",
-                "images seen", "train s", "paper Δ top-1", "paper params (M)", "changes"):
+    for col in (
+        "params (M)",
+        "MACs (M)",
+        "CPU img/s",
+        "GPU img/s",
+        "top-1 (%)",
+        "best top-1",
+        "steps",
+        "images seen",
+        "train s",
+        "paper Δ top-1",
+        "paper params (M)",
+        "changes",
+    ):
         assert f"| {col} |" in lines[0], col
     assert lines[1].startswith("|:---|:---|")
     assert "| base * | FINISHED |" in md and "| graft | FINISHED |" in md and "+4.00" in md and "-3.00" in md
@@ -202,8 +224,19 @@ def test_table_formats(abl):
 
 
 def test_latex_escapes_underscores():
-    t = pd.DataFrame([{**{c: math.nan for c in R.TABLE_COLUMNS}, "experiment": "e", "key": "A1_no_pyramid",
-                       "baseline": True, "status": "FINISHED", "changes": "a_b=50%", "run_id": "r"}])
+    t = pd.DataFrame(
+        [
+            {
+                **{c: math.nan for c in R.TABLE_COLUMNS},
+                "experiment": "e",
+                "key": "A1_no_pyramid",
+                "baseline": True,
+                "status": "FINISHED",
+                "changes": "a_b=50%",
+                "run_id": "r",
+            }
+        ]
+    )
     tex = R.format_table(t, "latex")
     assert r"A1\_no\_pyramid" in tex and r"a\_b=50\%" in tex
 
@@ -223,8 +256,11 @@ def test_pareto_data_points_and_front(abl):
     assert paper["on_front"].to_dict() == {"base": True, "attn": False}  # 71.9 at 12880 beats 70.4 at 9000
     assert paper.at["base", "label"] == "base (paper)"
     cpu = R.pareto_data(abl, device="cpu")
-    assert cpu.query("source == 'measured'").set_index("key")["on_front"].to_dict() == \
-        {"base": True, "attn": False, "graft": True}
+    assert cpu.query("source == 'measured'").set_index("key")["on_front"].to_dict() == {
+        "base": True,
+        "attn": False,
+        "graft": True,
+    }
     assert cpu.query("source == 'paper'")[["key", "throughput", "top1"]].values.tolist() == [["base", 88.0, 71.9]]
     assert R.pick_device(abl) == "cuda"
     assert R.pareto_front([1, 2, 3, 3], [3, 2, 1, 1]) == [True, True, True, True]
@@ -240,10 +276,12 @@ def test_pareto_partial_results(store):
 
 
 def test_convergence_data_each_x(abl):
-    for x, base_x, graft_x in (("images_seen", [320, 640, 960], [320, 640, 960]),
-                               ("epoch", [1, 2, 3], [1, 2, 3]),
-                               ("train_seconds", [5, 10, 15], [10, 20, 30]),
-                               ("step", [10, 20, 30], [10, 20, 30])):
+    for x, base_x, graft_x in (
+        ("images_seen", [320, 640, 960], [320, 640, 960]),
+        ("epoch", [1, 2, 3], [1, 2, 3]),
+        ("train_seconds", [5, 10, 15], [10, 20, 30]),
+        ("step", [10, 20, 30], [10, 20, 30]),
+    ):
         c = R.convergence_data(abl, x=x)
         assert c.attrs["x"] == x and set(c["key"]) == {"base", "attn", "graft", "broken"}
         g = {k: d.sort_values("step") for k, d in c.groupby("key")}
@@ -304,12 +342,19 @@ def test_convergence_figure_one_line_per_variant(store):
         ax = fig.axes[0]
         drawn = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
         handles = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
-        assert list(handles) == ["abl/base", "abl/attn", "abl/graft", "abl/broken (failed)", "fam/depth=1",
-                                 "fam/depth=2 (running)"]
+        assert list(handles) == [
+            "abl/base",
+            "abl/attn",
+            "abl/graft",
+            "abl/broken (failed)",
+            "fam/depth=1",
+            "fam/depth=2 (running)",
+        ]
         assert len(drawn) == len(handles)
         for label, h in handles.items():  # each legend entry's line carries that variant's curve
-            (ln,) = [d for d in drawn if to_hex(d.get_color()) == to_hex(h.get_color())
-                     and d.get_marker() == h.get_marker()]
+            (ln,) = [
+                d for d in drawn if to_hex(d.get_color()) == to_hex(h.get_color()) and d.get_marker() == h.get_marker()
+            ]
             want = data[data["label"] == label].sort_values("x")
             assert list(ln.get_xdata()) == want["x"].tolist() and list(ln.get_ydata()) == want["top1"].tolist()
         assert ax.get_xlabel() == unit and ax.get_ylabel() == "validation top-1 (%)"
@@ -391,8 +436,24 @@ def test_cli_table_and_plot_in_process(store, tmp_path, capsys, monkeypatch):
         assert probe in f.read_text() and "depth=2" in f.read_text()
     assert main(["table", "fam", "--tracking-uri", uri, "--tag", "lab.device=cuda", "--format", "json"]) == 0
     assert [r["key"] for r in json.loads(capsys.readouterr().out)] == ["depth=2"]
-    assert main(["table", "abl", "fam", "--tracking-uri", uri, "--tag", "lab.device=cpu", "--tag", "study=ablation",
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "table",
+                "abl",
+                "fam",
+                "--tracking-uri",
+                uri,
+                "--tag",
+                "lab.device=cpu",
+                "--tag",
+                "study=ablation",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     assert [r["key"] for r in json.loads(capsys.readouterr().out)] == ["base", "attn", "graft", "broken"]
     assert main(["table", "abl", "--tracking-uri", uri, "--baseline", "graft", "--format", "json"]) == 0
     assert [r["key"] for r in json.loads(capsys.readouterr().out) if r["baseline"]] == ["graft"]
@@ -401,13 +462,44 @@ def test_cli_table_and_plot_in_process(store, tmp_path, capsys, monkeypatch):
     assert main(["table", "abl", "fam", "--tracking-uri", uri]) == 0
     assert "abl, fam: 6 variant(s) (4 finished, 1 failed, 1 running)" in capsys.readouterr().out
 
-    assert main(["plot", "abl", "--tracking-uri", uri, "--kind", "pareto", "--device", "cpu",
-                 "--out", str(tmp_path / "figs") + "/"]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "abl",
+                "--tracking-uri",
+                uri,
+                "--kind",
+                "pareto",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "figs") + "/",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "figs" / "abl_pareto_cpu.png"), str(tmp_path / "figs" / "abl_pareto_cpu.svg")]
     assert all(Path(p).stat().st_size > 0 for p in printed)
-    assert main(["plot", "abl", "fam", "--tracking-uri", uri, "--kind", "convergence", "--x", "train_seconds",
-                 "--out", str(tmp_path / "conv.png")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "abl",
+                "fam",
+                "--tracking-uri",
+                uri,
+                "--kind",
+                "convergence",
+                "--x",
+                "train_seconds",
+                "--out",
+                str(tmp_path / "conv.png"),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.split() == [str(tmp_path / "conv.png"), str(tmp_path / "conv.svg")]
     monkeypatch.chdir(tmp_path)  # the default --out: out/EXPERIMENT_KIND
     assert main(["plot", "abl", "--tracking-uri", uri, "--kind", "convergence", "--x", "epoch"]) == 0
@@ -433,11 +525,23 @@ def test_cli_table_and_plot_in_process(store, tmp_path, capsys, monkeypatch):
 
 def test_cli_subprocess_exit_codes(store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}  # the env var, not the option
-    ok = subprocess.run([sys.executable, "-m", "lab", "table", "abl", "--format", "markdown"],
-                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "lab", "table", "abl", "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "| graft | FINISHED |" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "lab", "plot", "nope", "--kind", "convergence"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lab", "plot", "nope", "--kind", "convergence"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown experiment 'nope'")
     assert "Traceback" not in bad.stderr

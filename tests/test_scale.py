@@ -1,5 +1,6 @@
 """Scale-out: DDP in a worker process per variant, Ray and SLURM (submitit) launchers, and a team
 MLflow server on PostgreSQL. Tiny models on synthetic data; each test trains for a few seconds."""
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,17 @@ def test_nonzero_rank_trains_but_writes_nothing(store, write_spec):
     cl = track.client(store)
     exp_id = track.get_or_create_experiment(cl, "tiny", store)
     parent = track.start_parent_run(cl, exp_id, "tiny")
-    ctx = execute.Context(spec=spec, variants=vs, uri=store, cl=cl, experiment="tiny", experiment_id=exp_id,
-                          parent_run_id=parent, baseline=v.key, progress=False)
+    ctx = execute.Context(
+        spec=spec,
+        variants=vs,
+        uri=store,
+        cl=cl,
+        experiment="tiny",
+        experiment_id=exp_id,
+        parent_run_id=parent,
+        baseline=v.key,
+        progress=False,
+    )
     rec, run_id, resume = execute.prepare_variant(v, ctx)
     tags_before = cl.get_run(run_id).data.tags
     rank1 = execute.Context(**{**ctx.__dict__, "rank_zero": False, "datamodules": {}})
@@ -156,8 +166,9 @@ def test_slurm_launcher_resumes_and_skips_with_local_executor(store, write_spec,
     (killed,) = track.find_variant_runs(cl, "slurmy", key="a")
     assert killed.info.status == "KILLED"
 
-    opts = launch.LaunchOptions(slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"),
-                                slurm_time=10, poll_s=0.5)
+    opts = launch.LaunchOptions(
+        slurm_cluster="local", slurm_folder=str(tmp_path / "submitit" / "%j"), slurm_time=10, poll_s=0.5
+    )
     res = run_experiment(spec, vs, progress=False, launcher="slurm", launch_options=opts)
     assert [(r.key, r.status, r.resumed) for r in res] == [("a", "finished", True), ("b", "finished", False)]
     assert res[0].run_id == killed.info.run_id
@@ -205,8 +216,10 @@ def _pg_bin() -> Path | None:
 def _require_postgres() -> Path:
     """The PostgreSQL bin folder; else FAIL under LAB_REQUIRE_POSTGRES=1 (CI), else skip."""
     bindir = _pg_bin()
-    _need(bindir is not None, "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb); "
-                              "apt-get install -y postgresql")
+    _need(
+        bindir is not None,
+        "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb); apt-get install -y postgresql",
+    )
     try:
         import psycopg2  # noqa: F401
     except ImportError:
@@ -241,11 +254,32 @@ def postgres():
     data, log = base / "data", base / "server.log"
     started = False
     try:
-        subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                                  "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
-        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-                                  "-o", f"-h 127.0.0.1 -p {port} -k {base} -F", "start"],
-                       check=True, capture_output=True, timeout=90)
+        subprocess.run(
+            as_user
+            + [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            as_user
+            + [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {base} -F",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
         started = True
         import psycopg2
 
@@ -260,8 +294,11 @@ def postgres():
         pytest.fail(f"PostgreSQL did not start: {e}\n{e.stdout}\n{e.stderr}\n{extra}")
     finally:
         if started:
-            subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -272,8 +309,22 @@ def mlflow_server(postgres, tmp_path):
     artifacts = tmp_path / "artifact-root"
     artifacts.mkdir()
     log = open(tmp_path / "mlflow-server.log", "wb")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        postgres,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # no background job runners (MLflow's GenAI jobs): faster start and stop
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # its own session: the server and its workers are stopped together by their process group id
@@ -319,10 +370,19 @@ def test_team_server_on_postgres(request, write_spec, tmp_path, monkeypatch):
     spec_path = write_spec(doc)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    out = subprocess.run([sys.executable, "-m", "lab", "run", str(spec_path), "--no-progress"], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "lab", "run", str(spec_path), "--no-progress"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     cl = MlflowClient(tracking_uri=uri)
     runs = track.find_variant_runs(cl, "team")

@@ -2,6 +2,7 @@
 confidence intervals and verdicts, smoke runs kept apart, plots with spread for 12 variants x 3
 seeds. Stores are written by the lab's own code (lab.runner for the trained runs, lab.track /
 lab.bench for the made-up ones), as tests/conftest.py's report store does."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,10 @@ def test_seeds_expand_to_one_run_per_seed(tmp_path):
     plain = {v.key: v for v in S.expand(_load(tmp_path, doc))}
     vs = S.expand(_load(tmp_path, {**doc, "seeds": 3}))
     assert [(v.key, v.seed, v.train.seed, v.uid) for v in vs][:3] == [
-        ("base", 0, 0, "base-seed0"), ("base", 1, 1, "base-seed1"), ("base", 2, 2, "base-seed2")]
+        ("base", 0, 0, "base-seed0"),
+        ("base", 1, 1, "base-seed1"),
+        ("base", 2, 2, "base-seed2"),
+    ]
     assert len(vs) == 6 and all(v.repeated for v in vs)
     for key in ("base", "bias"):
         mine = [v for v in vs if v.key == key]
@@ -48,7 +52,9 @@ def test_seeds_expand_to_one_run_per_seed(tmp_path):
         assert {v.changes for v in mine} == {plain[key].changes}
     assert plain["base"].uid == "base" and not plain["base"].repeated
     # seeds count up from the variant's own train.seed; a list names them
-    assert [v.seed for v in S.expand(_load(tmp_path, {**doc, "seeds": 2, "train": {**doc["train"], "seed": 7}}))][:2] == [7, 8]
+    assert [v.seed for v in S.expand(_load(tmp_path, {**doc, "seeds": 2, "train": {**doc["train"], "seed": 7}}))][
+        :2
+    ] == [7, 8]
     assert [v.seed for v in S.expand(_load(tmp_path, {**doc, "seeds": [3, 5]}))] == [3, 5, 3, 5]
     # a grid over train.seed is the same thing: repeats of each variant, not new variants
     gridded = S.expand(_load(tmp_path, {**doc, "grid": {"train.seed": [0, 1, 2]}}))
@@ -102,13 +108,22 @@ def test_seed_changes_data_order_not_the_split():
 def test_runner_trains_each_seed_and_skips_finished_ones(store, tmp_path, capsys):
     from lab.runner import run_experiment
 
-    doc = tiny_spec_dict(name="seeded", variants={"base": {}, "bias": {"model": {"position": "attention_bias"}}},
-                         budget={"steps": 6}, reference={"base": {"top1": 72.0, "params_m": 5.7}}, seeds=2)
+    doc = tiny_spec_dict(
+        name="seeded",
+        variants={"base": {}, "bias": {"model": {"position": "attention_bias"}}},
+        budget={"steps": 6},
+        reference={"base": {"top1": 72.0, "params_m": 5.7}},
+        seeds=2,
+    )
     doc["train"]["eval_every"] = 3
     spec = _load(tmp_path, doc)
     recs = run_experiment(spec, S.expand(spec), progress=False, say=lambda s: None)
-    assert [(r.uid, r.status) for r in recs] == [("base-seed0", "finished"), ("base-seed1", "finished"),
-                                                        ("bias-seed0", "finished"), ("bias-seed1", "finished")]
+    assert [(r.uid, r.status) for r in recs] == [
+        ("base-seed0", "finished"),
+        ("base-seed1", "finished"),
+        ("bias-seed0", "finished"),
+        ("bias-seed1", "finished"),
+    ]
     cl = track.client(store)
     runs = {(r.data.tags["lab.variant"], r.data.tags["lab.seed"]): r for r in track.find_variant_runs(cl, "seeded")}
     assert set(runs) == {("base", "0"), ("base", "1"), ("bias", "0"), ("bias", "1")}
@@ -124,8 +139,25 @@ def test_runner_trains_each_seed_and_skips_finished_ones(store, tmp_path, capsys
     assert [r.status for r in recs] == ["skipped", "skipped", "finished"]
 
     # a smoke run in the same store (same key): tagged, and left out of the table by default
-    assert main(["run", str(tmp_path / "seeded.yaml"), "--smoke", "--set", "budget.steps=2", "--set",
-                 "data.num_classes=null", "--seeds", "1", "--variant", "bias", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "seeded.yaml"),
+                "--smoke",
+                "--set",
+                "budget.steps=2",
+                "--set",
+                "data.num_classes=null",
+                "--seeds",
+                "1",
+                "--variant",
+                "bias",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     smoke = [r for r in track.find_variant_runs(cl, "seeded") if r.data.tags.get("lab.smoke") == "true"]
     assert len(smoke) == 1 and smoke[0].data.tags["lab.variant"] == "bias"
     capsys.readouterr()
@@ -153,16 +185,24 @@ def test_runner_trains_each_seed_and_skips_finished_ones(store, tmp_path, capsys
 # final top-1 per seed; None = that seed FAILED (it logged 10% before failing)
 TOP1 = {
     "base": {0: 60.0, 1: 62.0, 2: 61.0},
-    "better": {0: 65.0, 1: 66.0, 2: 66.5},    # paired differences 5, 4, 5.5
-    "noise": {0: 61.0, 1: 61.0, 2: 63.0},     # paired differences 1, -1, 2
+    "better": {0: 65.0, 1: 66.0, 2: 66.5},  # paired differences 5, 4, 5.5
+    "noise": {0: 61.0, 1: 61.0, 2: 63.0},  # paired differences 1, -1, 2
     "worse": {0: 50.0, 1: 51.0, 2: 52.0},
-    "failed": {0: 63.0, 1: 64.0, 2: None},    # seed 2 failed: Welch over 2 vs 3
-    "missing": {0: 61.5, 1: 62.5},            # seed 2 never ran: Welch
-    "single": {0: 70.0},                      # n = 1
+    "failed": {0: 63.0, 1: 64.0, 2: None},  # seed 2 failed: Welch over 2 vs 3
+    "missing": {0: 61.5, 1: 62.5},  # seed 2 never ran: Welch
+    "single": {0: 70.0},  # n = 1
     **{f"f{i}": {s: 56.0 + 0.3 * i + s for s in range(3)} for i in range(5)},  # close together: labels collide
 }
-SPEED = {"base": 300.0, "better": 120.0, "noise": 290.0, "worse": 500.0, "failed": 200.0, "missing": 250.0,
-         "single": 80.0, **{f"f{i}": 205.0 + 4 * i for i in range(5)}}
+SPEED = {
+    "base": 300.0,
+    "better": 120.0,
+    "noise": 290.0,
+    "worse": 500.0,
+    "failed": 200.0,
+    "missing": 250.0,
+    "single": 80.0,
+    **{f"f{i}": 205.0 + 4 * i for i in range(5)},
+}
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +212,19 @@ def agg(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("agg")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    variants = {k: ({"model": {"position": "attention_bias"}} if k == "worse" else
-                    {"train": {"lr": 1e-3 * (1 + i)}}) for i, k in enumerate(TOP1) if k != "base"}
-    doc = tiny_spec_dict(name="agg", baseline="base", seeds=3, variants={"base": {}, **variants},
-                         reference={"base": {"top1": 71.9, "throughput_cpu": 88.0}},
-                         tracking={"uri": uri, "log_checkpoint": False})
+    variants = {
+        k: ({"model": {"position": "attention_bias"}} if k == "worse" else {"train": {"lr": 1e-3 * (1 + i)}})
+        for i, k in enumerate(TOP1)
+        if k != "base"
+    }
+    doc = tiny_spec_dict(
+        name="agg",
+        baseline="base",
+        seeds=3,
+        variants={"base": {}, **variants},
+        reference={"base": {"top1": 71.9, "throughput_cpu": 88.0}},
+        tracking={"uri": uri, "log_checkpoint": False},
+    )
     spec = _load(root, doc)
     by = {(v.key, v.seed): v for v in S.expand(spec)}
     cl = track.client(uri)
@@ -191,8 +239,11 @@ def agg(tmp_path_factory):
         for seed, top1 in seeds.items():
             v = by[(key, seed)]
             curve = (top1 - 20, top1 - 8, top1) if top1 is not None else (5.0, 10.0)
-            o = (run_outcome(curve, final=top1, best=top1 + 0.5, params=5e6, macs=3e8) if top1 is not None else
-                 run_outcome(curve, params=5e6, macs=3e8, status="FAILED", error="RuntimeError: boom"))
+            o = (
+                run_outcome(curve, final=top1, best=top1 + 0.5, params=5e6, macs=3e8)
+                if top1 is not None
+                else run_outcome(curve, params=5e6, macs=3e8, status="FAILED", error="RuntimeError: boom")
+            )
             ids[(key, seed)] = log_variant_run(v, parent_run_id=parent, baseline=(key == "base"), **o)
     cl.set_terminated(parent, status="FAILED")
     for key in TOP1:
@@ -308,8 +359,12 @@ def test_pareto_plot_12_variants_3_seeds(agg_runs):
 
     boxes = [Text.get_window_extent(t, fig.canvas.get_renderer()) for t in texts]  # the words, not the leader lines
     assert len(texts) == 12
-    assert not [(texts[i].get_text(), texts[j].get_text()) for i in range(12) for j in range(i + 1, 12)
-                if _overlap(boxes[i], boxes[j])]
+    assert not [
+        (texts[i].get_text(), texts[j].get_text())
+        for i in range(12)
+        for j in range(i + 1, 12)
+        if _overlap(boxes[i], boxes[j])
+    ]
     assert {t.get_text() for t in ax.texts} - set(TOP1) == {"base (paper)"}  # paper point distinct
     plt.close(fig)
 
@@ -321,8 +376,12 @@ def test_convergence_band_and_seeds_view(agg_runs, tmp_path):
     data = R.convergence_data(agg_runs, x="step")
     fig = R.plot_convergence(data)
     ax = fig.axes[0]
-    bands = [c for c in ax.collections if isinstance(c, PolyCollection)
-             and any(len(pth.vertices) and np.isfinite(pth.vertices).all() for pth in c.get_paths())]
+    bands = [
+        c
+        for c in ax.collections
+        if isinstance(c, PolyCollection)
+        and any(len(pth.vertices) and np.isfinite(pth.vertices).all() for pth in c.get_paths())
+    ]
     assert len(bands) == 11  # every variant with two or more seeds has a band; 'single' has none
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(labels) == 12 and "failed (failed)" in labels
@@ -339,6 +398,19 @@ def test_convergence_band_and_seeds_view(agg_runs, tmp_path):
     assert sum(len(c.get_offsets()) for c in ax.collections) == 32
     assert save_figure(fig, tmp_path / "seeds")[0].stat().st_size > 1000
     plt.close(fig)
-    assert main(["plot", "agg", "--tracking-uri", agg_runs.attrs["tracking_uri"], "--kind", "seeds",
-                 "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "agg",
+                "--tracking-uri",
+                agg_runs.attrs["tracking_uri"],
+                "--kind",
+                "seeds",
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
     assert Path(tmp_path / "s.png").is_file()

@@ -1,4 +1,5 @@
 """Specs: strict validation, extends, ${ENV}, variants x grid, hashes, and the CLI's exit-2 errors."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,8 @@ def test_minimal_spec_expands_to_one_variant(tmp_path):
     vs = S.expand(S.load_spec(p))
     assert [v.key for v in vs] == ["base"]
     assert vs[0].budget.kind == "steps" and vs[0].budget.steps == 5
-    assert vs[0].model["stages"][0]["dim"] == 48          # zoo entry resolved, override kept
-    assert vs[0].model["position"] == "absolute"           # inherited from deit_tiny
+    assert vs[0].model["stages"][0]["dim"] == 48  # zoo entry resolved, override kept
+    assert vs[0].model["position"] == "absolute"  # inherited from deit_tiny
     assert len(vs[0].hash) == 12
 
 
@@ -120,14 +121,18 @@ def test_env_interpolation(tmp_path, monkeypatch):
 
 
 def test_variants_override_and_unknown_override_key(tmp_path):
-    p = write(tmp_path, "a.yaml", spec_text("""
+    p = write(
+        tmp_path,
+        "a.yaml",
+        spec_text("""
         variants:
           base: {}
           bias: {model: {position: attention_bias}}
           lr: {train: {lr: 0.01}}
         reference:
           bias: {top1: 70.4, params_m: 7.4}
-        """))
+        """),
+    )
     vs = S.expand(S.load_spec(p))
     assert [v.key for v in vs] == ["base", "bias", "lr"]
     assert vs[1].model["position"] == "attention_bias" and vs[0].model["position"] == "absolute"
@@ -176,7 +181,9 @@ def test_safe_loader_refuses_python_tags(tmp_path):
 
 
 def test_model_errors_name_the_field(tmp_path):
-    e = err(write(tmp_path, "a.yaml", spec_text("variants:\n  x: {model: {stages: [{dim: 50, depth: 1, heads: 3}]}}\n")))
+    e = err(
+        write(tmp_path, "a.yaml", spec_text("variants:\n  x: {model: {stages: [{dim: 50, depth: 1, heads: 3}]}}\n"))
+    )
     assert e.path.startswith("variants.x.model.stages") and "heads" in str(e)
     e = err(write(tmp_path, "b.yaml", spec_text("variants:\n  x: {model: {zoo: levit_999}}\n")))
     assert "levit_128s" in e.message
@@ -195,8 +202,11 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 
 
 def test_cli_show_json_is_one_document(tmp_path, capsys):
-    p = write(tmp_path, "a.yaml", spec_text("variants: {base: {}, bias: {model: {position: attention_bias}}}\n"
-                                            "reference: {bias: {top1: 70.4}}\n"))
+    p = write(
+        tmp_path,
+        "a.yaml",
+        spec_text("variants: {base: {}, bias: {model: {position: attention_bias}}}\nreference: {bias: {top1: 70.4}}\n"),
+    )
     assert main(["show", str(p), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in rows] == ["base", "bias"]
@@ -221,14 +231,18 @@ def test_python_m_lab_runs_without_traceback(tmp_path):
 def test_changes_are_described_against_the_baseline_variant(tmp_path):
     # the baseline itself overrides the base section: the other rows must show what differs
     # from *it*, including the base value where the baseline's override does not apply to them
-    p = write(tmp_path, "a.yaml", spec_text("""
+    p = write(
+        tmp_path,
+        "a.yaml",
+        spec_text("""
         baseline: small
         variants:
           small: {model: {stages: [{dim: 48, depth: 2, heads: 3}]}, train: {lr: 0.01}}
           plain: {}
           bias: {model: {position: attention_bias, stages: [{dim: 48, depth: 2, heads: 3}]}, train: {lr: 0.01}}
         grid: {train.weight_decay: [0.0]}
-        """))
+        """),
+    )
     vs = {v.key: v for v in S.expand(S.load_spec(p))}
     assert vs["small-weight_decay=0.0"].changes == "(baseline)"
     assert vs["bias-weight_decay=0.0"].changes == "model.position=attention_bias"
@@ -241,17 +255,31 @@ def test_launch_section_is_validated_and_cli_flags_win(tmp_path):
 
     from lab.cli.run import launch_options, register
 
-    p = write(tmp_path, "a.yaml", spec_text("""
+    p = write(
+        tmp_path,
+        "a.yaml",
+        spec_text("""
         launch:
           launcher: slurm
           slurm: {partition: gpu, time: 2880, setup: ["module load cuda"], params: {mail_type: END}}
-        """))
+        """),
+    )
     spec = S.load_spec(p)
     assert spec.launch.launcher == "slurm" and spec.launch.slurm.time == 2880
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["run", str(p), "--slurm-partition", "big", "--slurm-setup", "ulimit -n 4096",
-                              "--slurm-param", "mail_user=me@x"])
+    args = parser.parse_args(
+        [
+            "run",
+            str(p),
+            "--slurm-partition",
+            "big",
+            "--slurm-setup",
+            "ulimit -n 4096",
+            "--slurm-param",
+            "mail_user=me@x",
+        ]
+    )
     o = launch_options(args, spec.launch)
     assert o.slurm_partition == "big" and o.slurm_time == 2880 and o.slurm_cluster == "slurm"
     assert o.slurm_setup == ["module load cuda", "ulimit -n 4096"]

@@ -1,4 +1,5 @@
 """lab.stats against hand-computed cases (and scipy's t-tests as an independent reference)."""
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,7 @@ def test_welch_unpaired_hand_computed():
     # variant: mean 82, var 4 (n 3); baseline: mean 71.5, var 5/3 (n 4)
     c = S.compare({0: 80.0, 1: 82.0, 2: 84.0}, {10: 70.0, 11: 71.0, 12: 72.0, 13: 73.0})
     a, b = 4 / 3, (5 / 3) / 4
-    df = (a + b) ** 2 / (a ** 2 / 2 + b ** 2 / 3)
+    df = (a + b) ** 2 / (a**2 / 2 + b**2 / 3)
     assert df == pytest.approx(3.2347, abs=1e-4)
     half = sps.t.ppf(0.975, df) * math.sqrt(a + b)
     assert c.method == "welch" and c.df == pytest.approx(df)

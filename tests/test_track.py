@@ -1,4 +1,5 @@
 """lab.track: store resolution, naming, synthetic runs, lookups, metric history."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch, write_spec):
     assert track.tracking_uri(None) == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     assert track.tracking_uri(vs[0]) == track.tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/env.db")
-    assert track.tracking_uri(vs[0]) == "sqlite:////x/env.db"          # env overrides the default
+    assert track.tracking_uri(vs[0]) == "sqlite:////x/env.db"  # env overrides the default
     v = vs[0].model_copy(update={"tracking": vs[0].tracking.model_copy(update={"uri": "sqlite:////x/spec.db"})})
-    assert track.tracking_uri(v) == "sqlite:////x/spec.db"             # the spec's uri overrides env
+    assert track.tracking_uri(v) == "sqlite:////x/spec.db"  # the spec's uri overrides env
     from lab.paths import short_hash
 
     assert track.checkpoint_dir(v) == Path(f"/x/checkpoints/tiny-{short_hash('tiny')}") / f"base-{v.hash}"
@@ -45,16 +46,23 @@ def test_default_store_creates_artifact_dir(tmp_path, monkeypatch):
 
 def test_flatten_dotted_and_json_lists():
     flat = track.flatten({"train": {"lr": 0.001, "distill": None}, "model": {"stages": [{"dim": 8}], "zoo": "x"}})
-    assert flat == {"train.lr": "0.001", "train.distill": "null", "model.stages": json.dumps([{"dim": 8}]),
-                    "model.zoo": "x"}
+    assert flat == {
+        "train.lr": "0.001",
+        "train.distill": "null",
+        "model.stages": json.dumps([{"dim": 8}]),
+        "model.zoo": "x",
+    }
 
 
 def test_log_variant_run_and_read_back(store, write_spec):
     spec, (base, bias) = _variants(write_spec)
     cl = track.client(store)
-    rid = log_variant_run(base, baseline=True, history={"val/top1": [(5, 40.0), (10, 55.0)],
-                                                              "images_seen": [(5, 80), (10, 160)]},
-                                final={"final/val_top1": 55.0, "params": 1234, "macs": 5678})
+    rid = log_variant_run(
+        base,
+        baseline=True,
+        history={"val/top1": [(5, 40.0), (10, 55.0)], "images_seen": [(5, 80), (10, 160)]},
+        final={"final/val_top1": 55.0, "params": 1234, "macs": 5678},
+    )
     rid2 = log_variant_run(bias, status="FAILED", error="RuntimeError: boom")
     runs = track.find_variant_runs(cl, "tiny")
     assert {r.info.run_id for r in runs} == {rid, rid2}

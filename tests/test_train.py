@@ -1,4 +1,5 @@
 """`lab run`: training, MLflow records, skip/resume, failures, distillation (tiny models, a few steps)."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,14 +51,15 @@ def test_run_records_everything(store, write_spec):
         assert {"spec.yaml", "checkpoint"} <= arts
         # every name the run holds is in the run record (lab.record), which the README documents
         assert [k for k in m if not REC.documented("metric", k)] == []
-        assert [k for k in t if k.startswith(("lab.", "ref.", "match.", "bench.")) and not REC.documented("tag", k)] == []
+        assert [
+            k for k in t if k.startswith(("lab.", "ref.", "match.", "bench.")) and not REC.documented("tag", k)
+        ] == []
         assert [k for k in run.data.params if not REC.documented("param", k)] == []
         assert all(any(e.name.split("/")[0] == a for e in REC.ENTRIES if e.kind == "artifact") for a in arts), arts
         # tracking.keep: final (default): the weights once (the MLflow artifact), no resume checkpoints left
         assert not track.checkpoint_dir(v, store).exists()
     assert cl.get_run(res[0].run_id).data.tags["ref.top1"] == "72.2"
-    assert cl.get_run(res[1].run_id).data.tags["lab.changes"] == \
-        "train.ema=0.9, data.augment.label_smoothing=0.1"
+    assert cl.get_run(res[1].run_id).data.tags["lab.changes"] == "train.ema=0.9, data.augment.label_smoothing=0.1"
     # the synthetic data is easy: the baseline learns something in 12 steps
     assert res[0].top1 > 25
 
@@ -93,7 +95,7 @@ def test_resume_after_kill_continues_the_same_run(store, write_spec):
 def test_failures_do_not_stop_the_others(store, write_spec, monkeypatch):
     doc = tiny_spec_dict()
     doc["variants"] = {
-        "nan": {"train": {"lr": 1.0e+30, "warmup": 0.0}},
+        "nan": {"train": {"lr": 1.0e30, "warmup": 0.0}},
         "ok": {},
         "broken": {"model": {"drop_rate": 0.25}},
     }
@@ -134,8 +136,7 @@ def test_distillation_trains_teacher_first(store, write_spec):
     doc = tiny_spec_dict(budget={"steps": 6})
     doc["train"]["eval_every"] = 6
     doc["variants"] = {
-        "student": {"model": {"distillation": True},
-                    "train": {"distill": {"variant": "teacher", "alpha": 0.5}}},
+        "student": {"model": {"distillation": True}, "train": {"distill": {"variant": "teacher", "alpha": 0.5}}},
         "teacher": {},
     }
     spec, vs = _load(write_spec, doc)
@@ -147,8 +148,11 @@ def test_distillation_trains_teacher_first(store, write_spec):
 def test_cli_variant_subset_adds_teacher(store, write_spec, capsys):
     doc = tiny_spec_dict(budget={"steps": 4})
     doc["train"]["eval_every"] = 4
-    doc["variants"] = {"teacher": {}, "other": {"train": {"lr": 1e-3}},
-                       "student": {"train": {"distill": {"variant": "teacher"}}}}
+    doc["variants"] = {
+        "teacher": {},
+        "other": {"train": {"lr": 1e-3}},
+        "student": {"train": {"distill": {"variant": "teacher"}}},
+    }
     rc = cli.main(["run", str(write_spec(doc)), "--variant", "student", "--no-progress"])
     assert rc == 0
     keys = {r.data.tags["lab.variant"] for r in track.find_variant_runs(track.client(store), "tiny")}
@@ -179,8 +183,10 @@ def test_matched_variant_is_sized_before_it_trains(store, write_spec):
     stage = dict(TINY_MODEL["stages"][0])
     doc = tiny_spec_dict(budget={"steps": 4})
     doc["bench"] = {"threads": 1}
-    doc["variants"] = {"target": {"model": {"stages": [{**stage, "depth": 2}]}},
-                       "sized": {"match": {"throughput_of": "target", "vary": "model.stages.0.depth", "values": [1, 3]}}}
+    doc["variants"] = {
+        "target": {"model": {"stages": [{**stage, "depth": 2}]}},
+        "sized": {"match": {"throughput_of": "target", "vary": "model.stages.0.depth", "values": [1, 3]}},
+    }
     spec, vs = _load(write_spec, doc)
     res = run_experiment(spec, vs, progress=False, say=lambda s: None)
     assert [(r.key, r.status) for r in res] == [("target", "finished"), ("sized", "finished")], res

@@ -5,6 +5,7 @@ parser and sets `func(args) -> int`; it parses arguments and calls the domain AP
 lab.bench, lab.report, lab.spec), which never imports the CLI. User mistakes raise `LabError`
 and become one line on stderr and exit 2. Shared argument helpers: lab/cli/common.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ COMMANDS = (validate, show, run, bench, table, plot, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab",
-                                     description="Grafting and ablation lab for hybrid conv/transformer models.")
+    parser = argparse.ArgumentParser(
+        prog="lab", description="Grafting and ablation lab for hybrid conv/transformer models."
+    )
     parser.add_argument("--version", action="version", version=f"lab {lab.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:

@@ -1,4 +1,5 @@
 """`lab bench`: inference throughput of a spec's variants or of zoo models (lab.bench does the work)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _, variants = expand_from_args(args)
         first: dict[str, Any] = {}
         for v in select_variants(variants, args.variant, args.spec):  # one bench per variant, not per seed:
-            first.setdefault(v.key, v)                                # throughput belongs to the architecture
+            first.setdefault(v.key, v)  # throughput belongs to the architecture
         for v in first.values():
             if v.match is not None:
                 v = resolve_match(v, variants)
@@ -47,20 +48,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table: list[dict[str, Any]] = []
     for r in rows:
         res, t = r["result"], r["timm"]
-        table.append({"model": r["model"], "params (M)": f"{r['params'] / 1e6:.2f}",
-                      "MACs (M)": f"{r['macs'] / 1e6:.0f}", "img/s min": _fmt(res["images_per_s_min"]),
-                      "img/s median": _fmt(res["images_per_s_median"]), "img/s max": _fmt(res["images_per_s_max"]),
-                      "timm img/s": _fmt(t["images_per_s_median"]) if t else None,
-                      "ratio": _fmt(r["ratio"], 2) if r["ratio"] is not None else None})
+        table.append(
+            {
+                "model": r["model"],
+                "params (M)": f"{r['params'] / 1e6:.2f}",
+                "MACs (M)": f"{r['macs'] / 1e6:.0f}",
+                "img/s min": _fmt(res["images_per_s_min"]),
+                "img/s median": _fmt(res["images_per_s_median"]),
+                "img/s max": _fmt(res["images_per_s_max"]),
+                "timm img/s": _fmt(t["images_per_s_median"]) if t else None,
+                "ratio": _fmt(r["ratio"], 2) if r["ratio"] is not None else None,
+            }
+        )
     print_table(table)
     print(footer([r["result"] for r in rows]))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="inference throughput (paper protocol) of a spec's variants or zoo models",
-                       description="Measure images/s: eval, BatchNorm folded, inference_mode, warmup, synced timed "
-                                   "steps; CPU: 1 thread, batch 16, fp32; GPU: bf16 autocast, largest power-of-two batch.")
+    p = sub.add_parser(
+        "bench",
+        help="inference throughput (paper protocol) of a spec's variants or zoo models",
+        description="Measure images/s: eval, BatchNorm folded, inference_mode, warmup, synced timed "
+        "steps; CPU: 1 thread, batch 16, fp32; GPU: bf16 autocast, largest power-of-two batch.",
+    )
     p.add_argument("spec", nargs="?", help="experiment spec (benches every variant)")
     p.add_argument("--models", nargs="+", metavar="NAME", help="grafts zoo names instead of a spec")
     p.add_argument("--variant", action="append", metavar="KEY", help="only these variants of the spec (repeatable)")
@@ -74,8 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed windows (default 3)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the fused model")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
-    p.add_argument("--compare", choices=["timm"], default=None,
-                   help="also time the matching timm model, interleaved with ours, and print ours/timm")
+    p.add_argument(
+        "--compare",
+        choices=["timm"],
+        default=None,
+        help="also time the matching timm model, interleaved with ours, and print ours/timm",
+    )
     p.add_argument("--log", action="store_true", help="write the figures onto the variants' MLflow runs")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_bench)

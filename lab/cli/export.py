@@ -1,5 +1,6 @@
 """`lab export`: write a finished variant (or a weights file) fused, as ONNX / TorchScript /
 torch.export, each checked against PyTorch. Thin: parses arguments, calls lab.export."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model_cfg = None
         if args.spec:
             _, variants = expand(args.spec, args.set)
-            model_cfg = variants[0].model if not args.variant else next(
-                (v.model for v in variants if v.key == args.variant), None)
+            model_cfg = (
+                variants[0].model
+                if not args.variant
+                else next((v.model for v in variants if v.key == args.variant), None)
+            )
         model, _ = E.load_trained(path, model_cfg)
         out = Path(args.out or Path("exports") / name)
     else:
@@ -33,8 +37,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         v = next((x for x in variants if x.key == args.variant), None)
         if v is None:
             from lab.errors import close_matches
-            raise LabError(f"no variant named '{args.variant}'{close_matches(args.variant, [x.key for x in variants])}",
-                           file=args.spec, path="variants")
+
+            raise LabError(
+                f"no variant named '{args.variant}'{close_matches(args.variant, [x.key for x in variants])}",
+                file=args.spec,
+                path="variants",
+            )
         uri = track.tracking_uri(v)
         path, run_id = finished_variant_file(track.client(uri), uri, v.experiment, v.key, v.hash)
         model, _ = E.load_trained(path, v.model)
@@ -56,14 +64,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a finished variant fused as ONNX (+ TorchScript, torch.export), "
-                                      "checked against PyTorch")
+    p = sub.add_parser(
+        "export", help="write a finished variant fused as ONNX (+ TorchScript, torch.export), checked against PyTorch"
+    )
     p.add_argument("spec", nargs="?", help="the experiment spec (with --variant)")
     p.add_argument("--variant", help="the finished variant to export (its final.pt in the store)")
     p.add_argument("--checkpoint", help="a lab final.pt (or a weights file, with SPEC for the model config)")
     p.add_argument("--out", help="output folder (default exports/EXPERIMENT/VARIANT)")
-    p.add_argument("--format", default="onnx,torchscript,torch_export",
-                   help="comma list of onnx, torchscript, torch_export (default: all)")
+    p.add_argument(
+        "--format",
+        default="onnx,torchscript,torch_export",
+        help="comma list of onnx, torchscript, torch_export (default: all)",
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative max |diff| allowed vs PyTorch")
     p.add_argument("--strict", action="store_true", help="exit 1 when TorchScript / torch.export fail too")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")

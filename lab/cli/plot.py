@@ -1,5 +1,6 @@
 """`lab plot EXPERIMENT...`: Pareto or convergence figures (lab.report draws them), first-layer filters
 or attention-bias maps (lab.inspection_plot), as PNG and SVG."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     df = load(args)
     if df.empty:
-        raise LabError(f"no variant runs in {', '.join(args.experiment)}"
-                       + (" matching the --tag filter" if args.tag else ""))
+        raise LabError(
+            f"no variant runs in {', '.join(args.experiment)}" + (" matching the --tag filter" if args.tag else "")
+        )
     for n in df.attrs.get("notes", []):
         print(f"note: {n}", file=sys.stderr)
     name = "_".join(args.experiment)
@@ -61,15 +63,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="Pareto, convergence, per-seed, first-layer filters or attention bias/distance, "
-                                    "as PNG and SVG")
+    p = sub.add_parser(
+        "plot", help="Pareto, convergence, per-seed, first-layer filters or attention bias/distance, as PNG and SVG"
+    )
     add_store_args(p)
-    p.add_argument("--kind", choices=["pareto", "convergence", "seeds", "filters", "attention-bias"], default="pareto",
-                   help="seeds: final top-1 of every seed per variant, with mean and 95%% CI; filters: first-layer "
-                        "filter grids; attention-bias: bias maps per head and the mean attention distance per layer "
-                        "(both from each finished run's final weights)")
-    p.add_argument("--images", type=int, default=64,
-                   help="attention-bias: validation images for runs that did not log their attention distance")
+    p.add_argument(
+        "--kind",
+        choices=["pareto", "convergence", "seeds", "filters", "attention-bias"],
+        default="pareto",
+        help="seeds: final top-1 of every seed per variant, with mean and 95%% CI; filters: first-layer "
+        "filter grids; attention-bias: bias maps per head and the mean attention distance per layer "
+        "(both from each finished run's final weights)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=64,
+        help="attention-bias: validation images for runs that did not log their attention distance",
+    )
     p.add_argument("--x", choices=list(X_KINDS), default="images_seen", help="convergence x-axis")
     p.add_argument("--device", choices=DEVICES, help="pareto throughput (default: cuda if measured, else cpu)")
     p.add_argument("--out", help="PATH without extension, or a directory (default: out/EXPERIMENT_KIND)")

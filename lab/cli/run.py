@@ -1,4 +1,5 @@
 """`lab run SPEC`: parse the run options and call lab.runner.run_experiment."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     chosen = variants
     if args.variant:
         chosen = with_teachers(select_variants(variants, args.variant, args.spec), variants)
-    results = run_experiment(spec, chosen, force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                             baseline=baseline_key(spec, variants), launcher=launcher, launch_options=options)
+    results = run_experiment(
+        spec,
+        chosen,
+        force=args.force,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        baseline=baseline_key(spec, variants),
+        launcher=launcher,
+        launch_options=options,
+    )
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -51,14 +59,21 @@ def launch_options(args: argparse.Namespace, launch=None):
         return spec_value if given is None else given
 
     return LaunchOptions(
-        ray_address=pick("ray_address", ray.address), ray_num_cpus=pick("ray_num_cpus", ray.num_cpus),
-        slurm_cluster=pick("slurm_cluster", sl.cluster), slurm_folder=pick("slurm_folder", sl.folder),
-        slurm_partition=pick("slurm_partition", sl.partition), slurm_account=pick("slurm_account", sl.account),
-        slurm_qos=pick("slurm_qos", sl.qos), slurm_constraint=pick("slurm_constraint", sl.constraint),
-        slurm_mem_gb=pick("slurm_mem_gb", sl.mem_gb), slurm_cpus_per_task=pick("slurm_cpus_per_task", sl.cpus_per_task),
+        ray_address=pick("ray_address", ray.address),
+        ray_num_cpus=pick("ray_num_cpus", ray.num_cpus),
+        slurm_cluster=pick("slurm_cluster", sl.cluster),
+        slurm_folder=pick("slurm_folder", sl.folder),
+        slurm_partition=pick("slurm_partition", sl.partition),
+        slurm_account=pick("slurm_account", sl.account),
+        slurm_qos=pick("slurm_qos", sl.qos),
+        slurm_constraint=pick("slurm_constraint", sl.constraint),
+        slurm_mem_gb=pick("slurm_mem_gb", sl.mem_gb),
+        slurm_cpus_per_task=pick("slurm_cpus_per_task", sl.cpus_per_task),
         slurm_gpus_per_node=pick("slurm_gpus_per_node", sl.gpus_per_node),
-        slurm_setup=list(sl.setup) + list(args.slurm_setup or []), slurm_params=params,
-        slurm_time=pick("slurm_time", sl.time))
+        slurm_setup=list(sl.setup) + list(args.slurm_setup or []),
+        slurm_params=params,
+        slurm_time=pick("slurm_time", sl.time),
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,11 +81,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec")
     add_spec_args(p)
     p.add_argument("--force", action="store_true", help="retrain variants that already have a FINISHED run")
-    p.add_argument("--variant", action="append", default=[], metavar="KEY",
-                   help="train only this variant (repeatable; teachers it needs are added)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
-                   help="default: the spec's launch.launcher, else local. local: variants one after the other; ray: one Ray task per variant "
-                        "($RAY_ADDRESS or a local instance); slurm: one sbatch job per variant (submitit)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="train only this variant (repeatable; teachers it needs are added)",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=None,
+        help="default: the spec's launch.launcher, else local. local: variants one after the other; ray: one Ray task per variant "
+        "($RAY_ADDRESS or a local instance); slurm: one sbatch job per variant (submitit)",
+    )
     p.add_argument("--devices", help="override train.devices (int or auto)")
     p.add_argument("--num-nodes", type=int, help="override train.num_nodes")
     p.add_argument("--strategy", help="override train.strategy (e.g. ddp)")
@@ -86,13 +110,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--slurm-constraint", help="sbatch --constraint")
     g.add_argument("--slurm-mem-gb", type=float, help="memory per node in GB")
     g.add_argument("--slurm-cpus-per-task", type=int, help="CPUs per task (default: train.threads)")
-    g.add_argument("--slurm-gpus-per-node", type=int,
-                   help="GPUs per node (default: train.devices when train.accelerator is gpu)")
-    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
-                   help="shell line run in the job before training (repeatable), e.g. 'module load cuda'")
-    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch parameter (repeatable), e.g. --slurm-param mail_type=END")
+    g.add_argument(
+        "--slurm-gpus-per-node", type=int, help="GPUs per node (default: train.devices when train.accelerator is gpu)"
+    )
+    g.add_argument(
+        "--slurm-setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run in the job before training (repeatable), e.g. 'module load cuda'",
+    )
+    g.add_argument(
+        "--slurm-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch parameter (repeatable), e.g. --slurm-param mail_type=END",
+    )
     g.add_argument("--slurm-folder", help="submitit folder for job logs (default <store>/submitit/<experiment>/%%j)")
-    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default=None,
-                   help="local: run the jobs on this machine with submitit's LocalExecutor (testing)")
+    g.add_argument(
+        "--slurm-cluster",
+        choices=["slurm", "local"],
+        default=None,
+        help="local: run the jobs on this machine with submitit's LocalExecutor (testing)",
+    )
     p.set_defaults(func=cmd_run)

@@ -1,4 +1,5 @@
 """`lab show SPEC`: a spec's resolved variants with params and MACs (or one variant's full spec)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,12 @@ def variant_rows(variants, with_complexity: bool = True) -> list[dict[str, Any]]
     for v in variants:
         if v.key in {r["key"] for r in rows}:
             continue  # one row per variant, whatever its seeds
-        row: dict[str, Any] = {"key": v.key, "hash": v.config_hash if v.repeated else v.hash,
-                               "seeds": seeds[v.key], "changes": v.changes}
+        row: dict[str, Any] = {
+            "key": v.key,
+            "hash": v.config_hash if v.repeated else v.hash,
+            "seeds": seeds[v.key],
+            "changes": v.changes,
+        }
         if with_complexity:
             cfg = grafts.config_from_dict(v.model)
             row["params"] = int(grafts.count_params(grafts.build(cfg, device="meta")))
@@ -42,8 +47,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(rows)
         return 0
-    print(f"{spec.name}: {len(rows)} variant(s) from {args.spec}"
-          + (f", {len(variants)} runs with their seeds" if len(variants) > len(rows) else ""))
+    print(
+        f"{spec.name}: {len(rows)} variant(s) from {args.spec}"
+        + (f", {len(variants)} runs with their seeds" if len(variants) > len(rows) else "")
+    )
     table = []
     for r in rows:
         ref = r["reference"]

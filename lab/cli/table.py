@@ -1,4 +1,5 @@
 """`lab table EXPERIMENT...`: the ablation table of an experiment's runs, seeds aggregated (lab.report does the work)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,13 +14,24 @@ from lab.report import FORMATS
 def add_store_args(p: argparse.ArgumentParser) -> None:
     """The experiments to read and where from (shared by `table` and `plot`)."""
     p.add_argument("experiment", nargs="+", help="MLflow experiment name(s) (a spec's name)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep only runs with this tag (repeatable), e.g. --tag lab.device=cuda")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only runs with this tag (repeatable), e.g. --tag lab.device=cuda",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
-    p.add_argument("--include-smoke", action="store_true",
-                   help="also show `lab run --smoke` runs (left out by default; never beside the paper's figures)")
-    p.add_argument("--all-hashes", action="store_true",
-                   help="every spec version of a variant as its own row (KEY@HASH), not just the latest finished")
+    p.add_argument(
+        "--include-smoke",
+        action="store_true",
+        help="also show `lab run --smoke` runs (left out by default; never beside the paper's figures)",
+    )
+    p.add_argument(
+        "--all-hashes",
+        action="store_true",
+        help="every spec version of a variant as its own row (KEY@HASH), not just the latest finished",
+    )
     p.add_argument("--hash", help="show the spec version whose config hash (or run hash) starts with this")
 
 
@@ -27,8 +39,14 @@ def load(args: argparse.Namespace) -> pd.DataFrame:
     """lab.report.load_runs with the store arguments."""
     from lab.report import load_runs
 
-    return load_runs(args.experiment, args.tracking_uri, args.tag, include_smoke=args.include_smoke,
-                     all_hashes=getattr(args, "all_hashes", False), hash=getattr(args, "hash", None))
+    return load_runs(
+        args.experiment,
+        args.tracking_uri,
+        args.tag,
+        include_smoke=args.include_smoke,
+        all_hashes=getattr(args, "all_hashes", False),
+        hash=getattr(args, "hash", None),
+    )
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -49,8 +67,10 @@ def cmd_table(args: argparse.Namespace) -> int:
         table = ablation_table(df, baseline=args.baseline)
         text = format_table(table, args.format)
         if not table.empty and table["smoke"].astype(bool).any():
-            notes.append(f"smoke runs shown (marked '{SMOKE_SUFFIX.strip()}'): plumbing checks, not results; "
-                         f"no paper figures beside them")
+            notes.append(
+                f"smoke runs shown (marked '{SMOKE_SUFFIX.strip()}'): plumbing checks, not results; "
+                f"no paper figures beside them"
+            )
     if args.format == "terminal" and not table.empty and not args.per_seed:
         n = table["status"].value_counts()
         summary = ", ".join(f"{v} {k.lower()}" for k, v in n.items())
@@ -77,7 +97,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("table", help="ablation table of an experiment's runs, seeds aggregated (partial results welcome)")
+    p = sub.add_parser(
+        "table", help="ablation table of an experiment's runs, seeds aggregated (partial results welcome)"
+    )
     add_store_args(p)
     p.add_argument("--format", choices=FORMATS, default="terminal")
     p.add_argument("--out", help="write to this file instead of stdout")

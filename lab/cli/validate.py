@@ -1,4 +1,5 @@
 """`lab validate SPEC...`: check specs strictly; exit 2 when any has a problem."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             spec = S.load_spec(path, S.parse_set(args.set))
             variants = S.expand(spec)
             n = len({v.key for v in variants})
-            print(f"ok   {path}: {spec.name}, {n} variant(s)" + (f", {len(variants)} runs" if len(variants) > n else ""))
+            print(
+                f"ok   {path}: {spec.name}, {n} variant(s)" + (f", {len(variants)} runs" if len(variants) > n else "")
+            )
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
