@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from lab import lease
+from lab import lease, track
 from lab import record as R
 from lab.errors import LabError, close_matches
 from lab.figures import pyplot
@@ -52,22 +52,7 @@ SMOKE_SUFFIX = " (smoke)"
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """--tracking-uri, else lab.track's rule ($MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)."""
-    from lab.track import tracking_uri
-
-    return uri or tracking_uri(None)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    from lab.track import sqlite_path
-
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():  # reading must not create an empty store as a side effect
-        raise LabError(
-            f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI)"
-        )
-    return MlflowClient(tracking_uri=uri)
+    return uri or track.tracking_uri(None)
 
 
 def _experiment_ids(client, names: Sequence[str]) -> dict[str, str]:
@@ -342,7 +327,7 @@ def load_runs(
     if not experiments:
         raise LabError("name at least one experiment")
     uri = resolve_tracking_uri(tracking_uri)
-    rows, smoke_left_out = _variant_rows(_client(uri), experiments, tags, include_smoke)
+    rows, smoke_left_out = _variant_rows(track.read_client(uri), experiments, tags, include_smoke)
     notes: list[str] = []
     if smoke_left_out:
         notes.append(f"{smoke_left_out} smoke run(s) left out (--include-smoke shows them)")
@@ -369,7 +354,7 @@ def history(
         raise LabError(f"unknown x '{x}'{close_matches(x, X_KINDS)}; choose one of {', '.join(X_KINDS)}")
     if isinstance(run_ids, str):
         run_ids = [run_ids]
-    client = _client(resolve_tracking_uri(tracking_uri))
+    client = track.read_client(resolve_tracking_uri(tracking_uri))
     parts = []
     for rid in run_ids:
         ys = pd.DataFrame(

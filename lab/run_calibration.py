@@ -69,12 +69,7 @@ def stored_calibration(ctx: Context, exclude: set, threads: int):
     from lab.spec import Variant
 
     try:
-        parents = ctx.cl.search_runs(
-            [ctx.experiment_id],
-            filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
-        )
+        parents = track.find_parent_runs(ctx.cl, ctx.experiment_id, max_results=20)
     except Exception:  # noqa: BLE001
         return None, None, None
     for r in parents:

@@ -240,11 +240,7 @@ def end_interrupted(ctx: Context, e: KeyboardInterrupt) -> None:
 def end_stale_parents(cl, exp_id: str) -> None:
     """Parent runs still RUNNING whose `lab run` died (SIGKILL, lost node): KILLED, with the reason."""
     try:
-        runs = cl.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
+        runs = track.find_parent_runs(cl, exp_id, running=True)
     except Exception:  # noqa: BLE001 - a store that cannot search: nothing to tidy
         return
     for r in runs:

@@ -220,6 +220,29 @@ def find_variant_runs(
     return runs
 
 
+def find_parent_runs(cl, experiment_id: str, *, running: bool = False, max_results: int = 1000) -> list:
+    """Parent runs (one per `lab run`) of an experiment, newest first; only RUNNING ones with `running`."""
+    flt = f"tags.`{R.ROLE}` = '{R.ROLE_PARENT}'" + (" and attributes.status = 'RUNNING'" if running else "")
+    return list(
+        cl.search_runs(
+            [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=max_results
+        )
+    )
+
+
+def read_client(uri: str):
+    """An MlflowClient for reading an existing store: a missing SQLite store is a LabError (reading must not
+    create an empty store as a side effect)."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise LabError(
+            f"no MLflow store at {db} (run `lab run SPEC` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI)"
+        )
+    return MlflowClient(tracking_uri=uri)
+
+
 def _quote(value: str) -> str:
     """A string literal for an MLflow filter (a key from grid values may hold quotes)."""
     v = str(value)
