@@ -153,25 +153,60 @@ def interleaved(
     others are relative to (default: the first).
     """
     keys = list(runners)
+    reference = _pick_reference(keys, reference)
+    rounds, per_round = split_steps(steps, len(keys), rounds)
+    t0 = clock()
+    order = _warm_up(runners, keys, warmup)
+    samples, per = _timed_rounds(runners, keys, rounds, rewarm, per_round, order, progress)
+    costs = _costs(keys, reference, samples, per)
+    return Calibration(
+        reference=reference,
+        costs=costs,
+        order=order,
+        warmup=warmup,
+        rewarm=rewarm,
+        rounds=rounds,
+        per_round=per_round,
+        seconds_spent=clock() - t0,
+    )
+
+
+def _pick_reference(keys: list[str], reference: Optional[str]) -> str:
+    """`reference`, which must be among `keys`, else the first key."""
     if not keys:
         raise ValueError("nothing to calibrate")
     reference = reference if reference is not None else keys[0]
-    if reference not in runners:
+    if reference not in keys:
         raise ValueError(f"reference '{reference}' is not among the calibrated variants {keys}")
-    rounds, per_round = split_steps(steps, len(keys), rounds)
-    t0 = clock()
+    return reference
+
+
+def _warm_up(runners: Mapping[str, Runner], keys: list[str], warmup: int) -> list[str]:
+    """`warmup` untimed steps of each variant in turn; the measuring order so far."""
     order: list[str] = []
     for k in keys:
         if warmup > 0:
             runners[k](warmup)
         order.append(k)
+    return order
+
+
+def _timed_rounds(
+    runners: Mapping[str, Runner],
+    keys: list[str],
+    rounds: int,
+    rewarm: int,
+    per_round: int,
+    order: list[str],
+    progress: Optional[Callable[[str], None]],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The rounds of `schedule`, each turn appended to `order`; (every variant's timed steps,
+    its median step of each round)."""
     samples: dict[str, list[float]] = {k: [] for k in keys}
     per: dict[str, list[float]] = {k: [] for k in keys}
     for r, turn in enumerate(schedule(keys, rounds)):
         for k in turn:
-            got = list(runners[k](rewarm + per_round))[rewarm:]
-            if not got:
-                raise RuntimeError(f"calibration of '{k}' timed no step")
+            got = _timed_turn(runners[k], k, rewarm, per_round)
             samples[k].extend(got)
             per[k].append(statistics.median(got))
             order.append(k)
@@ -179,6 +214,22 @@ def interleaved(
             progress(
                 f"calibration round {r + 1}/{rounds}: " + ", ".join(f"{k} {per[k][-1] * 1000:.0f} ms" for k in keys)
             )
+    return samples, per
+
+
+def _timed_turn(runner: Runner, key: str, rewarm: int, per_round: int) -> list[float]:
+    """One variant's turn in a round: `rewarm` untimed steps, then the durations of `per_round` timed ones."""
+    got = list(runner(rewarm + per_round))[rewarm:]
+    if not got:
+        raise RuntimeError(f"calibration of '{key}' timed no step")
+    return got
+
+
+def _costs(
+    keys: list[str], reference: str, samples: dict[str, list[float]], per: dict[str, list[float]]
+) -> dict[str, VariantCost]:
+    """Each variant's cost: the median of its per-round ratios to the reference, times the
+    reference's median step."""
     ref_cost = statistics.median(samples[reference])
     costs = {}
     for k in keys:
@@ -194,16 +245,7 @@ def interleaved(
             samples=samples[k],
             round_medians=per[k],
         )
-    return Calibration(
-        reference=reference,
-        costs=costs,
-        order=order,
-        warmup=warmup,
-        rewarm=rewarm,
-        rounds=rounds,
-        per_round=per_round,
-        seconds_spent=clock() - t0,
-    )
+    return costs
 
 
 def rescale(fresh: Calibration, stored: Calibration, stored_id: str = "") -> Calibration:

@@ -253,26 +253,19 @@ def teacher_stand_in(v, ctx):
 def build_variant(v, ctx, *, calibrating: bool = False) -> Built:
     """Threads and seed set, the model and its teacher built, device and precision picked, data sized;
     `calibrating`: a stand-in teacher with the right architecture when the real one has not trained yet."""
-    import lightning.pytorch as pl
     import torch
 
     import grafts
-    from lab import threads as T
     from lab.module import resolve_accelerator, resolve_precision
 
     tr = v.train
     accelerator = resolve_accelerator(tr)
-    choice = thread_choice(v, ctx, accelerator)
-    T.apply(choice.threads)
-    pl.seed_everything(tr.seed, workers=True, verbose=False)
+    choice = apply_threads_and_seed(v, ctx, accelerator)
     precision = resolve_precision(tr, accelerator)
-    dm = ctx.datamodules[data_key(v)]
-    # train.seed: init, augmentation and the training data order; data.seed keeps the dataset and
-    # its train/val split fixed, so every seed of every variant is scored on the same images
-    dm.shuffle_seed = tr.seed
+    dm = seeded_datamodule(v, ctx)
     model = grafts.build(v.model)
     world = world_size(tr, accelerator)
-    n_batches = len(dm.train_dataloader())
+    steps_per_epoch = epoch_steps(dm, world)
     return Built(
         variant=v,
         model=model,
@@ -285,22 +278,55 @@ def build_variant(v, ctx, *, calibrating: bool = False) -> Built:
         world=world,
         global_batch=v.data.batch_size * world,
         train_size=int(dm.train_size),
-        steps_per_epoch=max(1, n_batches // world if world > 1 else n_batches),
+        steps_per_epoch=steps_per_epoch,
         device=torch.device("cuda") if accelerator == "gpu" else torch.device("cpu"),
         threads=choice,
-        trainer_kw=dict(
-            accelerator=accelerator,
-            devices=tr.devices,
-            num_nodes=tr.num_nodes,
-            strategy=tr.strategy,
-            precision=precision,
-            gradient_clip_val=tr.grad_clip,
-            logger=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-        ),
+        trainer_kw=trainer_settings(tr, accelerator, precision),
+    )
+
+
+def apply_threads_and_seed(v, ctx, accelerator: str):
+    """The variant's thread choice (`thread_choice`), applied, and its train.seed set; the choice."""
+    import lightning.pytorch as pl
+
+    from lab import threads as T
+
+    choice = thread_choice(v, ctx, accelerator)
+    T.apply(choice.threads)
+    pl.seed_everything(v.train.seed, workers=True, verbose=False)
+    return choice
+
+
+def seeded_datamodule(v, ctx):
+    """The variant's (shared) datamodule, its training order seeded with train.seed."""
+    dm = ctx.datamodules[data_key(v)]
+    # train.seed: init, augmentation and the training data order; data.seed keeps the dataset and
+    # its train/val split fixed, so every seed of every variant is scored on the same images
+    dm.shuffle_seed = v.train.seed
+    return dm
+
+
+def epoch_steps(dm, world: int) -> int:
+    """Optimizer steps per epoch: the training batches, shared among `world` ranks."""
+    n_batches = len(dm.train_dataloader())
+    return max(1, n_batches // world if world > 1 else n_batches)
+
+
+def trainer_settings(tr, accelerator: str, precision) -> dict:
+    """The Lightning Trainer arguments of a TrainSpec that every fit and calibration shares (lab logs,
+    checkpoints and reports progress itself)."""
+    return dict(
+        accelerator=accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        strategy=tr.strategy,
+        precision=precision,
+        gradient_clip_val=tr.grad_clip,
+        logger=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
     )
 
 
@@ -308,59 +334,66 @@ def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built) -> t
     """The budget plan and how a seconds budget was calibrated ("" otherwise): a resumed run keeps its
     plan; a variant calibrated with the others (lab.run_calibration) takes its entry; else it
     calibrates alone here."""
-    import lightning.pytorch as pl
-
-    from lab import budget as B
-
     planned = planned_steps(ctx.cl, run_id) if resume_ckpt is not None else None
     together = ctx.calibration.get(v.key)
     timed = v.budget.kind == "seconds" and not v.budget.wall_clock
     if timed and planned is not None:
-        plan = B.BudgetPlan(
-            kind="seconds",
-            total_steps=planned,
-            global_batch=b.global_batch,
-            steps_per_epoch=b.steps_per_epoch,
-            macs_per_image=b.macs,
-        )
-        prev = track.metric_history(ctx.cl, run_id, R.calibration_metric("step_seconds"))
-        if prev:
-            plan.calibration["step_seconds"] = prev[-1][1]
-        return plan, ""
+        return resumed_plan(ctx, run_id, b, planned), ""
     if timed and together is not None:
-        plan = B.BudgetPlan(
-            kind="seconds",
-            total_steps=int(together["steps"]),
-            global_batch=b.global_batch,
-            steps_per_epoch=b.steps_per_epoch,
-            macs_per_image=b.macs,
-            calibration={
-                "step_seconds": together["step_seconds"],
-                "images_per_s": b.global_batch / together["step_seconds"],
-                "relative": together["relative"],
-                "spread": together["spread"],
-                "timed_steps": float(together["timed_steps"]),
-            },
-        )
-        return plan, together["how"]
+        return together_plan(b, together), together["how"]
+    return plan_alone(v, b)
 
-    def calibrate():
-        return from_rank_zero(
-            B.calibrate(
-                lambda: b.make_module(copy.deepcopy(b.model)),
-                b.dm,
-                b.trainer_kw,
-                steps=v.budget.calibration_steps,
-                threads=b.threads.threads,
-            )
-        )
+
+def resumed_plan(ctx, run_id: str, b: Built, planned: int):
+    """A resumed seconds budget: the step count the run planned, and the step cost it planned with."""
+    from lab import budget as B
+
+    plan = B.BudgetPlan(
+        kind="seconds",
+        total_steps=planned,
+        global_batch=b.global_batch,
+        steps_per_epoch=b.steps_per_epoch,
+        macs_per_image=b.macs,
+    )
+    prev = track.metric_history(ctx.cl, run_id, R.calibration_metric("step_seconds"))
+    if prev:
+        plan.calibration["step_seconds"] = prev[-1][1]
+    return plan
+
+
+def together_plan(b: Built, together: dict):
+    """A seconds budget from the variant's entry of the calibration of all variants (lab.run_calibration)."""
+    from lab import budget as B
+
+    return B.BudgetPlan(
+        kind="seconds",
+        total_steps=int(together["steps"]),
+        global_batch=b.global_batch,
+        steps_per_epoch=b.steps_per_epoch,
+        macs_per_image=b.macs,
+        calibration={
+            "step_seconds": together["step_seconds"],
+            "images_per_s": b.global_batch / together["step_seconds"],
+            "relative": together["relative"],
+            "spread": together["spread"],
+            "timed_steps": float(together["timed_steps"]),
+        },
+    )
+
+
+def plan_alone(v, b: Built) -> tuple[Any, str]:
+    """The plan of lab.budget, a seconds budget calibrated alone here (`calibrate_alone`), and how;
+    the seed set again afterwards."""
+    import lightning.pytorch as pl
+
+    from lab import budget as B
 
     plan = B.plan(
         v.budget,
         global_batch=b.global_batch,
         steps_per_epoch=b.steps_per_epoch,
         macs_per_image=b.macs,
-        calibrate=calibrate,
+        calibrate=lambda: calibrate_alone(v, b),
     )
     how = ""
     if plan.calibration:
@@ -371,6 +404,21 @@ def plan_budget(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built) -> t
         )
     pl.seed_everything(v.train.seed, workers=True, verbose=False)  # calibration consumed randomness
     return plan, how
+
+
+def calibrate_alone(v, b: Built) -> dict:
+    """The variant's step cost timed on its own (lab.budget.calibrate); rank 0's figure on every rank."""
+    from lab import budget as B
+
+    return from_rank_zero(
+        B.calibrate(
+            lambda: b.make_module(copy.deepcopy(b.model)),
+            b.dm,
+            b.trainer_kw,
+            steps=v.budget.calibration_steps,
+            threads=b.threads.threads,
+        )
+    )
 
 
 def log_start(v, ctx, run_id: str, b: Built, plan, calibrated_by: str) -> None:
@@ -402,11 +450,9 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan, ckdir:
     """Train under the plan with lab's callbacks, checkpointing into `ckdir`; a final validation when
     the last one is stale. A resumed run replays exactly the batches it would have seen (lab.resume)."""
     import lightning.pytorch as pl
-    import torch
 
     from lab import budget as B
-    from lab.module import LastCheckpoint, MlflowMetrics, NonFiniteLoss, StepProgress
-    from lab.resume import ExactResume
+    from lab.module import LastCheckpoint
 
     tr = v.train
     module = b.make_module(b.model, plan.total_steps)
@@ -415,12 +461,31 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan, ckdir:
         module.progress_fn = lambda: timer.progress
     ckpt = LastCheckpoint(ckdir / "last.ckpt", every_n_steps=tr.eval_every or max(50, b.steps_per_epoch), timer=timer)
     last_eval = last_eval_callback()
-    # Only rank 0 logs; the decisions below (final validation) must not depend on logging, or
+    callbacks = fit_callbacks(v, ctx, run_id, b, plan, timer, ckpt, last_eval)
+    trainer = pl.Trainer(**b.trainer_kw, **B.trainer_limits(plan), callbacks=callbacks, **validation_schedule(tr))
+
+    B.fit(trainer, module, datamodule=b.dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    check_fitted(module, trainer, ckpt)
+    if last_eval.step != trainer.global_step or not module.last_val:
+        trainer.validate(module, datamodule=b.dm, verbose=False)
+    return Fitted(module=module, trainer=trainer, timer=timer, ckdir=ckdir)
+
+
+def fit_callbacks(v, ctx, run_id: str, b: Built, plan, timer, ckpt, last_eval) -> list:
+    """Lab's Lightning callbacks in their order: exact resume, the timer, the stop shared by DDP ranks
+    (a wall-clock budget), the metrics (rank 0), the checkpoint, the last validation's step, the
+    progress line (`ctx.progress`), then `ctx.callbacks`."""
+    from lab.module import MlflowMetrics, StepProgress
+    from lab.resume import ExactResume
+
+    tr = v.train
+    # Only rank 0 logs; the decisions in `fit` (final validation) must not depend on logging, or
     # the ranks of a DDP run would disagree about a collective call and hang.
-    callbacks: list = [ExactResume(getattr(b.dm, "resume_point", None), v.data.batch_size), timer, ckpt, last_eval]
+    callbacks: list = [ExactResume(getattr(b.dm, "resume_point", None), v.data.batch_size), timer]
+    if b.world > 1 and plan.max_seconds is not None:
+        callbacks.append(sync_stop_callback())  # every rank stops at the same step
     if ctx.rank_zero:
-        callbacks.insert(
-            2,
+        callbacks.append(
             MlflowMetrics(
                 ctx.cl,
                 run_id,
@@ -428,27 +493,32 @@ def fit(v, ctx, run_id: str, resume_ckpt: Optional[Path], b: Built, plan, ckdir:
                 timer=timer,
                 global_batch=b.global_batch,
                 train_size=b.train_size,
-            ),
+            )
         )
-    if b.world > 1 and plan.max_seconds is not None:
-        callbacks.insert(2, sync_stop_callback())  # every rank stops at the same step
+    callbacks += [ckpt, last_eval]
     if ctx.progress:
         callbacks.append(StepProgress(v.uid, plan.total_steps, timer, plan.max_seconds))
     callbacks.extend(ctx.callbacks)
-    if tr.eval_every:
-        val_kw: dict[str, Any] = dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
-    else:
-        val_kw = dict(val_check_interval=1.0, check_val_every_n_epoch=1)
-    trainer = pl.Trainer(**b.trainer_kw, **B.trainer_limits(plan), callbacks=callbacks, **val_kw)
+    return callbacks
 
-    B.fit(trainer, module, datamodule=b.dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+
+def validation_schedule(tr) -> dict[str, Any]:
+    """The Trainer's validation arguments: every train.eval_every steps, else every epoch."""
+    if tr.eval_every:
+        return dict(val_check_interval=tr.eval_every, check_val_every_n_epoch=None)
+    return dict(val_check_interval=1.0, check_val_every_n_epoch=1)
+
+
+def check_fitted(module, trainer, ckpt) -> None:
+    """Raise what went wrong during fit: the checkpoint callback's error, or a non-finite training loss."""
+    import torch
+
+    from lab.module import NonFiniteLoss
+
     if ckpt.exception is not None:
         raise ckpt.exception
     if module.last_loss is not None and not torch.isfinite(module.last_loss).all():
         raise NonFiniteLoss(f"training loss is {float(module.last_loss)} at step {trainer.global_step}")
-    if last_eval.step != trainer.global_step or not module.last_val:
-        trainer.validate(module, datamodule=b.dm, verbose=False)
-    return Fitted(module=module, trainer=trainer, timer=timer, ckdir=ckdir)
 
 
 def record_final(v, ctx, run_id: str, b: Built, f: Fitted, result: R.VariantResult) -> R.VariantResult:
