@@ -258,6 +258,33 @@ def _interleaved(
     return samples, iters
 
 
+def _check_settings(dtype: str, repeats: int, duration: float) -> None:
+    """LabError for an unknown dtype, fewer than one repeat or no duration."""
+    if dtype not in DTYPES:
+        raise LabError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
+    if repeats < 1 or duration <= 0:
+        raise LabError("need repeats >= 1 and duration > 0")
+
+
+def _warm_up(timed: Mapping[str, _Timed], seconds: float, progress: Optional[Callable[[str], None]]) -> None:
+    for k, t in timed.items():
+        if progress:
+            progress(f"  warmup {k}: {seconds:g}s at batch {t.batch}")
+        t.window(seconds)
+
+
+def _results(
+    timed: Mapping[str, _Timed], samples: Mapping[str, list[float]], iters: Mapping[str, list[int]], **conditions: Any
+) -> dict[str, ThroughputResult]:
+    """Each model's figures: its own batch, resolution and folding, and the `conditions` they share."""
+    return {
+        k: _summarise(
+            samples[k], iters[k], batch=t.batch, img_size=t.img_size, fused=t.fused, fusion=t.fusion, **conditions
+        )
+        for k, t in timed.items()
+    }
+
+
 def measure_many(
     models: Mapping[str, Any],
     *,
@@ -284,10 +311,7 @@ def measure_many(
 
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise LabError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
-    if repeats < 1 or duration <= 0:
-        raise LabError("need repeats >= 1 and duration > 0")
+    _check_settings(dtype, repeats, duration)
     sizes = img_size if isinstance(img_size, Mapping) else {k: img_size for k in models}
     name = device_name(device)
     with _threads(device, threads) as n_threads:
@@ -307,32 +331,23 @@ def measure_many(
         }
         if batch is None:
             _same_batch(timed)
-        for k, t in timed.items():
-            if progress:
-                progress(f"  warmup {k}: {warmup:g}s at batch {t.batch}")
-            t.window(warmup)
+        _warm_up(timed, warmup, progress)
         samples, iters = _interleaved(timed, repeats=repeats, duration=duration, warmup=warmup, progress=progress)
-        out = {}
-        for k, t in timed.items():
-            out[k] = _summarise(
-                samples[k],
-                iters[k],
-                batch=t.batch,
-                dtype=dtype,
-                device=device,
-                device_name=name,
-                threads=n_threads if device == "cpu" else torch.get_num_threads(),
-                torch_version=torch.__version__,
-                compiled=compile,
-                channels_last=channels_last,
-                img_size=t.img_size,
-                fused=t.fused,
-                fusion=t.fusion,
-                warmup_s=warmup,
-                duration_s=duration,
-                repeats=repeats,
-            )
-    return out
+        return _results(
+            timed,
+            samples,
+            iters,
+            dtype=dtype,
+            device=device,
+            device_name=name,
+            threads=n_threads if device == "cpu" else torch.get_num_threads(),
+            torch_version=torch.__version__,
+            compiled=compile,
+            channels_last=channels_last,
+            warmup_s=warmup,
+            duration_s=duration,
+            repeats=repeats,
+        )
 
 
 def measure_throughput(
@@ -482,66 +497,100 @@ def bench_models(
     """
     import torch
 
-    from lab.models import TIMM_EQUIVALENT, build_model, complexity, create_timm, model_img_size, timm_equivalent
-
     rows: list[dict[str, Any]] = []
     for it in items:
-        b = it.bench
-        device = resolve_device(b.device)
-        model = build_model(it.cfg)
-        params, macs = complexity(it.cfg, model)
-        models = {"ours": model}
-        timm_name = None
-        if compare == "timm":
-            timm_name = TIMM_EQUIVALENT.get(it.zoo) if it.zoo else timm_equivalent(it.cfg)
-            if timm_name:
-                models["timm"] = create_timm(timm_name, getattr(model, "num_classes", None))
-            else:
-                say(f"{it.label}: no timm equivalent (the model differs from every zoo entry); not compared")
-        size = model_img_size(model)
-        say(
-            f"bench {it.label}: {params / 1e6:.2f}M params, {macs / 1e6:.0f}M MACs, {size}px on {device}"
-            + (f" (interleaved with timm {timm_name})" if timm_name else "")
-        )
-        res = measure_many(
-            models,
-            img_size=size,
-            device=device,
-            batch=b.batch,
-            dtype=b.dtype,
-            threads=b.threads,
-            warmup=b.warmup,
-            duration=b.duration,
-            repeats=b.repeats,
-            channels_last=b.channels_last,
-            compile=b.compile,
-            max_batch=b.max_batch,
-            progress=say,
-        )
-        ours, theirs = res["ours"], res.get("timm")
-        row = {
-            "model": it.label,
-            "params": params,
-            "macs": macs,
-            "result": ours.as_dict(),
-            "timm_model": timm_name,
-            "timm": theirs.as_dict() if theirs else None,
-            "ratio": ours.images_per_s_median / theirs.images_per_s_median if theirs else None,
-        }
-        if theirs is not None:
-            row["timm_params"] = sum(p.numel() for p in models["timm"].parameters())
-        if log and it.variant is not None:
-            run_id = log_bench(it.variant, ours, theirs, timm_name)
-            row["run_id"] = run_id
-            if run_id is None:
-                say(f"warning: {it.label}: no MLflow run for this variant yet (run `lab run` first); not logged")
-            else:
-                say(f"  logged onto run {run_id}")
-        rows.append(row)
-        del models, model
-        if device == "cuda":
+        device = resolve_device(it.bench.device)
+        rows.append(_bench_item(it, device, compare=compare, log=log, say=say))
+        if device == "cuda":  # the item's models went with _bench_item's frame
             torch.cuda.empty_cache()
     return rows
+
+
+def _bench_item(
+    it: BenchItem, device: str, *, compare: Optional[str], log: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Time one item (beside timm's equivalent when compare='timm'), log it when asked; its row."""
+    from lab.models import build_model, complexity, model_img_size
+
+    model = build_model(it.cfg)
+    params, macs = complexity(it.cfg, model)
+    models, timm_name = _with_timm(it, model, compare, say)
+    size = model_img_size(model)
+    say(
+        f"bench {it.label}: {params / 1e6:.2f}M params, {macs / 1e6:.0f}M MACs, {size}px on {device}"
+        + (f" (interleaved with timm {timm_name})" if timm_name else "")
+    )
+    res = _measure_item(models, it.bench, img_size=size, device=device, say=say)
+    ours, theirs = res["ours"], res.get("timm")
+    row = {
+        "model": it.label,
+        "params": params,
+        "macs": macs,
+        "result": ours.as_dict(),
+        "timm_model": timm_name,
+        "timm": theirs.as_dict() if theirs else None,
+        "ratio": ours.images_per_s_median / theirs.images_per_s_median if theirs else None,
+    }
+    if theirs is not None:
+        row["timm_params"] = sum(p.numel() for p in models["timm"].parameters())
+    if log and it.variant is not None:
+        row["run_id"] = _log_item(it, ours, theirs, timm_name, say)
+    return row
+
+
+def _with_timm(
+    it: BenchItem, model, compare: Optional[str], say: Callable[[str], None]
+) -> tuple[dict[str, Any], Optional[str]]:
+    """The models to time together: {'ours'}, and 'timm' (its name alongside) when compare='timm'
+    and the model has a timm equivalent."""
+    from lab.models import TIMM_EQUIVALENT, create_timm, timm_equivalent
+
+    models = {"ours": model}
+    timm_name = None
+    if compare == "timm":
+        timm_name = TIMM_EQUIVALENT.get(it.zoo) if it.zoo else timm_equivalent(it.cfg)
+        if timm_name:
+            models["timm"] = create_timm(timm_name, getattr(model, "num_classes", None))
+        else:
+            say(f"{it.label}: no timm equivalent (the model differs from every zoo entry); not compared")
+    return models, timm_name
+
+
+def _measure_item(
+    models: Mapping[str, Any], b, *, img_size: int, device: str, say: Callable[[str], None]
+) -> dict[str, ThroughputResult]:
+    """`measure_many` under the item's bench settings `b` (a lab.spec.BenchSpec)."""
+    return measure_many(
+        models,
+        img_size=img_size,
+        device=device,
+        batch=b.batch,
+        dtype=b.dtype,
+        threads=b.threads,
+        warmup=b.warmup,
+        duration=b.duration,
+        repeats=b.repeats,
+        channels_last=b.channels_last,
+        compile=b.compile,
+        max_batch=b.max_batch,
+        progress=say,
+    )
+
+
+def _log_item(
+    it: BenchItem,
+    ours: ThroughputResult,
+    theirs: Optional[ThroughputResult],
+    timm_name: Optional[str],
+    say: Callable[[str], None],
+) -> Optional[str]:
+    """Write the item's figures onto its variant's run (`log_bench`), saying where; the run id or None."""
+    run_id = log_bench(it.variant, ours, theirs, timm_name)
+    if run_id is None:
+        say(f"warning: {it.label}: no MLflow run for this variant yet (run `lab run` first); not logged")
+    else:
+        say(f"  logged onto run {run_id}")
+    return run_id
 
 
 def footer(results: list[dict[str, Any]]) -> str:

@@ -375,9 +375,7 @@ def collect(
     cl = track.client(uri)
     out = []
     for _, row in df.iterrows():
-        label = variant_group(str(row["key"]))
-        if len(set(df["experiment"])) > 1:
-            label = f"{row['experiment']}/{label}"
+        label = _run_label(df, row)
         if row["status"] != "FINISHED":
             say(f"{row['key']}: skipped ({row['status']}, no final weights)")
             continue
@@ -386,39 +384,65 @@ def collect(
             say(f"{row['key']}: skipped (no checkpoint/final.pt artifact and no local checkpoint)")
             continue
         model = _load_model(path)
-        try:
-            fl = first_layer(model, grey=_grey_input(cl, row))
-            filters = {"kind": fl.kind, "weight": fl.weight, "smoothness": smoothness(fl.weight)}
-        except ValueError:
-            filters = None
-        try:
-            bias = _bias_layers(bias_maps(model))
-        except ValueError as e:  # a non-square token grid: filters only
-            say(f"{row['key']}: attention not inspected ({e})")
-            out.append(
-                RunInspection(
-                    row=row,
-                    label=label,
-                    filters=filters,
-                    bias=[],
-                    distances=distance_frame(label, row["run_id"], []),
-                    note=str(e),
-                )
-            )
-            continue
-        dist = _logged_distances(row, label) if want_distances else distance_frame(label, row["run_id"], [])
-        note = ""
-        if want_distances and dist.empty and getattr(model, "has_transformer", False):
-            try:
-                dist = distance_frame(
-                    label, row["run_id"], attention_distances(model, _val_batches(cl, row["run_id"]), max_images)
-                )
-                note = f"attention distance computed now on {max_images} validation images"
-            except Exception as e:  # noqa: BLE001 - e.g. the data root of an old run is gone
-                note = f"no attention distance ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            say(f"{row['key']}: {note}")
-        out.append(RunInspection(row=row, label=label, filters=filters, bias=bias, distances=dist, note=note))
+        out.append(_inspect_run(cl, row, label, model, want_distances=want_distances, max_images=max_images, say=say))
     return out
+
+
+def _run_label(df: pd.DataFrame, row: pd.Series) -> str:
+    """The run's variant group, prefixed with its experiment when `df` holds several."""
+    label = variant_group(str(row["key"]))
+    if len(set(df["experiment"])) > 1:
+        label = f"{row['experiment']}/{label}"
+    return label
+
+
+def _inspect_run(
+    cl, row: pd.Series, label: str, model, *, want_distances: bool, max_images: int, say: Callable[[str], None]
+) -> RunInspection:
+    """What the run's trained `model` shows: first-layer filters, attention bias maps and distances."""
+    filters = _first_layer_filters(cl, row, model)
+    try:
+        bias = _bias_layers(bias_maps(model))
+    except ValueError as e:  # a non-square token grid: filters only
+        say(f"{row['key']}: attention not inspected ({e})")
+        return RunInspection(
+            row=row,
+            label=label,
+            filters=filters,
+            bias=[],
+            distances=distance_frame(label, row["run_id"], []),
+            note=str(e),
+        )
+    dist, note = _run_distances(cl, row, label, model, want_distances=want_distances, max_images=max_images, say=say)
+    return RunInspection(row=row, label=label, filters=filters, bias=bias, distances=dist, note=note)
+
+
+def _first_layer_filters(cl, row: pd.Series, model) -> dict[str, Any] | None:
+    """{kind, weight, smoothness} of the model's first layer (None: no first layer to show)."""
+    try:
+        fl = first_layer(model, grey=_grey_input(cl, row))
+        return {"kind": fl.kind, "weight": fl.weight, "smoothness": smoothness(fl.weight)}
+    except ValueError:
+        return None
+
+
+def _run_distances(
+    cl, row: pd.Series, label: str, model, *, want_distances: bool, max_images: int, say: Callable[[str], None]
+) -> tuple[pd.DataFrame, str]:
+    """The run's mean attention distances as logged, else (a transformer that logged none)
+    computed now on validation images; with a note on how they were found ('' when logged)."""
+    dist = _logged_distances(row, label) if want_distances else distance_frame(label, row["run_id"], [])
+    if not (want_distances and dist.empty and getattr(model, "has_transformer", False)):
+        return dist, ""
+    try:
+        dist = distance_frame(
+            label, row["run_id"], attention_distances(model, _val_batches(cl, row["run_id"]), max_images)
+        )
+        note = f"attention distance computed now on {max_images} validation images"
+    except Exception as e:  # noqa: BLE001 - e.g. the data root of an old run is gone
+        note = f"no attention distance ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    say(f"{row['key']}: {note}")
+    return dist, note
 
 
 def filter_panels(found: list[RunInspection]) -> list[dict[str, Any]]:

@@ -941,6 +941,23 @@ def _spread(t: pd.DataFrame, dev: str, side: int) -> pd.Series:
     return end.combine(mean + side * std, min if side < 0 else max)
 
 
+PARETO_COLUMNS = [
+    "experiment",
+    "key",
+    "label",
+    "source",
+    "device",
+    "throughput",
+    "top1",
+    "throughput_lo",
+    "throughput_hi",
+    "top1_std",
+    "n_seeds",
+    "baseline",
+    "on_front",
+]
+
+
 def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     """Top-1 vs inference throughput per variant (means over its finished seeds), ours and the
     paper's, with Pareto-front membership.
@@ -951,30 +968,24 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
     (within its source). Variants missing either number are left out; no paper points when a
     smoke run is among the variants (a smoke run is not comparable with the paper).
     """
-    cols = [
-        "experiment",
-        "key",
-        "label",
-        "source",
-        "device",
-        "throughput",
-        "top1",
-        "throughput_lo",
-        "throughput_hi",
-        "top1_std",
-        "n_seeds",
-        "baseline",
-        "on_front",
-    ]
     if df.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=PARETO_COLUMNS)
     device = device or pick_device(df)
     if device not in DEVICES:
         raise LabError(f"unknown device '{device}'; choose cpu or cuda")
     t = ablation_table(df)
+    ours = _measured_points(t, df, device)
+    paper = _paper_points(t, device)
+    if t["smoke"].astype(bool).any():
+        paper = paper.iloc[0:0]
+    return _with_fronts([ours, paper])
+
+
+def _measured_points(t: pd.DataFrame, df: pd.DataFrame, device: str) -> pd.DataFrame:
+    """Our point of every variant of the ablation table `t` (labels from the runs `df`)."""
     labels = dict(zip(zip(df["experiment"], df["key"]), _label(df)))
     dev = "cpu" if device == "cpu" else "gpu"
-    ours = pd.DataFrame(
+    return pd.DataFrame(
         {
             "experiment": t["experiment"],
             "key": t["key"],
@@ -990,7 +1001,12 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
             "baseline": t["baseline"],
         }
     )
-    paper = pd.DataFrame(
+
+
+def _paper_points(t: pd.DataFrame, device: str) -> pd.DataFrame:
+    """The paper's point of every variant of the ablation table `t` (no spread, no seeds)."""
+    dev = "cpu" if device == "cpu" else "gpu"
+    return pd.DataFrame(
         {
             "experiment": t["experiment"],
             "key": t["key"],
@@ -1006,19 +1022,21 @@ def pareto_data(df: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
             "baseline": t["baseline"],
         }
     )
-    if t["smoke"].astype(bool).any():
-        paper = paper.iloc[0:0]
+
+
+def _with_fronts(sources: list[pd.DataFrame]) -> pd.DataFrame:
+    """The points of every source that have both numbers, each marked on_front within its source."""
     parts = []
-    for part in (ours, paper):
+    for part in sources:
         part = part.dropna(subset=["throughput", "top1"]).copy()
         part["on_front"] = pareto_front(part["throughput"].tolist(), part["top1"].tolist())
         parts.append(part)
     out = (
         pd.concat([p for p in parts if not p.empty], ignore_index=True)
         if any(not p.empty for p in parts)
-        else pd.DataFrame(columns=cols)
+        else pd.DataFrame(columns=PARETO_COLUMNS)
     )
-    return out[cols].reset_index(drop=True)
+    return out[PARETO_COLUMNS].reset_index(drop=True)
 
 
 def convergence_data(
@@ -1344,11 +1362,22 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
     if data.empty:
         raise LabError("nothing to plot: no variant has a finished seed")
     plt, sns = _plt()
-    from lab import stats
-
     order = list(dict.fromkeys(data["label"]))
-    styles = variant_styles(order)
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(order)))
+    _seed_strips(sns, ax, data, order)
+    _mean_bars(ax, data, order)
+    _baseline_mean(ax, data)
+    ax.set_xlabel("final validation top-1 (%), one point per seed; bar: mean and 95% CI")
+    ax.set_ylabel("")
+    exps = ", ".join(dict.fromkeys(data["experiment"]))
+    ax.set_title(title or f"{exps}: top-1 over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def _seed_strips(sns, ax, data: pd.DataFrame, order: list[str]) -> None:
+    """One point per seed, a row per variant in `order`, in the variant's colour."""
+    styles = variant_styles(order)
     sns.stripplot(
         data=data,
         x="top1",
@@ -1365,7 +1394,13 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
         ax=ax,
         zorder=3,
     )
+
+
+def _mean_bars(ax, data: pd.DataFrame, order: list[str]) -> None:
+    """Each variant's mean top-1 as a tick, with its 95% t-interval as a bar when the seeds differ."""
     from scipy import stats as sps
+
+    from lab import stats
 
     for i, lab in enumerate(order):
         vals = data.loc[data["label"] == lab, "top1"]
@@ -1374,6 +1409,10 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
         if sm.n > 1 and sm.std > 0:
             half = float(sps.t.ppf(0.975, sm.n - 1)) * sm.std / math.sqrt(sm.n)
             ax.plot([sm.mean - half, sm.mean + half], [i, i], color="black", linewidth=1.5, zorder=4)
+
+
+def _baseline_mean(ax, data: pd.DataFrame) -> None:
+    """The baseline's mean top-1 as a dashed vertical line, named in a legend (none without a baseline)."""
     base = data[data["baseline"].astype(bool)]
     if not base.empty:
         ax.axvline(
@@ -1384,12 +1423,6 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
             label=f"baseline mean: {base['key'].iloc[0]}",
         )
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, frameon=False)
-    ax.set_xlabel("final validation top-1 (%), one point per seed; bar: mean and 95% CI")
-    ax.set_ylabel("")
-    exps = ", ".join(dict.fromkeys(data["experiment"]))
-    ax.set_title(title or f"{exps}: top-1 over seeds")
-    fig.tight_layout()
-    return fig
 
 
 PER_SEED_COLUMNS = [
