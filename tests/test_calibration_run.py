@@ -103,6 +103,8 @@ def test_run_then_pareto_and_fidelity_in_table(store, write_spec, capsys, tmp_pa
     text = capsys.readouterr().out
     assert "budget s" in text and "train s" in text
     wide = track.find_variant_runs(cl, "tiny", key="wide")[0]
+    small = track.find_variant_runs(cl, "tiny", key="small")[0]
+    cl.log_metric(small.info.run_id, "budget/train_seconds", 0.6, step=10**6)  # on budget (whatever the load was)
     cl.log_metric(wide.info.run_id, "budget/train_seconds", 1.5, step=10**6)  # as if load slowed it down
     assert main(["table", "tiny"]) == 0
     text = capsys.readouterr().out
