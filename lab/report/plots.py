@@ -491,8 +491,20 @@ def plot_seeds(data: pd.DataFrame, title: str | None = None):
 
 
 def _seed_strips(sns, ax, data: pd.DataFrame, order: list[str]) -> None:
-    """One point per seed, a row per variant in `order`, in the variant's colour."""
+    """One point per seed, a row per variant in `order`, in the variant's colour; the jitter is the same
+    every time (seaborn draws it from numpy's global generator: seeded here, then restored)."""
+    import numpy as np
+
     styles = variant_styles(order)
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        _strips(sns, ax, data, order, styles)
+    finally:
+        np.random.set_state(state)
+
+
+def _strips(sns, ax, data: pd.DataFrame, order: list[str], styles: dict[str, tuple[Any, str]]) -> None:
     sns.stripplot(
         data=data,
         x="top1",
