@@ -397,7 +397,15 @@ def test_convergence_band_and_seeds_view(agg_runs, tmp_path):
     assert [t.get_text() for t in ax.get_yticklabels()] == list(dict.fromkeys(s["label"]))
     assert sum(len(c.get_offsets()) for c in ax.collections) == 32
     assert save_figure(fig, tmp_path / "seeds")[0].stat().st_size > 1000
+    np.random.seed(123)
+    outside = np.random.random()
+    np.random.seed(123)
+    again = R.plot_seeds(s)  # the same runs draw the same points (the jitter is seeded), the caller's RNG untouched
+    assert np.random.random() == outside
+    for c1, c2 in zip(ax.collections, again.axes[0].collections):
+        assert np.array_equal(c1.get_offsets(), c2.get_offsets())
     plt.close(fig)
+    plt.close(again)
     assert (
         main(
             [
