@@ -560,21 +560,23 @@ def _measure_item(
     models: Mapping[str, Any], b, *, img_size: int, device: str, say: Callable[[str], None]
 ) -> dict[str, ThroughputResult]:
     """`measure_many` under the item's bench settings `b` (a lab.spec.BenchSpec)."""
-    return measure_many(
-        models,
-        img_size=img_size,
-        device=device,
-        batch=b.batch,
-        dtype=b.dtype,
-        threads=b.threads,
-        warmup=b.warmup,
-        duration=b.duration,
-        repeats=b.repeats,
-        channels_last=b.channels_last,
-        compile=b.compile,
-        max_batch=b.max_batch,
-        progress=say,
-    )
+    return measure_many(models, img_size=img_size, device=device, progress=say, **protocol(b))
+
+
+def protocol(b) -> dict[str, Any]:
+    """The timing settings of a lab.spec.BenchSpec as keyword arguments of `measure_many` /
+    `measure_throughput`."""
+    return {
+        "batch": b.batch,
+        "dtype": b.dtype,
+        "threads": b.threads,
+        "warmup": b.warmup,
+        "duration": b.duration,
+        "repeats": b.repeats,
+        "channels_last": b.channels_last,
+        "compile": b.compile,
+        "max_batch": b.max_batch,
+    }
 
 
 def _log_item(

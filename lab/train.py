@@ -582,25 +582,13 @@ def inspect_trained(v, ctx, run_id: str, model, dm, step: int) -> None:
 def bench_after_train(v, model, accelerator: str, ctx, run_id: str) -> Optional[float]:
     """Inference images/s of the trained model with the bench protocol (lab.bench) on the run's
     device, logged as `lab bench --log` does; a failure is a warning, not a failed variant."""
-    from lab.bench import bench_record, measure_throughput
+    from lab.bench import bench_record, measure_throughput, protocol
     from lab.models import model_img_size
 
     device = "cuda" if accelerator == "gpu" else "cpu"
-    b = v.bench
     try:
         res = measure_throughput(
-            copy.deepcopy(model),
-            img_size=model_img_size(model, v.img_hw[0]),
-            device=device,
-            batch=b.batch,
-            dtype=b.dtype,
-            threads=b.threads,
-            warmup=b.warmup,
-            duration=b.duration,
-            repeats=b.repeats,
-            channels_last=b.channels_last,
-            compile=b.compile,
-            max_batch=b.max_batch,
+            copy.deepcopy(model), img_size=model_img_size(model, v.img_hw[0]), device=device, **protocol(v.bench)
         )
     except Exception as e:  # noqa: BLE001 - the training result stands without it
         track.set_tags(ctx.cl, run_id, {R.BENCH_ERROR: track.short_error(e)})
