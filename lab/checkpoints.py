@@ -11,6 +11,10 @@ A file that does not verify (truncated, empty, garbage, checksum mismatch) is mo
 the run. Files without a checksum (written by older versions) are checked as zip archives
 (what `torch.save` writes), member CRCs included, without unpickling anything.
 
+`owner(folder)` / `set_owner(folder, run_id, experiment)`: the MLflow run a checkpoint folder belongs
+to (its `run.json`); only that run may resume from it. `resume_tags(tags, last, notes)`: what a
+resumed run records (how often, from which file, what was unreadable).
+
 `apply_retention(folder, keep)`: after a FINISHED run, `tracking.keep`:
   final  (default) keep only the final weights, once: `final.pt` here unless it was logged to
          MLflow (tracking.log_checkpoint), then the folder goes; resume checkpoints are deleted
@@ -21,11 +25,14 @@ the run. Files without a checksum (written by older versions) are checked as zip
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
+
+from lab import record as R
 
 LAST = "last.ckpt"
 PREV = "last.prev.ckpt"
@@ -145,6 +152,30 @@ def pick_resume(folder: Path) -> tuple[Optional[Path], list[str]]:
         moved = move_aside(p)
         notes.append(f"{p} is unreadable ({why}); moved to {moved.name}")
     return None, notes
+
+
+OWNER_FILE = "run.json"
+
+
+def owner(folder: Path) -> Optional[str]:
+    """The run id the checkpoint folder belongs to, None when unknown (missing or unreadable run.json)."""
+    try:
+        return json.loads((folder / OWNER_FILE).read_text()).get("run_id")
+    except Exception:  # noqa: BLE001 - missing or unreadable: owned by nobody
+        return None
+
+
+def set_owner(folder: Path, run_id: str, experiment: str) -> None:
+    (folder / OWNER_FILE).write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
+
+
+def resume_tags(tags: Mapping[str, str], last: Path, notes: list[str]) -> dict[str, Any]:
+    """The tags of a run resumed from checkpoint `last`, given its current `tags`: one more resume, the
+    file, and the recovery `notes` of `pick_resume` when there are any."""
+    out: dict[str, Any] = {R.RESUMED: int(tags.get(R.RESUMED, "0")) + 1, R.RESUMED_FROM: last.name}
+    if notes:
+        out[R.CHECKPOINT_RECOVERY] = "; ".join(notes)[:5000]
+    return out
 
 
 def apply_retention(folder: Path, keep: str, final_logged: bool, root: Path) -> list[Path]:

@@ -18,7 +18,6 @@ The experiment around the variants (parent run, ordering, launchers) is lab.runn
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -181,7 +180,7 @@ def prepare_variant(v, ctx: Context) -> tuple[VariantResult, Optional[str], Opti
 def resumable(runs: list, ckdir: Path) -> tuple[Any, Optional[Path], list[str]]:
     """(run, checkpoint, notes): the KILLED/FAILED/RUNNING run that owns `ckdir` and a checkpoint of it
     that verifies (lab.checkpoints), else (None, None, notes about what was unreadable)."""
-    owner = checkpoint_owner(ckdir)
+    owner = checkpoints.owner(ckdir)
     run = next((r for r in runs if r.info.status in RESUMABLE and r.info.run_id == owner), None)
     if run is None:
         return None, None, []
@@ -221,29 +220,17 @@ def skipped(rec: VariantResult, run: Any, v: Any) -> VariantResult:
     )
 
 
-def checkpoint_owner(ckdir: Path) -> Optional[str]:
-    """The run id a checkpoint folder belongs to (its run.json), None when unknown."""
-    try:
-        return json.loads((ckdir / "run.json").read_text()).get("run_id")
-    except Exception:  # noqa: BLE001 - missing or unreadable: owned by nobody
-        return None
-
-
 def reopen(ctx: Context, run: Any, last: Path, notes: list[str]) -> str:
     """Set a resumable run RUNNING again, held by this process, with where it resumes from."""
     run_id = run.info.run_id
     prev_owner = run.data.tags.get(lease.OWNER) if run.info.status == "RUNNING" else None
     ctx.cl.update_run(run_id, status="RUNNING")
-    n = int(run.data.tags.get(R.RESUMED, "0")) + 1
     tags = {
-        R.RESUMED: n,
+        **checkpoints.resume_tags(run.data.tags, last, notes),
         R.RESUMED_BY: ctx.parent_run_id,
         R.LAUNCHER: ctx.launcher,
-        R.RESUMED_FROM: last.name,
         **lease.claim_tags(prev_owner),
     }
-    if notes:
-        tags[R.CHECKPOINT_RECOVERY] = "; ".join(notes)[:5000]
     track.set_tags(ctx.cl, run_id, tags)
     if R.ERROR in run.data.tags:
         ctx.cl.delete_tag(run_id, R.ERROR)
@@ -262,7 +249,7 @@ def start_fresh(ctx: Context, v: Any, ckdir: Path, notes: list[str]) -> str:
     if notes:
         tags[R.CHECKPOINT_RECOVERY] = ("; ".join(notes) + "; no readable checkpoint: restarted")[:5000]
     track.set_tags(ctx.cl, run_id, tags)
-    (ckdir / "run.json").write_text(json.dumps({"run_id": run_id, "experiment": ctx.experiment}))
+    checkpoints.set_owner(ckdir, run_id, ctx.experiment)
     return run_id
 
 

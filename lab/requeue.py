@@ -11,7 +11,6 @@ driver prepared (which stays RUNNING and leased by the waiting driver meanwhile)
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,21 +43,17 @@ def resumed(job: Any) -> Any:
     folder (if it owns one)."""
     uri = job.ctx.uri
     ckdir = track.checkpoint_dir(job.variant, uri)
-    try:
-        owner = json.loads((ckdir / "run.json").read_text()).get("run_id")
-    except Exception:  # noqa: BLE001
-        owner = None
-    if owner != job.run_id:
+    if checkpoints.owner(ckdir) != job.run_id:
         return job
     last, notes = checkpoints.pick_resume(ckdir)
     if last is None:
         return job
     cl = track.client(uri)
     run = cl.get_run(job.run_id)
-    n = int(run.data.tags.get(R.RESUMED, "0")) + 1
-    tags = {R.RESUMED: n, R.REQUEUED: int(run.data.tags.get(R.REQUEUED, "0")) + 1, R.RESUMED_FROM: Path(last).name}
-    if notes:
-        tags[R.CHECKPOINT_RECOVERY] = "; ".join(notes)[:5000]
+    tags = {
+        **checkpoints.resume_tags(run.data.tags, Path(last), notes),
+        R.REQUEUED: int(run.data.tags.get(R.REQUEUED, "0")) + 1,
+    }
     track.set_tags(cl, job.run_id, tags)
     job.resume_ckpt = str(last)
     job.record = dataclasses.replace(job.record, resumed=True)
