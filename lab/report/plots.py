@@ -499,28 +499,24 @@ def _seed_strips(sns, ax, data: pd.DataFrame, order: list[str]) -> None:
     state = np.random.get_state()
     np.random.seed(0)
     try:
-        _strips(sns, ax, data, order, styles)
+        sns.stripplot(
+            data=data,
+            x="top1",
+            y="label",
+            hue="label",
+            order=order,
+            hue_order=order,
+            palette={k: c for k, (c, _) in styles.items()},
+            size=7,
+            jitter=0.15,
+            edgecolor="black",
+            linewidth=0.5,
+            legend=False,
+            ax=ax,
+            zorder=3,
+        )
     finally:
         np.random.set_state(state)
-
-
-def _strips(sns, ax, data: pd.DataFrame, order: list[str], styles: dict[str, tuple[Any, str]]) -> None:
-    sns.stripplot(
-        data=data,
-        x="top1",
-        y="label",
-        hue="label",
-        order=order,
-        hue_order=order,
-        palette={k: c for k, (c, _) in styles.items()},
-        size=7,
-        jitter=0.15,
-        edgecolor="black",
-        linewidth=0.5,
-        legend=False,
-        ax=ax,
-        zorder=3,
-    )
 
 
 def _mean_bars(ax, data: pd.DataFrame, order: list[str]) -> None:
